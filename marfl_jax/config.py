@@ -1,0 +1,135 @@
+"""One frozen, validated experiment config.
+
+Every field is also a command-line flag of `launch/train.py` with the same name: the flag
+definitions are generated from this dataclass (`field_help`, `field_choices`), so the two never
+drift apart. `Config.validate()` checks every value before any heavy work starts and raises
+`ConfigError` whose message names the flag and the allowed values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any
+
+DATASETS = ("mnist10k", "mnist", "fashion_mnist")
+MODELS = ("cnn", "mlp")
+ALGORITHMS = ("marfl",)
+SCHEDULES = ("authors",)
+PARTITIONS = ("iid", "iid_shuffled", "dirichlet")
+
+
+class ConfigError(ValueError):
+    """A bad config value; the message names the flag (`--name`) and what is allowed."""
+
+
+def _field(default: Any, help: str, choices: tuple[str, ...] | None = None):
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything that defines a run. Defaults: the README's main job (MAR-FL, paper CNN, embedded
+    MNIST, N=64 peers on a 4x4x4 key grid) — reaches 95 % test accuracy within minutes on a 2-core
+    CPU."""
+
+    # Data.
+    dataset: str = _field("mnist10k", "Training data.", DATASETS)
+    data_dir: str = _field("", "Folder with IDX files (mnist / fashion_mnist) or a TFDS data dir.")
+    partition: str = _field("iid", "How training data is split across peers.", PARTITIONS)
+    dirichlet_alpha: float = _field(1.0, "Concentration of the Dirichlet non-IID split (> 0).")
+    # Model and local training.
+    model: str = _field("cnn", "Model trained by every peer.", MODELS)
+    conv_impl: str = _field("", "CNN convolution formulation ('' = the fastest, see models.py).")
+    local_batches: int = _field(4, "Mini-batches b of local SGD per peer per iteration.")
+    batch_size: int = _field(16, "Mini-batch size B.")
+    learning_rate: float = _field(0.1, "Learning rate eta of momentum SGD.")
+    momentum: float = _field(0.9, "EMA momentum beta: m <- beta*m + (1-beta)*g.")
+    # Peers and aggregation.
+    algorithm: str = _field("marfl", "Aggregation algorithm.", ALGORITHMS)
+    num_peers: int = _field(64, "Number of peers N.")
+    group_size: int = _field(4, "Moshpit group size M.")
+    key_dim: int = _field(3, "Moshpit key dimension d (N = M^d gives exact averaging).")
+    rounds: int = _field(0, "Averaging rounds G per iteration (0 = key_dim).")
+    schedule: str = _field("authors", "Group-key schedule.", SCHEDULES)
+    # Evaluation and stopping.
+    eval_every: int = _field(5, "Evaluate every k iterations (from iteration 0).")
+    eval_peers: str = _field(
+        "8", "Peers evaluated: 'all' present peers, 'mean' (consensus model) or a count k "
+        "(a seeded sample of k present peers).")
+    target_accuracy: float = _field(0.95, "Stop once the evaluated accuracy reaches this (0-1).")
+    max_iterations: int = _field(500, "Stop after this many iterations.")
+    seed: int = _field(0, "Seed of every random draw of the run.")
+    workdir: str = _field("runs/default", "Where config.json, metrics.jsonl, summary.json go.")
+
+    @property
+    def num_rounds(self) -> int:
+        """G: averaging rounds per iteration."""
+        return self.rounds or self.key_dim
+
+    @property
+    def eval_peer_count(self) -> int | None:
+        """None for 'all'/'mean', else the sample size."""
+        return None if self.eval_peers in ("all", "mean") else int(self.eval_peers)
+
+    def validate(self) -> Config:
+        """Returns self, or raises ConfigError naming the first bad flag."""
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value not in choices:
+                raise ConfigError(f"--{f.name}={value!r} is not allowed; choose one of: "
+                                  + ", ".join(choices))
+        _check(self.num_peers >= 1, "num_peers", self.num_peers, "an integer >= 1")
+        _check(self.group_size >= 2, "group_size", self.group_size, "an integer >= 2")
+        _check(self.key_dim >= 1, "key_dim", self.key_dim, "an integer >= 1")
+        _check(self.rounds >= 0, "rounds", self.rounds, "an integer >= 0 (0 = key_dim)")
+        if self.num_peers > 1 and self.group_size ** (self.key_dim - 1) > 4 * self.num_peers:
+            raise ConfigError(
+                f"--key_dim={self.key_dim} is too large for --num_peers={self.num_peers} and "
+                f"--group_size={self.group_size}: use key_dim <= "
+                f"{max(1, math.ceil(math.log(self.num_peers, self.group_size)))}")
+        _check(self.local_batches >= 1, "local_batches", self.local_batches, "an integer >= 1")
+        _check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
+        _check(self.learning_rate > 0, "learning_rate", self.learning_rate, "a number > 0")
+        _check(0 <= self.momentum < 1, "momentum", self.momentum, "a number in [0, 1)")
+        _check(self.dirichlet_alpha > 0, "dirichlet_alpha", self.dirichlet_alpha, "a number > 0")
+        _check(self.eval_every >= 1, "eval_every", self.eval_every, "an integer >= 1")
+        valid_eval = self.eval_peers in ("all", "mean") or (
+            self.eval_peers.isdigit() and int(self.eval_peers) >= 1)
+        _check(valid_eval, "eval_peers", self.eval_peers, "'all', 'mean' or an integer >= 1")
+        _check(0 < self.target_accuracy <= 1, "target_accuracy", self.target_accuracy,
+               "a number in (0, 1]")
+        _check(self.max_iterations >= 1, "max_iterations", self.max_iterations, "an integer >= 1")
+        _check(bool(self.workdir), "workdir", self.workdir, "a non-empty path")
+        if self.conv_impl:
+            from marfl_jax import models  # Deferred: models imports jax.
+            allowed = models.CONV_IMPLS
+            _check(self.conv_impl in allowed, "conv_impl", self.conv_impl,
+                   "one of: " + ", ".join(allowed))
+        return self
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Config:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown config keys: {', '.join(unknown)}")
+        return cls(**values)
+
+
+def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"--{name}={value!r} is not allowed; it must be {allowed}")
+
+
+def field_help(f: dataclasses.Field) -> str:
+    return f.metadata.get("help", "")
+
+
+def field_choices(f: dataclasses.Field) -> tuple[str, ...] | None:
+    return f.metadata.get("choices")

@@ -1,0 +1,106 @@
+"""Local training and evaluation, written for one peer and vmapped over the peer axis.
+
+Momentum SGD exactly as the paper's authors implement it (DESIGN.md section 3.1):
+`m <- beta*m + (1-beta)*g; theta <- theta - eta*m`, i.e. optax
+`chain(ema(beta, debias=False), scale(-eta))`. Its state (the EMA) is what MAR-FL averages as
+"momentum" next to the weights.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+ApplyFn = Callable[[object, jax.Array], jax.Array]  # (params, x (B, ...)) -> logits (B, C).
+
+
+def momentum_sgd(learning_rate: float, momentum: float) -> optax.GradientTransformation:
+    """The authors' EMA momentum SGD."""
+    return optax.chain(optax.ema(momentum, debias=False), optax.scale(-learning_rate))
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Mean softmax cross-entropy. logits (B, C), labels (B,) int -> scalar."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def local_sgd(params, opt_state, images: jax.Array, labels: jax.Array, *, apply_fn: ApplyFn,
+              optimizer: optax.GradientTransformation):
+    """One peer's local update: b steps of SGD, one per mini-batch.
+
+    Args:
+      params, opt_state: one peer's (no peer axis).
+      images: (b, B, ...) float32 inputs; labels: (b, B) int32.
+    Returns:
+      (params, opt_state, mean training loss over the b steps).
+    """
+    def step(carry, batch):
+        p, s = carry
+        x, y = batch
+        loss, grads = jax.value_and_grad(lambda q: cross_entropy(apply_fn(q, x), y))(p)
+        updates, s = optimizer.update(grads, s, p)
+        return (optax.apply_updates(p, updates), s), loss
+
+    (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), (images, labels))
+    return params, opt_state, losses.mean()
+
+
+def peers_local_sgd(params, opt_state, images, labels, active, *, apply_fn, optimizer):
+    """`local_sgd` for every peer at once; inactive peers keep their state.
+
+    Args:
+      params, opt_state: pytrees with leading peer axis N.
+      images: (N, b, B, ...); labels: (N, b, B); active: (N,) bool.
+    Returns:
+      (params, opt_state, losses (N,)); the loss of an inactive peer is 0.
+    """
+    run = jax.vmap(lambda p, s, x, y: local_sgd(p, s, x, y, apply_fn=apply_fn,
+                                                optimizer=optimizer))
+    new_params, new_state, losses = run(params, opt_state, images, labels)
+
+    def keep_inactive(new, old):
+        return jnp.where(active.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
+
+    new_params = jax.tree.map(keep_inactive, new_params, params)
+    new_state = jax.tree.map(keep_inactive, new_state, opt_state)
+    return new_params, new_state, jnp.where(active, losses, 0.0)
+
+
+def evaluate(params, images: jax.Array, labels: jax.Array, *, apply_fn: ApplyFn,
+             batch_size: int = 250):
+    """Accuracy and mean loss of ONE model on a whole test set, in batches to bound memory.
+
+    Args:
+      params: one model (no peer axis).
+      images: (n, ...) float32; labels: (n,) int32. n need not divide by batch_size.
+    Returns:
+      (accuracy, loss) float32 scalars.
+    """
+    n = labels.shape[0]
+    num_batches = -(-n // batch_size)
+    pad = num_batches * batch_size - n
+    images = jnp.pad(images, [(0, pad)] + [(0, 0)] * (images.ndim - 1))
+    labels = jnp.pad(labels, (0, pad))
+    valid = jnp.arange(num_batches * batch_size) < n
+
+    def batch_stats(batch):
+        x, y, v = batch
+        logits = apply_fn(params, x)
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+        correct = (logits.argmax(-1) == y)
+        return (jnp.where(v, correct, False).sum(), jnp.where(v, losses, 0.0).sum())
+
+    shaped = (images.reshape((num_batches, batch_size) + images.shape[1:]),
+              labels.reshape(num_batches, batch_size), valid.reshape(num_batches, batch_size))
+    correct, loss = jax.lax.map(batch_stats, shaped)
+    return correct.sum() / n, loss.sum() / n
+
+
+def evaluate_peers(params, images, labels, *, apply_fn: ApplyFn, batch_size: int = 250):
+    """`evaluate` for K models one after another (bounded memory). params: leading axis K.
+    Returns (accuracy (K,), loss (K,))."""
+    return jax.lax.map(
+        lambda p: evaluate(p, images, labels, apply_fn=apply_fn, batch_size=batch_size), params)

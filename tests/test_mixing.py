@@ -1,0 +1,94 @@
+"""Tests of group means over the peer axis."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl.testing import parameterized
+
+from marfl_jax import mixing
+
+
+def _tree(num_peers, seed=0):
+    rng = np.random.default_rng(seed)
+    return {"w": jnp.asarray(rng.normal(size=(num_peers, 3, 2)), jnp.float32),
+            "b": jnp.asarray(rng.normal(size=(num_peers,)), jnp.float32),
+            "count": jnp.arange(num_peers, dtype=jnp.int32)}
+
+
+class GroupMeanTest(chex.TestCase):
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_matches_numpy_loop_with_absent_peers(self):
+        ids = jnp.array([0, 1, 0, -1, 2, 1, 0, -1], jnp.int32)
+        tree = _tree(8)
+        out = self.variant(lambda t, g: mixing.group_mean(t, g, 3))(tree, ids)
+        w = np.asarray(tree["w"])
+        expected = w.copy()
+        for g in range(3):
+            members = np.flatnonzero(np.asarray(ids) == g)
+            expected[members] = w[members].mean(axis=0)
+        chex.assert_trees_all_close(out["w"], expected, atol=1e-6)
+        # Absent peers unchanged, integer leaves untouched.
+        chex.assert_trees_all_equal(out["w"][3], tree["w"][3])
+        chex.assert_trees_all_equal(out["count"], tree["count"])
+
+    def test_group_of_one_keeps_its_value(self):
+        tree = _tree(4)
+        out = mixing.group_mean(tree, jnp.array([0, 1, 2, 3]), 4)
+        chex.assert_trees_all_close(out, tree)
+
+    def test_everyone_absent_is_identity(self):
+        tree = _tree(5)
+        out = mixing.group_mean(tree, jnp.full(5, -1, jnp.int32), 2)
+        chex.assert_trees_all_equal(out, tree)
+
+    def test_one_group_gives_global_mean(self):
+        tree = _tree(6)
+        out = mixing.group_mean(tree, jnp.zeros(6, jnp.int32), 1)
+        chex.assert_trees_all_close(out["w"], jnp.broadcast_to(tree["w"].mean(0), (6, 3, 2)),
+                                    atol=1e-6)
+
+
+class RankTest(chex.TestCase, parameterized.TestCase):
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_rank_is_position_by_peer_id(self):
+        ids = jnp.array([2, 0, 2, -1, 0, 2, 1], jnp.int32)
+        rank = self.variant(lambda g: mixing.rank_in_group(g, 3))(ids)
+        chex.assert_trees_all_equal(rank, jnp.array([0, 0, 1, 0, 1, 2, 0], jnp.int32))
+
+    @parameterized.parameters(1, 7, 64)
+    def test_rank_matches_reference(self, num_peers):
+        rng = np.random.default_rng(num_peers)
+        ids = rng.integers(-1, 5, size=num_peers).astype(np.int32)
+        rank = np.asarray(mixing.rank_in_group(jnp.asarray(ids), 5))
+        for p in range(num_peers):
+            expected = 0 if ids[p] < 0 else int(np.sum(ids[:p] == ids[p]))
+            self.assertEqual(rank[p], expected)
+
+    def test_group_sizes(self):
+        ids = jnp.array([1, 1, -1, 0, 1], jnp.int32)
+        chex.assert_trees_all_equal(mixing.group_sizes(ids, 3), jnp.array([1, 3, 0], jnp.int32))
+        chex.assert_trees_all_equal(mixing.member_group_sizes(ids, 3),
+                                    jnp.array([3, 3, 0, 1, 3], jnp.int32))
+
+
+class ConsensusDistanceTest(chex.TestCase):
+
+    def test_zero_after_exact_average_and_matches_numpy(self):
+        tree = _tree(6)
+        floats = {"w": tree["w"], "b": tree["b"]}
+        present = jnp.array([True, True, False, True, True, True])
+        d = mixing.consensus_distance(floats, present)
+        p = np.asarray(present)
+        expected = sum(
+            ((np.asarray(x)[p] - np.asarray(x)[p].mean(0)) ** 2).sum() for x in floats.values()
+        ) / p.sum()
+        np.testing.assert_allclose(d, expected, rtol=1e-5)
+        averaged = mixing.group_mean(floats, jnp.where(present, 0, -1), 1)
+        np.testing.assert_allclose(mixing.consensus_distance(averaged, present), 0.0, atol=1e-10)
+
+    def test_jit(self):
+        tree = {"w": jnp.ones((3, 2))}
+        self.assertEqual(float(jax.jit(mixing.consensus_distance)(tree, jnp.ones(3, bool))), 0.0)

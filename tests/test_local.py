@@ -42,7 +42,7 @@ class MomentumSgdTest(chex.TestCase):
         p = jax.tree.map(np.asarray, params)
         m = jax.tree.map(np.zeros_like, p)
         for i in range(3):
-            g = jax.grad(lambda q: local.cross_entropy(apply_fn(q, x[i]), y[i]))(p)
+            g = jax.grad(lambda q, i=i: local.cross_entropy(apply_fn(q, x[i]), y[i]))(p)
             m = jax.tree.map(lambda m_, g_: beta * m_ + (1 - beta) * np.asarray(g_), m, g)
             p = jax.tree.map(lambda p_, m_: p_ - eta * m_, p, m)
         chex.assert_trees_all_close(new_params, p, atol=1e-6)

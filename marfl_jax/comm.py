@@ -1,29 +1,92 @@
-"""What crosses the (simulated) network: payload counts inside jit, exact bytes on the host.
+"""What crosses the (simulated) network: group sizes from jit, exact bytes on the host.
 
-A *message* is what one peer receives from one other peer in one round; it carries
-`payloads_per_message` model-sized tensors (MAR-FL: weights + momentum = 2). Counts are small
-integers computed in the jitted step from group sizes; bytes are `payloads x payload_bytes`
-multiplied on the host in Python integers, so they are exact at any scale.
+The jitted step returns, for every round and peer, the size of the peer's group (0 = absent):
+`member_sizes`, shape (G, N) int32. A *wire model* turns that into exact integers with numpy
+int64 / Python ints: messages, bytes and the busiest peer's bytes. A *message* is what one party
+receives from another in one round; it carries `payloads_per_message` model-sized tensors
+(MAR-FL and every baseline here: weights + momentum = 2), `S = payload_bytes` each.
+
+Wire models (DESIGN.md section 1):
+* `allgather`: every member receives the other members' payloads: (|g| - 1) messages per member
+  per round, as the MAR-FL authors count. Also AR-FL (one group), RDFL (ring arcs), gossip (pairs).
+* `butterfly`: reduce-scatter + all-gather inside each group: a group of g moves exactly
+  2(g - 1) payloads in total, 2(g - 1)/g per member.
+* `star`: a server: each present peer uploads once and downloads once.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from marfl_jax import mixing
 
 
-def allgather_messages(schedule: jax.Array, num_groups: int) -> jax.Array:
-    """Messages each peer receives under all-gather inside groups, as the authors count:
-    (|g| - 1) per member per round. schedule: (G, N) group ids -> (N,) int32."""
-    def received(round_ids):
-        return jnp.maximum(mixing.member_group_sizes(round_ids, num_groups) - 1, 0)
+def member_sizes(schedule: jax.Array, num_groups: int) -> jax.Array:
+    """Each peer's group size in each round. schedule: (G, N) group ids -> (G, N) int32."""
+    return jax.vmap(lambda ids: mixing.member_group_sizes(ids, num_groups))(schedule)
 
-    return jax.vmap(received)(schedule).sum(axis=0)
+
+class WireCost(NamedTuple):
+    """One iteration's traffic, exact integers."""
+
+    messages: int
+    payloads: int  # Model-sized tensors moved (a butterfly chunk counts as its fraction).
+    bytes: int
+    max_peer_bytes: int  # Bytes received by the busiest peer (the server for `star`).
+
+
+def allgather_cost(sizes: np.ndarray, payload_bytes: int, payloads_per_message: int) -> WireCost:
+    """(|g| - 1) messages received per member per round. sizes: (G, N) member group sizes."""
+    received = np.maximum(np.asarray(sizes, np.int64) - 1, 0).sum(axis=0)  # (N,)
+    messages = int(received.sum())
+    per_message = payloads_per_message * payload_bytes
+    return WireCost(messages, messages * payloads_per_message, messages * per_message,
+                    int(received.max(initial=0)) * per_message)
+
+
+def butterfly_cost(sizes: np.ndarray, payload_bytes: int, payloads_per_message: int) -> WireCost:
+    """Butterfly all-reduce: a group of g exchanges 2(g - 1) chunk messages per member, each 1/g
+    of a payload; the group moves 2(g - 1) payloads in total."""
+    sizes = np.asarray(sizes, np.int64)
+    messages = payloads = 0
+    for round_sizes in sizes:
+        counts = np.bincount(round_sizes[round_sizes > 1])  # counts[g] = members in groups of g.
+        for g in np.flatnonzero(counts):
+            groups = int(counts[g]) // int(g)
+            messages += groups * int(g) * 2 * (int(g) - 1)
+            payloads += groups * 2 * (int(g) - 1) * payloads_per_message
+    # The busiest member receives 2(g - 1) chunks of at most ceil(S / g) bytes per round.
+    chunk = -(-payload_bytes // np.maximum(sizes, 1))
+    per_peer = np.where(sizes > 1, 2 * (sizes - 1) * chunk, 0).sum(axis=0)
+    return WireCost(messages, payloads, payloads * payload_bytes,
+                    int(per_peer.max(initial=0)) * payloads_per_message)
+
+
+def star_cost(sizes: np.ndarray, payload_bytes: int, payloads_per_message: int) -> WireCost:
+    """A server: every present peer uploads its payloads and downloads the average."""
+    present = int((np.asarray(sizes)[0] > 0).sum()) if len(sizes) else 0
+    messages = 2 * present
+    per_message = payloads_per_message * payload_bytes
+    return WireCost(messages, messages * payloads_per_message, messages * per_message,
+                    present * per_message)
+
+
+def mean_group_size(sizes: np.ndarray) -> float:
+    """Mean size of the non-empty groups, averaged over rounds. sizes: (G, N)."""
+    means = []
+    for round_sizes in np.asarray(sizes, np.float64):
+        members = round_sizes[round_sizes > 0]
+        if members.size:
+            num_groups = round(float(np.sum(1.0 / members)))  # Each group counts 1 in total.
+            means.append(members.size / num_groups)
+    return float(np.mean(means)) if means else 0.0
+
+
+WIRE_MODELS = {"allgather": allgather_cost, "butterfly": butterfly_cost, "star": star_cost}
 
 
 def tree_bytes(tree) -> int:
@@ -33,28 +96,21 @@ def tree_bytes(tree) -> int:
 
 @dataclasses.dataclass
 class Ledger:
-    """Running totals of network traffic. `record` takes the per-peer message counts of one
-    iteration and returns that iteration's row of exact integers."""
+    """Running totals of network traffic; `record` returns one iteration's metrics row."""
 
     payload_bytes: int  # S: bytes of one model-sized payload.
-    payloads_per_message: int  # MAR-FL: 2 (weights and momentum).
+    payloads_per_message: int
+    wire: str = "allgather"
     cumulative_bytes: int = 0
     cumulative_payloads: int = 0
     cumulative_messages: int = 0
 
-    def record(self, messages_per_peer: np.ndarray) -> dict[str, int]:
-        per_peer = np.asarray(messages_per_peer, dtype=np.int64)
-        messages = int(per_peer.sum())
-        payloads = messages * self.payloads_per_message
-        iteration_bytes = payloads * self.payload_bytes
-        self.cumulative_messages += messages
-        self.cumulative_payloads += payloads
-        self.cumulative_bytes += iteration_bytes
-        max_peer = int(per_peer.max()) if per_peer.size else 0
-        return {
-            "bytes": iteration_bytes,
-            "cumulative_bytes": self.cumulative_bytes,
-            "payloads": payloads,
-            "messages": messages,
-            "max_peer_bytes": max_peer * self.payloads_per_message * self.payload_bytes,
-        }
+    def record(self, sizes: np.ndarray) -> dict[str, int]:
+        """sizes: (G, N) member group sizes of one iteration."""
+        cost = WIRE_MODELS[self.wire](sizes, self.payload_bytes, self.payloads_per_message)
+        self.cumulative_messages += cost.messages
+        self.cumulative_payloads += cost.payloads
+        self.cumulative_bytes += cost.bytes
+        return {"bytes": cost.bytes, "cumulative_bytes": self.cumulative_bytes,
+                "payloads": cost.payloads, "messages": cost.messages,
+                "max_peer_bytes": cost.max_peer_bytes}

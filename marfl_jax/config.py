@@ -17,6 +17,7 @@ DATASETS = ("mnist10k", "mnist", "fashion_mnist")
 MODELS = ("cnn", "mlp")
 ALGORITHMS = ("marfl",)
 SCHEDULES = ("authors",)
+WIRES = ("allgather", "butterfly")
 PARTITIONS = ("iid", "iid_shuffled", "dirichlet")
 
 
@@ -53,6 +54,8 @@ class Config:
     key_dim: int = _field(3, "Moshpit key dimension d (N = M^d gives exact averaging).")
     rounds: int = _field(0, "Averaging rounds G per iteration (0 = key_dim).")
     schedule: str = _field("authors", "Group-key schedule.", SCHEDULES)
+    wire: str = _field("allgather", "MAR-FL's wire protocol inside a group: the authors' "
+                       "all-gather accounting or butterfly all-reduce.", WIRES)
     # Evaluation and stopping.
     eval_every: int = _field(5, "Evaluate every k iterations (from iteration 0).")
     eval_peers: str = _field(

@@ -54,8 +54,8 @@ def fl_iteration(state: FLState, key: jax.Array, data: DeviceData, *, algorithm,
       key: this iteration's PRNG key.
       data: DeviceData.
     Returns:
-      (new state, info) where info holds per-peer `messages` (N,) int32 and scalar
-      `present_peers`, `mean_group_size`, `train_loss`.
+      (new state, info) where info holds `member_sizes` (G, N) int32 (each peer's group size
+      per round, 0 = absent) and scalars `present_peers`, `train_loss`.
     """
     num_peers = data.counts.shape[0]
     sample_key, _ = jax.random.split(key)
@@ -77,12 +77,9 @@ def fl_iteration(state: FLState, key: jax.Array, data: DeviceData, *, algorithm,
     schedule = algorithm.schedule(present)
     params, opt_state = mixing.mix((params, opt_state), schedule, algorithm.num_groups)
 
-    sizes = jax.vmap(lambda ids: mixing.group_sizes(ids, algorithm.num_groups))(schedule)
-    groups_per_round = jnp.maximum((sizes > 0).sum(axis=1), 1)
     info = {
-        "messages": algorithm.messages(schedule),
+        "member_sizes": comm.member_sizes(schedule, algorithm.num_groups),
         "present_peers": present.sum(),
-        "mean_group_size": (sizes.sum(axis=1) / groups_per_round).mean(),
         "train_loss": losses.sum() / jnp.maximum(updating.sum(), 1),
     }
     return FLState(params, opt_state), info
@@ -141,7 +138,8 @@ def run(config: Config, workdir: str | None = None) -> RunResult:
     state = init_state(model, optimizer, test_images[:1], config.num_peers,
                        jax.random.fold_in(root_key, 0))
     ledger = comm.Ledger(payload_bytes=comm.tree_bytes(jax.tree.map(lambda x: x[0], state.params)),
-                         payloads_per_message=algorithm.payloads_per_message)
+                         payloads_per_message=algorithm.payloads_per_message,
+                         wire=algorithm.wire)
     logging.info("model %s: %d parameters, payload %d bytes; algorithm %s: %d rounds, %d groups",
                  config.model, models.count_params(jax.tree.map(lambda x: x[0], state.params)),
                  ledger.payload_bytes, algorithm.name, algorithm.num_rounds, algorithm.num_groups)
@@ -162,9 +160,10 @@ def run(config: Config, workdir: str | None = None) -> RunResult:
         for t in range(config.max_iterations):
             # -- One iteration: local training + aggregation, then the ledger on the host.
             state, info = step(state, jax.random.fold_in(iteration_key, t), data)
-            row = {"iteration": t, **ledger.record(np.asarray(info["messages"]))}
+            sizes = np.asarray(info["member_sizes"])
+            row = {"iteration": t, **ledger.record(sizes)}
             row.update(present_peers=int(info["present_peers"]),
-                       mean_group_size=float(info["mean_group_size"]),
+                       mean_group_size=comm.mean_group_size(sizes),
                        train_loss=float(info["train_loss"]))
 
             # -- Evaluation every eval_every iterations (and at the last one).

@@ -1,17 +1,17 @@
 """Aggregation algorithms: each is a schedule of group assignments plus a wire-cost model.
 
 `Algorithm.schedule(present (N,) bool) -> (G, N) int32` group ids (-1 = absent) for one
-iteration's mixing rounds; `Algorithm.messages(schedule) -> (N,)` messages each peer receives;
-each message carries `payloads_per_message` model-sized tensors. Both run inside jit.
+iteration's mixing rounds (runs inside jit); `Algorithm.wire` names the cost model in
+`marfl_jax.comm.WIRE_MODELS` that turns the resulting group sizes into exact bytes.
 """
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 
-from marfl_jax import comm
 from marfl_jax.algorithms import marfl
 
 
@@ -20,7 +20,7 @@ class Algorithm(NamedTuple):
     num_rounds: int
     num_groups: int
     schedule: Callable[[jax.Array], jax.Array]
-    messages: Callable[[jax.Array], jax.Array]
+    wire: str
     payloads_per_message: int
     exact: bool  # Full participation ends every iteration at the exact global mean.
 
@@ -35,7 +35,7 @@ def make_algorithm(config) -> Algorithm:
             num_rounds=rounds,
             num_groups=rule.num_groups,
             schedule=lambda present: marfl.moshpit_schedule(present, rule, rounds),
-            messages=lambda s: comm.allgather_messages(s, rule.num_groups),
+            wire=config.wire,
             payloads_per_message=2,
             exact=rule.exact and rounds >= config.key_dim,
         )

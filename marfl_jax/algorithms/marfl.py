@@ -16,7 +16,8 @@ sorted by peer id. Keys restart from the initial key every iteration.
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp

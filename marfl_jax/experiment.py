@@ -58,7 +58,7 @@ def fl_iteration(state: FLState, key: jax.Array, data: DeviceData, *, algorithm,
       per round, 0 = absent) and scalars `present_peers`, `train_loss`.
     """
     num_peers = data.counts.shape[0]
-    sample_key, _ = jax.random.split(key)
+    sample_key, mixing_key = jax.random.split(key)
     # Participation (full for now; churn plugs in here).
     present = jnp.ones(num_peers, bool)
     updating = present & (data.counts > 0)
@@ -74,7 +74,7 @@ def fl_iteration(state: FLState, key: jax.Array, data: DeviceData, *, algorithm,
         optimizer=optimizer)
 
     # -- Aggregation: weights and momentum averaged over the same groups, round by round.
-    schedule = algorithm.schedule(present)
+    schedule = algorithm.schedule(present, mixing_key)
     params, opt_state = mixing.mix((params, opt_state), schedule, algorithm.num_groups)
 
     info = {
@@ -140,9 +140,10 @@ def run(config: Config, workdir: str | None = None) -> RunResult:
     ledger = comm.Ledger(payload_bytes=comm.tree_bytes(jax.tree.map(lambda x: x[0], state.params)),
                          payloads_per_message=algorithm.payloads_per_message,
                          wire=algorithm.wire)
-    logging.info("model %s: %d parameters, payload %d bytes; algorithm %s: %d rounds, %d groups",
+    logging.info("model %s: %d parameters, payload %d bytes; algorithm %s (%s): %d rounds",
                  config.model, models.count_params(jax.tree.map(lambda x: x[0], state.params)),
-                 ledger.payload_bytes, algorithm.name, algorithm.num_rounds, algorithm.num_groups)
+                 ledger.payload_bytes, algorithm.name, algorithm.description,
+                 algorithm.num_rounds)
 
     step = jax.jit(functools.partial(
         fl_iteration, algorithm=algorithm, apply_fn=apply_fn, optimizer=optimizer,

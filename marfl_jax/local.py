@@ -8,7 +8,7 @@ Momentum SGD exactly as the paper's authors implement it (DESIGN.md section 3.1)
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

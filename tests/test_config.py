@@ -15,7 +15,9 @@ class ConfigTest(parameterized.TestCase):
     @parameterized.parameters(
         ("dataset", "cifar", "--dataset", "mnist10k"),
         ("model", "resnet", "--model", "cnn"),
-        ("algorithm", "sgd", "--algorithm", "marfl"),
+        ("algorithm", "sgd", "--algorithm", "marfl, fedavg, arfl, rdfl, gossip"),
+        ("schedule", "x", "--schedule", "authors, mixed_radix"),
+        ("wire", "x", "--wire", "allgather, butterfly"),
         ("partition", "random", "--partition", "dirichlet"),
         ("num_peers", 0, "--num_peers", ">= 1"),
         ("group_size", 1, "--group_size", ">= 2"),
@@ -38,17 +40,9 @@ class ConfigTest(parameterized.TestCase):
         self.assertIn(flag, str(error.exception))
         self.assertIn(allowed, str(error.exception))
 
-    def test_too_large_key_dim(self):
-        with self.assertRaisesRegex(ConfigError, "--key_dim"):
-            Config(num_peers=16, group_size=4, key_dim=5).validate()
-
     def test_json_round_trip(self):
         import json
         config = Config(num_peers=8, seed=3)
         self.assertEqual(Config.from_dict(json.loads(config.to_json())), config)
         with self.assertRaisesRegex(ConfigError, "unknown"):
             Config.from_dict({"nope": 1})
-
-    def test_rounds_default_to_key_dim(self):
-        self.assertEqual(Config(key_dim=3).num_rounds, 3)
-        self.assertEqual(Config(key_dim=3, rounds=5).num_rounds, 5)

@@ -21,7 +21,7 @@ def _train(*args, timeout=120):
 
 @pytest.mark.parametrize("flag,expected", [
     ("--num_peers=0", "--num_peers=0 is not allowed; it must be an integer >= 1"),
-    ("--algorithm=sgd", "--algorithm='sgd' is not allowed; choose one of: marfl"),
+    ("--algorithm=sgd", "--algorithm='sgd' is not allowed; choose one of: marfl, fedavg"),
     ("--partition=random", "choose one of: iid, iid_shuffled, dirichlet"),
 ])
 def test_bad_flag_is_one_clear_line(flag, expected, tmp_path):

@@ -11,6 +11,12 @@ sorted by peer id. Keys restart from the initial key every iteration.
   (bucket + alpha_r * c) mod ceil(N/M), with alpha = [1, 5] for (M, d, N) = (4, 3, 125),
   [1, 5, 11] for (3, 4, 125), and else the smallest odd number coprime with ceil(N/M). This
   averages only approximately.
+
+`mixed_radix_key_rule` is this project's exact alternative for any N that factors into small group
+sizes, e.g. 100 = 4*5*5 or 96 = 4*4*6: peer p's position is written in mixed radix
+(m_0, ..., m_{k-1}); round r groups the peers whose positions agree in every digit but digit r,
+and the member's chunk index becomes its new digit r. At full participation k rounds average
+along each axis once: the exact global mean.
 """
 
 from __future__ import annotations
@@ -27,12 +33,15 @@ from marfl_jax import mixing
 
 
 class KeyRule(NamedTuple):
-    """A Moshpit key schedule. `next_key(keys (N,), chunk_index (N,), round r) -> (N,)`."""
+    """A Moshpit key schedule. Each peer carries an integer key; in round r its group id is
+    `group_of(keys (N,), r) -> (N,)` in [0, num_groups), and after the round its key becomes
+    `next_key(keys (N,), chunk_index (N,), r) -> (N,)`."""
 
     num_groups: int
     initial_keys: np.ndarray  # (N,) int32.
     next_key: Callable[[jax.Array, jax.Array, int], jax.Array]
-    exact: bool  # Whether full participation yields the exact global mean after d rounds.
+    exact_rounds: int | None  # Rounds after which full participation gives the exact mean.
+    group_of: Callable[[jax.Array, int], jax.Array] = lambda keys, _round: keys
 
 
 def authors_key_rule(num_peers: int, group_size: int, key_dim: int) -> KeyRule:
@@ -44,7 +53,7 @@ def authors_key_rule(num_peers: int, group_size: int, key_dim: int) -> KeyRule:
         def next_grid_key(keys, chunk, _round):
             return (keys * group_size + chunk) % num_groups
 
-        return KeyRule(num_groups, initial, next_grid_key, exact=True)
+        return KeyRule(num_groups, initial, next_grid_key, exact_rounds=key_dim)
 
     num_buckets = math.ceil(num_peers / group_size)
     alphas = _authors_alphas(num_peers, group_size, key_dim, num_buckets)
@@ -52,7 +61,8 @@ def authors_key_rule(num_peers: int, group_size: int, key_dim: int) -> KeyRule:
     def next_bucket(keys, chunk, round_index):
         return (keys + alphas[round_index % len(alphas)] * chunk) % num_buckets
 
-    return KeyRule(num_buckets, initial, next_bucket, exact=num_buckets == 1)
+    return KeyRule(num_buckets, initial, next_bucket,
+                   exact_rounds=1 if num_buckets == 1 else None)
 
 
 def _authors_alphas(num_peers, group_size, key_dim, num_buckets) -> tuple[int, ...]:
@@ -78,7 +88,63 @@ def moshpit_schedule(present: jax.Array, rule: KeyRule, num_rounds: int) -> jax.
     keys = jnp.asarray(rule.initial_keys)
     rounds = []
     for r in range(num_rounds):
-        ids = jnp.where(present, keys, mixing.ABSENT).astype(jnp.int32)
+        ids = jnp.where(present, rule.group_of(keys, r), mixing.ABSENT).astype(jnp.int32)
         rounds.append(ids)
         keys = rule.next_key(keys, mixing.rank_in_group(ids, rule.num_groups), r)
     return jnp.stack(rounds)
+
+
+def mixed_radix_key_rule(num_peers: int, radices: tuple[int, ...]) -> KeyRule:
+    """Exact Moshpit-style schedule on a mixed-radix grid with prod(radices) == num_peers.
+
+    Keys are grid positions (initially the peer id). Round r uses axis r mod k: the group id is
+    the position with digit r set to 0, and the chunk index (rank among present members, mod the
+    radix) becomes the new digit r.
+    """
+    if math.prod(radices) != num_peers:
+        raise ValueError(f"radices {radices} do not multiply to {num_peers} peers")
+    strides = np.cumprod((1,) + tuple(radices[:-1]))
+
+    def digit(keys, axis):
+        return (keys // int(strides[axis])) % radices[axis]
+
+    def group_of(keys, r):
+        axis = r % len(radices)
+        return keys - digit(keys, axis) * int(strides[axis])
+
+    def next_key(keys, chunk, r):
+        axis = r % len(radices)
+        return group_of(keys, r) + (chunk % radices[axis]) * int(strides[axis])
+
+    return KeyRule(num_peers, np.arange(num_peers, dtype=np.int32), next_key,
+                   exact_rounds=len(radices), group_of=group_of)
+
+
+def mixed_radix_factors(num_peers: int, num_rounds: int) -> tuple[int, ...]:
+    """Factors num_peers into at most `num_rounds` group sizes >= 2 as balanced as possible
+    (smallest largest factor, then fewest bytes: smallest sum of (m - 1)); e.g. 100 with 3 rounds
+    -> (4, 5, 5), 96 -> (4, 4, 6). A prime N gives (N,); N = 1 gives (1,): one group of one."""
+    best: tuple[int, ...] | None = None
+
+    def better(a, b):
+        return b is None or (max(a), sum(a) - len(a)) < (max(b), sum(b) - len(b))
+
+    def search(rest: int, smallest: int, slots: int, chosen: tuple[int, ...]):
+        nonlocal best
+        if rest == 1:
+            if chosen and better(chosen, best):
+                best = chosen
+            return
+        if slots == 1:
+            if rest >= smallest:
+                search(1, rest, 0, chosen + (rest,))
+            return
+        for f in range(smallest, math.isqrt(rest) + 1):
+            if rest % f == 0:
+                search(rest // f, f, slots - 1, chosen + (f,))
+        search(1, rest, 0, chosen + (rest,))  # The rest as one factor.
+
+    if num_peers == 1:
+        return (1,)
+    search(num_peers, 2, max(1, num_rounds), ())
+    return best

@@ -94,15 +94,17 @@ def moshpit_schedule(present: jax.Array, rule: KeyRule, num_rounds: int) -> jax.
     return jnp.stack(rounds)
 
 
-def mixed_radix_key_rule(num_peers: int, radices: tuple[int, ...]) -> KeyRule:
-    """Exact Moshpit-style schedule on a mixed-radix grid with prod(radices) == num_peers.
+def grid_key_rule(radices: tuple[int, ...], initial_positions: np.ndarray) -> KeyRule:
+    """Moshpit All-Reduce on a mixed-radix grid (Ryabinin et al., 2021, generalized to mixed
+    radices). Keys are grid positions in [0, prod(radices)). Round r uses axis a = r mod k: peers
+    whose positions agree in every digit but digit a form a group, and the chunk index (rank among
+    present members, mod the radix) becomes the new digit a.
 
-    Keys are grid positions (initially the peer id). Round r uses axis r mod k: the group id is
-    the position with digit r set to 0, and the chunk index (rank among present members, mod the
-    radix) becomes the new digit r.
+    Args:
+      radices: (m_0, ..., m_{k-1}) group sizes along the grid's axes.
+      initial_positions: (N,) each peer's starting cell (the peer id for an exact grid; random
+        cells reproduce the Moshpit SGD paper's averaging experiment).
     """
-    if math.prod(radices) != num_peers:
-        raise ValueError(f"radices {radices} do not multiply to {num_peers} peers")
     strides = np.cumprod((1,) + tuple(radices[:-1]))
 
     def digit(keys, axis):
@@ -116,8 +118,16 @@ def mixed_radix_key_rule(num_peers: int, radices: tuple[int, ...]) -> KeyRule:
         axis = r % len(radices)
         return group_of(keys, r) + (chunk % radices[axis]) * int(strides[axis])
 
-    return KeyRule(num_peers, np.arange(num_peers, dtype=np.int32), next_key,
+    return KeyRule(math.prod(radices), np.asarray(initial_positions, np.int32), next_key,
                    exact_rounds=len(radices), group_of=group_of)
+
+
+def mixed_radix_key_rule(num_peers: int, radices: tuple[int, ...]) -> KeyRule:
+    """Exact schedule for N = prod(radices) peers: peer p starts in cell p, so at full
+    participation round r averages along axis r and k rounds give the exact global mean."""
+    if math.prod(radices) != num_peers:
+        raise ValueError(f"radices {radices} do not multiply to {num_peers} peers")
+    return grid_key_rule(radices, np.arange(num_peers))
 
 
 def mixed_radix_factors(num_peers: int, num_rounds: int) -> tuple[int, ...]:

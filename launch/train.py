@@ -32,7 +32,7 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.INFO)
     try:
         experiment.run(config)
-    except data.DataUnavailableError as error:
+    except (ConfigError, data.DataUnavailableError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
 

@@ -18,6 +18,8 @@ ALGORITHMS = ("marfl", "fedavg", "arfl", "rdfl", "gossip")
 SCHEDULES = ("authors", "mixed_radix")
 WIRES = ("allgather", "butterfly")
 PARTITIONS = ("iid", "iid_shuffled", "dirichlet")
+DROPOUT_TIMINGS = ("before", "mid")
+AVAILABILITY_MODELS = ("always", "markov")
 
 
 class ConfigError(ValueError):
@@ -58,6 +60,19 @@ class Config:
                            "factors N into key_dim balanced group sizes.", SCHEDULES)
     wire: str = _field("allgather", "MAR-FL's wire protocol inside a group: the authors' "
                        "all-gather accounting or butterfly all-reduce.", WIRES)
+    # Participation and churn (DESIGN.md section 3.2; marfl_jax/churn.py).
+    update_fraction: float = _field(1.0, "Fraction of peers drawn to train each iteration.")
+    aggregate_fraction: float = _field(
+        1.0, "Fraction of peers drawn to aggregate (the same set as the trainers when equal).")
+    dropout: float = _field(0.0, "Probability that an aggregating peer drops out.")
+    dropout_timing: str = _field(
+        "before", "When a dropping peer leaves: 'before' the aggregation (the authors) or 'mid' "
+        "(after a random round; that round's group averages without it).", DROPOUT_TIMINGS)
+    availability: str = _field(
+        "always", "Peer availability across iterations: 'always', or 'markov' on/off chains.",
+        AVAILABILITY_MODELS)
+    mean_on_iterations: float = _field(10.0, "Markov availability: mean on-time (>= 1).")
+    mean_off_iterations: float = _field(2.0, "Markov availability: mean off-time (>= 1).")
     # Evaluation and stopping.
     eval_every: int = _field(5, "Evaluate every k iterations (from iteration 0).")
     eval_peers: str = _field(
@@ -66,7 +81,9 @@ class Config:
     target_accuracy: float = _field(0.95, "Stop once the evaluated accuracy reaches this (0-1).")
     max_iterations: int = _field(500, "Stop after this many iterations.")
     seed: int = _field(0, "Seed of every random draw of the run.")
-    workdir: str = _field("runs/default", "Where config.json, metrics.jsonl, summary.json go.")
+    workdir: str = _field("runs/default", "Where config.json, metrics.jsonl, summary.json and "
+                          "checkpoints go; rerunning with the same workdir resumes.")
+    checkpoint_every: int = _field(25, "Checkpoint every k iterations (0 = only at the end).")
 
     @property
     def eval_peer_count(self) -> int | None:
@@ -91,6 +108,14 @@ class Config:
         _check(0 <= self.momentum < 1, "momentum", self.momentum, "a number in [0, 1)")
         _check(self.dirichlet_alpha > 0, "dirichlet_alpha", self.dirichlet_alpha, "a number > 0")
         _check(self.eval_every >= 1, "eval_every", self.eval_every, "an integer >= 1")
+        for name in ("update_fraction", "aggregate_fraction"):
+            value = getattr(self, name)
+            _check(0 < value <= 1, name, value, "a number in (0, 1]")
+        _check(0 <= self.dropout <= 1, "dropout", self.dropout, "a number in [0, 1]")
+        for name in ("mean_on_iterations", "mean_off_iterations"):
+            _check(getattr(self, name) >= 1, name, getattr(self, name), "a number >= 1")
+        _check(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every,
+               "an integer >= 0")
         valid_eval = self.eval_peers in ("all", "mean") or (
             self.eval_peers.isdigit() and int(self.eval_peers) >= 1)
         _check(valid_eval, "eval_peers", self.eval_peers, "'all', 'mean' or an integer >= 1")
@@ -104,6 +129,13 @@ class Config:
             _check(self.conv_impl in allowed, "conv_impl", self.conv_impl,
                    "one of: " + ", ".join(allowed))
         return self
+
+    def churn_model(self):
+        from marfl_jax import churn  # Deferred: churn imports jax.
+
+        return churn.ChurnModel(self.update_fraction, self.aggregate_fraction, self.dropout,
+                                self.dropout_timing, self.availability, self.mean_on_iterations,
+                                self.mean_off_iterations)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)

@@ -3,11 +3,14 @@
 `run(config, workdir)` is the single entry point shared by `launch/train.py`, the notebooks and
 the tests. It owns all I/O; everything it calls is pure. Outputs in the workdir:
 `config.json`, `metrics.jsonl` (one row per iteration; evaluation rows add `accuracy`, `loss`),
-`summary.json`.
+`summary.json`, and `checkpoints/` (orbax). Rerunning the same config with the same workdir
+resumes from the last checkpoint and rewrites the rows after it identically (every random draw
+is a function of the seed and the iteration); a workdir holding another config is refused.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -19,16 +22,21 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from marfl_jax import algorithms, comm, local, mixing, models
+from marfl_jax import algorithms, churn, comm, local, mixing, models
 from marfl_jax import data as data_lib
-from marfl_jax.config import Config
+from marfl_jax.config import Config, ConfigError
+
+# Fields that may change between a run and its resumption (they do not change the trajectory).
+RESUMABLE_CHANGES = ("max_iterations", "checkpoint_every", "workdir")
 
 
 class FLState(NamedTuple):
-    """Every peer's model and optimizer state, leaves with leading peer axis N."""
+    """Every peer's model and optimizer state (leaves with leading peer axis N) and whether each
+    peer is available (Markov churn), (N,) bool."""
 
     params: Any
     opt_state: Any
+    available: jax.Array
 
 
 class DeviceData(NamedTuple):
@@ -46,22 +54,27 @@ class RunResult(NamedTuple):
 
 
 def fl_iteration(state: FLState, key: jax.Array, data: DeviceData, *, algorithm,
-                 apply_fn, optimizer, local_batches: int, batch_size: int):
-    """One FL iteration for all peers: local SGD, then the algorithm's mixing rounds.
+                 churn_model: churn.ChurnModel, apply_fn, optimizer, local_batches: int,
+                 batch_size: int):
+    """One FL iteration for all peers: participation, local SGD, the algorithm's mixing rounds.
 
     Args:
       state: FLState with peer axis N.
       key: this iteration's PRNG key.
       data: DeviceData.
     Returns:
-      (new state, info) where info holds `member_sizes` (G, N) int32 (each peer's group size
-      per round, 0 = absent) and scalars `present_peers`, `train_loss`.
+      (new state, info): info holds `member_sizes` (G, N) int32 (each peer's group size per
+      round, 0 = absent), `present` (N,) bool (took part in any round), and scalars
+      `updating_peers`, `train_loss`, `consensus_before`, `consensus_after`.
     """
     num_peers = data.counts.shape[0]
-    sample_key, mixing_key = jax.random.split(key)
-    # Participation (full for now; churn plugs in here).
-    present = jnp.ones(num_peers, bool)
-    updating = present & (data.counts > 0)
+    sample_key, mixing_key, churn_key, availability_key = jax.random.split(key, 4)
+
+    # -- Who takes part: availability, trainers, each round's aggregators.
+    available = churn.next_availability(availability_key, state.available, churn_model)
+    part = churn.draw_participation(churn_key, available, algorithm.num_rounds, churn_model)
+    updating = part.updating & (data.counts > 0)
+    present = part.present.any(axis=0)
 
     # -- Local update: b mini-batches of size B per peer, drawn without replacement.
     peer_keys = jax.random.split(sample_key, num_peers)
@@ -74,31 +87,41 @@ def fl_iteration(state: FLState, key: jax.Array, data: DeviceData, *, algorithm,
         optimizer=optimizer)
 
     # -- Aggregation: weights and momentum averaged over the same groups, round by round.
-    schedule = algorithm.schedule(present, mixing_key)
+    consensus_before = mixing.consensus_distance(params, present)
+    schedule = algorithm.schedule(part.present, mixing_key)
     params, opt_state = mixing.mix((params, opt_state), schedule, algorithm.num_groups)
 
     info = {
         "member_sizes": comm.member_sizes(schedule, algorithm.num_groups),
-        "present_peers": present.sum(),
+        "present": present,
+        "updating_peers": updating.sum(),
         "train_loss": losses.sum() / jnp.maximum(updating.sum(), 1),
+        "consensus_before": consensus_before,
+        "consensus_after": mixing.consensus_distance(params, present),
     }
-    return FLState(params, opt_state), info
+    return FLState(params, opt_state, available), info
 
 
-def init_state(model, optimizer, sample_input: jax.Array, num_peers: int, key) -> FLState:
+def init_state(model, optimizer, sample_input: jax.Array, num_peers: int, key,
+               churn_model: churn.ChurnModel) -> FLState:
     """Every peer starts from the same initial model (as the authors' seeded processes do)."""
-    params = model.init(key, sample_input)["params"]
+    model_key, availability_key = jax.random.split(key)
+    params = model.init(model_key, sample_input)["params"]
     opt_state = optimizer.init(params)
     stack = functools.partial(jax.tree.map, lambda x: jnp.broadcast_to(x, (num_peers,) + x.shape))
-    return FLState(stack(params), stack(opt_state))
+    return FLState(stack(params), stack(opt_state),
+                   churn.initial_availability(availability_key, num_peers, churn_model))
 
 
 def select_eval_peers(config: Config, present: np.ndarray, iteration: int) -> np.ndarray | None:
     """Indices of the peers evaluated at `iteration`: all present peers, or a seeded sample of
-    `eval_peers` of them. None means the consensus (mean) model."""
+    `eval_peers` of them (every peer when none is present). None means the consensus (mean)
+    model of the present peers."""
     if config.eval_peers == "mean":
         return None
     candidates = np.flatnonzero(present)
+    if candidates.size == 0:
+        candidates = np.arange(present.size)
     k = config.eval_peer_count
     if k is None or k >= candidates.size:
         return candidates
@@ -107,16 +130,21 @@ def select_eval_peers(config: Config, present: np.ndarray, iteration: int) -> np
 
 
 def run(config: Config, workdir: str | None = None) -> RunResult:
-    """Runs the experiment described by `config`, writing its outputs to `workdir`
+    """Runs (or resumes) the experiment described by `config`, writing its outputs to `workdir`
     (default `config.workdir`). Returns the summary and the metrics rows."""
     config.validate()
     workdir = workdir or config.workdir
+    config = dataclasses.replace(config, workdir=workdir)
+    previous = _check_workdir(config, workdir)
     start = time.time()
 
     # -- Data and partition.
     dataset = data_lib.load_dataset(config.dataset, config.data_dir or None)
-    peer_index = data_lib.partition(dataset.y_train, config.num_peers, config.partition,
-                                    config.dirichlet_alpha, config.seed)
+    try:
+        peer_index = data_lib.partition(dataset.y_train, config.num_peers, config.partition,
+                                        config.dirichlet_alpha, config.seed)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
     data = DeviceData(jnp.asarray(dataset.x_train), jnp.asarray(dataset.y_train, jnp.int32),
                       jnp.asarray(peer_index.table), jnp.asarray(peer_index.counts))
     test_images = data_lib.preprocess_images(jnp.asarray(dataset.x_test))
@@ -125,7 +153,7 @@ def run(config: Config, workdir: str | None = None) -> RunResult:
                  dataset.source, len(dataset.y_train), len(dataset.y_test), config.num_peers,
                  peer_index.counts.min(), peer_index.counts.max())
 
-    # -- Model, optimizer, algorithm.
+    # -- Model, optimizer, algorithm, initial state.
     model_kwargs = {"conv_impl": config.conv_impl} if config.conv_impl else {}
     model = models.get_model(config.model, dataset.num_classes, **model_kwargs)
 
@@ -134,46 +162,63 @@ def run(config: Config, workdir: str | None = None) -> RunResult:
 
     optimizer = local.momentum_sgd(config.learning_rate, config.momentum)
     algorithm = algorithms.make_algorithm(config)
+    churn_model = config.churn_model()
     root_key = jax.random.key(config.seed)
     state = init_state(model, optimizer, test_images[:1], config.num_peers,
-                       jax.random.fold_in(root_key, 0))
-    ledger = comm.Ledger(payload_bytes=comm.tree_bytes(jax.tree.map(lambda x: x[0], state.params)),
-                         payloads_per_message=algorithm.payloads_per_message,
-                         wire=algorithm.wire)
+                       jax.random.fold_in(root_key, 0), churn_model)
+    one_peer = jax.tree.map(lambda x: x[0], state.params)
+    ledger = comm.Ledger(payload_bytes=comm.tree_bytes(one_peer),
+                         payloads_per_message=algorithm.payloads_per_message, wire=algorithm.wire)
     logging.info("model %s: %d parameters, payload %d bytes; algorithm %s (%s): %d rounds",
-                 config.model, models.count_params(jax.tree.map(lambda x: x[0], state.params)),
-                 ledger.payload_bytes, algorithm.name, algorithm.description,
-                 algorithm.num_rounds)
+                 config.model, models.count_params(one_peer), ledger.payload_bytes,
+                 algorithm.name, algorithm.description, algorithm.num_rounds)
 
     step = jax.jit(functools.partial(
-        fl_iteration, algorithm=algorithm, apply_fn=apply_fn, optimizer=optimizer,
-        local_batches=config.local_batches, batch_size=config.batch_size), donate_argnums=0)
+        fl_iteration, algorithm=algorithm, churn_model=churn_model, apply_fn=apply_fn,
+        optimizer=optimizer, local_batches=config.local_batches, batch_size=config.batch_size),
+        donate_argnums=0)
     evaluate = jax.jit(functools.partial(local.evaluate_peers, apply_fn=apply_fn))
 
+    # -- Resume from the last checkpoint, if any.
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json())
-    metrics: list[dict] = []
-    best = final = None
-    reached_at = None
+    checkpoints = _Checkpoints(os.path.join(workdir, "checkpoints"))
+    first_iteration, elapsed_before = 0, 0.0
+    if previous is not None and checkpoints.latest() is not None:
+        state, host = checkpoints.restore(state)
+        first_iteration, elapsed_before = host["iteration"], host["elapsed"]
+        for name, value in host["ledger"].items():
+            setattr(ledger, name, value)
+        logging.info("resuming %s after iteration %d", workdir, first_iteration - 1)
+    metrics = _read_rows(os.path.join(workdir, "metrics.jsonl"), first_iteration)
+    evaluated = [r for r in metrics if "accuracy" in r]
+    reached_at = next((r["iteration"] for r in evaluated
+                       if r["accuracy"] >= config.target_accuracy), None)
     iteration_key = jax.random.fold_in(root_key, 1)
+    start -= elapsed_before
+
+    # -- The loop: one jitted iteration, then the ledger, evaluation and logging on the host.
     with open(os.path.join(workdir, "metrics.jsonl"), "w") as metrics_file:
-        for t in range(config.max_iterations):
-            # -- One iteration: local training + aggregation, then the ledger on the host.
+        for row in metrics:
+            metrics_file.write(json.dumps(row) + "\n")
+        t = first_iteration
+        while reached_at is None and t < config.max_iterations:
             state, info = step(state, jax.random.fold_in(iteration_key, t), data)
             sizes = np.asarray(info["member_sizes"])
+            present = np.asarray(info["present"])
             row = {"iteration": t, **ledger.record(sizes)}
-            row.update(present_peers=int(info["present_peers"]),
+            row.update(present_peers=int(present.sum()),
+                       updating_peers=int(info["updating_peers"]),
                        mean_group_size=comm.mean_group_size(sizes),
-                       train_loss=float(info["train_loss"]))
-
-            # -- Evaluation every eval_every iterations (and at the last one).
+                       train_loss=float(info["train_loss"]),
+                       consensus_before=float(info["consensus_before"]),
+                       consensus_after=float(info["consensus_after"]))
+            if row["present_peers"] == 0 and row["updating_peers"] == 0:
+                logging.info("iteration %d: no peer present; nothing trained or exchanged", t)
             if t % config.eval_every == 0 or t == config.max_iterations - 1:
-                present = np.ones(config.num_peers, bool)
                 row.update(_evaluate(config, state, present, t, evaluate, test_images,
                                      test_labels))
-                final = row["accuracy"]
-                best = final if best is None else max(best, final)
             row["seconds"] = round(time.time() - start, 3)
             metrics.append(row)
             metrics_file.write(json.dumps(row) + "\n")
@@ -184,16 +229,25 @@ def run(config: Config, workdir: str | None = None) -> RunResult:
                              format_bytes(row["cumulative_bytes"]), row["seconds"])
                 if row["accuracy"] >= config.target_accuracy:
                     reached_at = t
-                    break
+            t += 1
+            done = reached_at is not None or t == config.max_iterations
+            if done or (config.checkpoint_every and t % config.checkpoint_every == 0):
+                checkpoints.save(t, state, {
+                    "iteration": t, "elapsed": time.time() - start,
+                    "ledger": {k: getattr(ledger, k) for k in (
+                        "cumulative_bytes", "cumulative_payloads", "cumulative_messages")}})
 
+    evaluated = [r for r in metrics if "accuracy" in r]
     summary = {
-        "final_accuracy": final,
-        "best_accuracy": best,
+        "final_accuracy": evaluated[-1]["accuracy"] if evaluated else None,
+        "best_accuracy": max((r["accuracy"] for r in evaluated), default=None),
         "iterations": len(metrics),
         "cumulative_bytes": ledger.cumulative_bytes,
         "reached_target": reached_at is not None,
         "target_accuracy": config.target_accuracy,
         "iteration_reached_target": reached_at,
+        "bytes_to_target": (metrics[reached_at]["cumulative_bytes"]
+                            if reached_at is not None else None),
         "wall_seconds": round(time.time() - start, 3),
     }
     with open(os.path.join(workdir, "summary.json"), "w") as f:
@@ -202,23 +256,86 @@ def run(config: Config, workdir: str | None = None) -> RunResult:
     return RunResult(summary, metrics)
 
 
+def _check_workdir(config: Config, workdir: str) -> Config | None:
+    """The config of the run already in workdir (None if empty); refuses a different run."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        previous = Config.from_dict(json.load(f))
+    differences = [f.name for f in dataclasses.fields(Config)
+                   if f.name not in RESUMABLE_CHANGES
+                   and getattr(previous, f.name) != getattr(config, f.name)]
+    if differences:
+        raise ConfigError(
+            f"--workdir={workdir} holds a run with a different config (differs in: "
+            f"{', '.join('--' + d for d in differences)}); use another --workdir or delete it")
+    return previous
+
+
+def _read_rows(path: str, before: int) -> list[dict]:
+    """Rows of metrics.jsonl for iterations < before (a torn last line is dropped)."""
+    rows = []
+    if before and os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    break
+                if row["iteration"] < before:
+                    rows.append(row)
+    return rows
+
+
+class _Checkpoints:
+    """The latest FLState plus host-side JSON (ledger, iteration), saved with orbax."""
+
+    def __init__(self, directory: str):
+        import orbax.checkpoint as ocp  # Deferred: a heavy import only runs need.
+
+        self._ocp = ocp
+        self._manager = ocp.CheckpointManager(
+            os.path.abspath(directory),
+            options=ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False))
+
+    def latest(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, iteration: int, state: FLState, host: dict) -> None:
+        args = self._ocp.args
+        self._manager.save(iteration, args=args.Composite(
+            state=args.StandardSave(state), host=args.JsonSave(host)), force=True)
+        self._manager.wait_until_finished()
+
+    def restore(self, like: FLState) -> tuple[FLState, dict]:
+        args = self._ocp.args
+        abstract = jax.tree.map(self._ocp.utils.to_shape_dtype_struct, like)
+        restored = self._manager.restore(self.latest(), args=args.Composite(
+            state=args.StandardRestore(abstract), host=args.JsonRestore()))
+        return FLState(*restored["state"]), restored["host"]
+
+
 def _evaluate(config, state, present, iteration, evaluate, test_images, test_labels) -> dict:
     peers = select_eval_peers(config, present, iteration)
     if peers is None:
         weights = jnp.asarray(present, jnp.float32) / max(int(present.sum()), 1)
+        if not present.any():
+            weights = jnp.full(present.shape, 1.0 / present.size)
         params = jax.tree.map(lambda x: jnp.tensordot(weights, x, axes=1)[None], state.params)
     else:
         params = jax.tree.map(lambda x: x[jnp.asarray(peers)], state.params)
     accuracy, loss = evaluate(params, test_images, test_labels)
     accuracy, loss = np.asarray(accuracy), np.asarray(loss)
     return {"accuracy": float(accuracy.mean()), "loss": float(loss.mean()),
-            "accuracy_min": float(accuracy.min()), "accuracy_max": float(accuracy.max()),
-            "evaluated_peers": int(accuracy.size)}
+            "accuracy_std": float(accuracy.std()), "accuracy_min": float(accuracy.min()),
+            "accuracy_max": float(accuracy.max()), "evaluated_peers": int(accuracy.size)}
 
 
 def format_bytes(n: int) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.4g} {unit}" if unit != "B" else f"{n} B"
+    """Human-readable decimal bytes: 1.234 GB."""
+    for unit in ("B", "kB", "MB", "GB", "TB", "PB"):
+        if n < 1000 or unit == "PB":
+            return f"{n} B" if unit == "B" else f"{n:.4g} {unit}"
         n /= 1000
-    return f"{n} B"
+    raise AssertionError

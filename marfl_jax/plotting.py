@@ -16,11 +16,12 @@ def plot_bytes_per_iteration(rows: Sequence[dict], path: str) -> None:
     N^2 guides anchored at the smallest N. rows: dicts with `algorithm`, `num_peers`,
     `bytes_per_iteration`."""
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
-    algorithms = sorted({r["algorithm"] for r in rows})
-    for name in algorithms:
+    markers = iter("osD^vP*X")
+    for name in sorted({r["algorithm"] for r in rows}):  # Markers tell overlapping lines apart.
         points = sorted((r["num_peers"], r["bytes_per_iteration"]) for r in rows
                         if r["algorithm"] == name)
-        ax.plot(*zip(*points, strict=True), marker="o", label=name)
+        ax.plot(*zip(*points, strict=True), marker=next(markers, "o"), label=name,
+                markerfacecolor="none")
     peers = sorted({r["num_peers"] for r in rows})
     if len(peers) > 1:
         smallest = min(r["bytes_per_iteration"] for r in rows if r["num_peers"] == peers[0])
@@ -33,6 +34,30 @@ def plot_bytes_per_iteration(rows: Sequence[dict], path: str) -> None:
            title="Communication per FL iteration")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_churn(rows: Sequence[dict], path: str) -> None:
+    """Final accuracy and bytes to the target against dropout, one line per algorithm.
+    rows: dicts with `algorithm`, `dropout`, `final_accuracy`, `bytes_to_target` ('' if the
+    target was not reached)."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for name in sorted({r["algorithm"] for r in rows}):
+        mine = sorted((r for r in rows if r["algorithm"] == name), key=lambda r: r["dropout"])
+        left.plot([r["dropout"] for r in mine], [r["final_accuracy"] for r in mine],
+                  marker="o", label=name)
+        reached = [r for r in mine if r["bytes_to_target"] != ""]
+        right.plot([r["dropout"] for r in reached], [r["bytes_to_target"] for r in reached],
+                   marker="o", label=name)
+    left.set(xlabel="dropout probability", ylabel="final test accuracy",
+             title="Accuracy under churn")
+    right.set(xlabel="dropout probability", ylabel="bytes to target", yscale="log",
+              title="Communication to reach the target")
+    for ax in (left, right):
+        ax.grid(True, alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -14,7 +14,7 @@ CNN_BYTES = 4 * 1_199_882  # The paper's CNN in float32.
 def _full_grid_sizes(group_size, key_dim):
     num_peers = group_size**key_dim
     rule = marfl.authors_key_rule(num_peers, group_size, key_dim)
-    schedule = marfl.moshpit_schedule(jnp.ones(num_peers, bool), rule, key_dim)
+    schedule = marfl.moshpit_schedule(jnp.ones((key_dim, num_peers), bool), rule)
     return np.asarray(comm.member_sizes(schedule, rule.num_groups))
 
 

@@ -42,7 +42,7 @@ def test_tiny_run_writes_outputs_and_exact_ledger(tmp_path):
     assert summary["final_accuracy"] == evaluated[-1]["accuracy"]
     assert not summary["reached_target"]
     with open(tmp_path / "config.json") as f:
-        assert Config.from_dict(json.load(f)) == TINY
+        assert Config.from_dict(json.load(f)) == dataclasses.replace(TINY, workdir=str(tmp_path))
 
 
 def test_same_seed_same_run_and_consensus_eval(tmp_path):

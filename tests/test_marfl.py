@@ -28,7 +28,7 @@ class GridScheduleTest(chex.TestCase, parameterized.TestCase):
         num_peers = group_size**key_dim
         rule = marfl.authors_key_rule(num_peers, group_size, key_dim)
         self.assertEqual(rule.exact_rounds, key_dim)
-        schedule = marfl.moshpit_schedule(jnp.ones(num_peers, bool), rule, key_dim)
+        schedule = marfl.moshpit_schedule(jnp.ones((key_dim, num_peers), bool), rule)
         tree = _random_tree(num_peers)
         mixed = mixing.mix(tree, schedule, rule.num_groups)
         expected = jax.tree.map(lambda x: jnp.broadcast_to(x.mean(0), x.shape), tree)
@@ -37,7 +37,7 @@ class GridScheduleTest(chex.TestCase, parameterized.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     def test_grid_rounds_are_groups_of_m_along_each_axis(self):
         rule = marfl.authors_key_rule(16, 4, 2)
-        schedule = self.variant(lambda p: marfl.moshpit_schedule(p, rule, 2))(jnp.ones(16, bool))
+        schedule = self.variant(lambda p: marfl.moshpit_schedule(p, rule))(jnp.ones((2, 16), bool))
         ids = np.asarray(schedule)
         # Round 0: consecutive peers (same leading digit); round 1: same last digit.
         np.testing.assert_array_equal(ids[0], np.arange(16) // 4)
@@ -46,7 +46,7 @@ class GridScheduleTest(chex.TestCase, parameterized.TestCase):
     def test_absent_peers_are_excluded_and_keep_their_value(self):
         rule = marfl.authors_key_rule(27, 3, 3)
         present = jnp.asarray(np.arange(27) % 5 != 0)
-        schedule = marfl.moshpit_schedule(present, rule, 3)
+        schedule = marfl.moshpit_schedule(jnp.broadcast_to(present, (3,) + present.shape), rule)
         self.assertTrue(bool(jnp.all(schedule[:, ~present] == -1)))
         tree = _random_tree(27)
         mixed = mixing.mix(tree, schedule, rule.num_groups)
@@ -60,7 +60,7 @@ class BucketScheduleTest(chex.TestCase):
         rule = marfl.authors_key_rule(100, 4, 3)
         self.assertIsNone(rule.exact_rounds)
         self.assertEqual(rule.num_groups, 25)
-        schedule = marfl.moshpit_schedule(jnp.ones(100, bool), rule, 3)
+        schedule = marfl.moshpit_schedule(jnp.ones((3, 100), bool), rule)
         ratios = []
         for seed in range(5):
             tree = _random_tree(100, seed)
@@ -69,7 +69,7 @@ class BucketScheduleTest(chex.TestCase):
 
     def test_125_peers_uses_hard_coded_alphas(self):
         rule = marfl.authors_key_rule(125, 4, 3)
-        schedule = np.asarray(marfl.moshpit_schedule(jnp.ones(125, bool), rule, 3))
+        schedule = np.asarray(marfl.moshpit_schedule(jnp.ones((3, 125), bool), rule))
         np.testing.assert_array_equal(schedule[0], np.arange(125) // 4)
         rank = np.arange(125) % 4  # Round 0 groups are consecutive peers.
         np.testing.assert_array_equal(schedule[1], (np.arange(125) // 4 + 1 * rank) % 32)
@@ -81,7 +81,7 @@ class BucketScheduleTest(chex.TestCase):
 
     def test_single_peer(self):
         rule = marfl.authors_key_rule(1, 4, 3)
-        schedule = marfl.moshpit_schedule(jnp.ones(1, bool), rule, 3)
+        schedule = marfl.moshpit_schedule(jnp.ones((3, 1), bool), rule)
         tree = _random_tree(1)
         chex.assert_trees_all_close(mixing.mix(tree, schedule, rule.num_groups), tree)
 
@@ -97,8 +97,7 @@ class MixedRadixTest(chex.TestCase, parameterized.TestCase):
     def test_exact_global_mean_for_any_factorable_n(self, num_peers, num_rounds):
         radices = marfl.mixed_radix_factors(num_peers, num_rounds)
         rule = marfl.mixed_radix_key_rule(num_peers, radices)
-        schedule = marfl.moshpit_schedule(jnp.ones(num_peers, bool), rule,
-                                          max(1, rule.exact_rounds))
+        schedule = marfl.moshpit_schedule(jnp.ones((rule.exact_rounds, num_peers), bool), rule)
         tree = _random_tree(num_peers, seed=num_peers)
         mixed = mixing.mix(tree, schedule, rule.num_groups)
         expected = jax.tree.map(lambda x: jnp.broadcast_to(x.mean(0), x.shape), tree)
@@ -111,7 +110,7 @@ class MixedRadixTest(chex.TestCase, parameterized.TestCase):
     def test_churn_keeps_absent_peers_and_the_present_mean_on_average(self):
         rule = marfl.mixed_radix_key_rule(100, (4, 5, 5))
         present = jnp.asarray(np.arange(100) % 7 != 3)
-        schedule = marfl.moshpit_schedule(present, rule, 3)
+        schedule = marfl.moshpit_schedule(jnp.broadcast_to(present, (3,) + present.shape), rule)
         tree = _random_tree(100)
         mixed = mixing.mix(tree, schedule, rule.num_groups)
         chex.assert_trees_all_equal(mixed["w"][~present], tree["w"][~present])

@@ -1,8 +1,9 @@
 """Aggregation algorithms: each is a schedule of group assignments plus a wire-cost model.
 
-`Algorithm.schedule(present (N,) bool, key) -> (G, N) int32` gives the group ids (-1 = absent)
-of one iteration's mixing rounds (it runs inside jit); `Algorithm.wire` names the cost model in
-`marfl_jax.comm.WIRE_MODELS` that turns the resulting group sizes into exact bytes. Every
+`Algorithm.schedule(present (G, N) bool, key) -> (G, N) int32` gives the group ids
+(-1 = absent) of one iteration's mixing rounds from each round's present peers (inside jit);
+`Algorithm.wire` names the cost model in `marfl_jax.comm.WIRE_MODELS` that turns the resulting
+group sizes into exact bytes. Every
 algorithm averages the same state (weights and momentum), so all of them send
 `payloads_per_message = 2` model-sized tensors per message.
 
@@ -55,7 +56,7 @@ def make_algorithm(config) -> Algorithm:
         rounds = max(rounds, 1)
         return Algorithm(
             "marfl", rounds, rule.num_groups,
-            lambda present, _key: marfl.moshpit_schedule(present, rule, rounds),
+            lambda present, _key: marfl.moshpit_schedule(present, rule),
             config.wire, 2, exact=bool(rule.exact_rounds) and rounds >= rule.exact_rounds,
             description=description)
     if config.algorithm in ("fedavg", "arfl"):
@@ -63,12 +64,13 @@ def make_algorithm(config) -> Algorithm:
         return Algorithm(config.algorithm, 1, 1, lambda present, _key: baselines.one_group(present),
                          wire, 2, exact=True, description=f"one group of all peers, {wire}")
     if config.algorithm == "rdfl":
-        return Algorithm("rdfl", 1, n, lambda present, _key: baselines.ring_arcs(present),
+        return Algorithm("rdfl", 1, n,
+                         lambda present, _key: jax.vmap(baselines.ring_arcs)(present),
                          "allgather", 2, exact=True, description="ring relay")
     if config.algorithm == "gossip":
         rounds = config.rounds or 1
         return Algorithm("gossip", rounds, n // 2 + 1,
-                         lambda present, key: baselines.random_pairs(present, key, rounds),
+                         baselines.random_pairs,
                          "allgather", 2, exact=n <= 2, description="random pairs")
     raise ValueError(f"--algorithm={config.algorithm!r} is not allowed; choose one of: "
                      + ", ".join(ALGORITHMS))

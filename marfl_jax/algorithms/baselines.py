@@ -19,14 +19,14 @@ from marfl_jax import mixing
 
 
 def one_group(present: jax.Array) -> jax.Array:
-    """Every present peer in group 0. present (N,) bool -> (1, N) int32."""
-    return jnp.where(present, 0, mixing.ABSENT).astype(jnp.int32)[None]
+    """Every present peer in group 0. present (G, N) bool -> (G, N) int32."""
+    return jnp.where(present, 0, mixing.ABSENT).astype(jnp.int32)
 
 
 def ring_arcs(present: jax.Array) -> jax.Array:
     """Maximal runs of consecutive present peers on the ring 0..N-1 (wrapping around), numbered
     in order of their first peer; the run that wraps past N-1 joins the one at 0.
-    present (N,) bool -> (1, N) int32 arc ids, -1 for absent peers. With no absent peer: one arc.
+    present (N,) bool -> (N,) int32 arc ids, -1 for absent peers. With no absent peer: one arc.
     """
     previous = jnp.roll(present, 1)
     starts = present & ~previous  # Peers that follow an absent peer.
@@ -35,15 +35,15 @@ def ring_arcs(present: jax.Array) -> jax.Array:
     arc = jnp.cumsum(starts) - 1
     arc = jnp.where(arc < 0, num_arcs - 1, arc)
     arc = jnp.where(num_arcs == 0, 0, arc)  # Everyone present: a single closed ring.
-    return jnp.where(present, arc, mixing.ABSENT).astype(jnp.int32)[None]
+    return jnp.where(present, arc, mixing.ABSENT).astype(jnp.int32)
 
 
-def random_pairs(present: jax.Array, key: jax.Array, num_rounds: int) -> jax.Array:
+def random_pairs(present: jax.Array, key: jax.Array) -> jax.Array:
     """Gossip: each round pairs the present peers by a fresh random permutation; an odd peer out
-    keeps its value. present (N,) bool -> (G, N) int32 pair ids in [0, N//2 + 1)."""
-    num_peers = present.shape[0]
+    keeps its value. present (G, N) bool -> (G, N) int32 pair ids in [0, N//2 + 1)."""
+    num_peers = present.shape[1]
 
-    def one_round(round_key):
+    def one_round(present, round_key):
         # Present peers first, in random order; pair neighbours in that order.
         priority = jnp.where(present, jax.random.uniform(round_key, (num_peers,)), 2.0)
         order = jnp.argsort(priority)
@@ -51,4 +51,4 @@ def random_pairs(present: jax.Array, key: jax.Array, num_rounds: int) -> jax.Arr
         pair = position // 2
         return jnp.where(present, pair, mixing.ABSENT).astype(jnp.int32)
 
-    return jax.vmap(one_round)(jax.random.split(key, num_rounds))
+    return jax.vmap(one_round)(present, jax.random.split(key, present.shape[0]))

@@ -75,20 +75,20 @@ def _authors_alphas(num_peers, group_size, key_dim, num_buckets) -> tuple[int, .
     return (alpha,)
 
 
-def moshpit_schedule(present: jax.Array, rule: KeyRule, num_rounds: int) -> jax.Array:
+def moshpit_schedule(present: jax.Array, rule: KeyRule) -> jax.Array:
     """Group ids of every round of one iteration.
 
     Args:
-      present: (N,) bool, the peers taking part in this aggregation.
+      present: (G, N) bool, the peers taking part in each round (a peer absent from a round
+        neither averages nor counts in its group's chunk indices).
       rule: the key schedule.
-      num_rounds: G.
     Returns:
       (G, N) int32 group ids, -1 for absent peers.
     """
     keys = jnp.asarray(rule.initial_keys)
     rounds = []
-    for r in range(num_rounds):
-        ids = jnp.where(present, rule.group_of(keys, r), mixing.ABSENT).astype(jnp.int32)
+    for r in range(present.shape[0]):
+        ids = jnp.where(present[r], rule.group_of(keys, r), mixing.ABSENT).astype(jnp.int32)
         rounds.append(ids)
         keys = rule.next_key(keys, mixing.rank_in_group(ids, rule.num_groups), r)
     return jnp.stack(rounds)

@@ -12,6 +12,11 @@ Wire models (DESIGN.md section 1):
 * `butterfly`: reduce-scatter + all-gather inside each group: a group of g moves exactly
   2(g - 1) payloads in total, 2(g - 1)/g per member.
 * `star`: a server: each present peer uploads once and downloads once.
+
+Coordination metadata is reported apart from model payloads: MAR-FL peers announce their group
+key through a DHT, one small record per present peer per round (`DHT_RECORD_BYTES`, an assumed
+size: a key of up to 56 bytes such as "matchmake_<key>-<iteration>-<round>_<peer>" and an 8-byte
+value); the other algorithms form their groups without a DHT (`metadata_record_bytes = 0`).
 """
 
 from __future__ import annotations
@@ -86,6 +91,9 @@ def mean_group_size(sizes: np.ndarray) -> float:
     return float(np.mean(means)) if means else 0.0
 
 
+DHT_RECORD_BYTES = 64
+
+
 WIRE_MODELS = {"allgather": allgather_cost, "butterfly": butterfly_cost, "star": star_cost}
 
 
@@ -101,7 +109,9 @@ class Ledger:
     payload_bytes: int  # S: bytes of one model-sized payload.
     payloads_per_message: int
     wire: str = "allgather"
+    metadata_record_bytes: int = 0
     cumulative_bytes: int = 0
+    cumulative_metadata_bytes: int = 0
     cumulative_payloads: int = 0
     cumulative_messages: int = 0
 
@@ -111,6 +121,9 @@ class Ledger:
         self.cumulative_messages += cost.messages
         self.cumulative_payloads += cost.payloads
         self.cumulative_bytes += cost.bytes
+        metadata = int((np.asarray(sizes) > 0).sum()) * self.metadata_record_bytes
+        self.cumulative_metadata_bytes += metadata
         return {"bytes": cost.bytes, "cumulative_bytes": self.cumulative_bytes,
                 "payloads": cost.payloads, "messages": cost.messages,
-                "max_peer_bytes": cost.max_peer_bytes}
+                "max_peer_bytes": cost.max_peer_bytes, "metadata_bytes": metadata,
+                "cumulative_metadata_bytes": self.cumulative_metadata_bytes}

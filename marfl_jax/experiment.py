@@ -168,7 +168,9 @@ def run(config: Config, workdir: str | None = None) -> RunResult:
                        jax.random.fold_in(root_key, 0), churn_model)
     one_peer = jax.tree.map(lambda x: x[0], state.params)
     ledger = comm.Ledger(payload_bytes=comm.tree_bytes(one_peer),
-                         payloads_per_message=algorithm.payloads_per_message, wire=algorithm.wire)
+                         payloads_per_message=algorithm.payloads_per_message, wire=algorithm.wire,
+                         metadata_record_bytes=(comm.DHT_RECORD_BYTES
+                                                if algorithm.name == "marfl" else 0))
     logging.info("model %s: %d parameters, payload %d bytes; algorithm %s (%s): %d rounds",
                  config.model, models.count_params(one_peer), ledger.payload_bytes,
                  algorithm.name, algorithm.description, algorithm.num_rounds)
@@ -235,7 +237,8 @@ def run(config: Config, workdir: str | None = None) -> RunResult:
                 checkpoints.save(t, state, {
                     "iteration": t, "elapsed": time.time() - start,
                     "ledger": {k: getattr(ledger, k) for k in (
-                        "cumulative_bytes", "cumulative_payloads", "cumulative_messages")}})
+                        "cumulative_bytes", "cumulative_payloads", "cumulative_messages",
+                        "cumulative_metadata_bytes")}})
 
     evaluated = [r for r in metrics if "accuracy" in r]
     summary = {

@@ -1,14 +1,57 @@
 """Flax models of MAR-FL: the paper's MNIST CNN and an MLP.
 
-Convolutions: the CNN is vmapped over thousands of peers, each with its own kernels, and XLA:CPU
-lowers such a batched convolution slowly (DESIGN.md section 4: flax nn.Conv vmapped at ~4 % of
-the matmul peak). The default `conv_impl="gather"` writes each convolution as im2col x matmul,
-the im2col built by ONE XLA gather of contiguous (kh, kw*C) windows (its VJP a col2im of shifted
-adds), so the work is one large batched matmul per layer. `python -m benchmarks.conv_lowering
---num_peers=16 --batch_size=62 --repeats=3` measured, per vmapped SGD step against flax nn.Conv
-(median of interleaved repeats, machine shared with another job): gather 2.76x, shift_concat
-2.75x, fused 2.06x, lax 1.08x, shift_sum 0.96x, lax_patches 0.86x. Every formulation is tested
-against `lax.conv_general_dilated` in outputs and gradients, and all share one params tree.
+Every model is a plain flax.linen module: `params = model.init(key, x)`, `model.apply(params, x)`.
+The simulator stacks N peers' params on a leading peer axis and trains them with
+`jax.vmap(loss_and_grad)`, so what matters here is the speed of the *vmapped* step.
+
+Convolution formulation (`CNN.conv_impl`). All share one params tree -- conv kernels (3,3,Cin,Cout)
+HWIO and biases (Cout,), exactly as nn.Conv declares them, with the same initial values -- and all
+are tested against `lax.conv_general_dilated` and stock flax in outputs and gradients:
+
+  gather        (DEFAULT) im2col + one matmul. The 3x3xC patches of a whole batch are ONE XLA
+                gather of contiguous (3, 3*C) windows of the (H, W*C)-flattened input, which
+                XLA:CPU emits as a single loop fusion with the producer (conv1's bias + ReLU)
+                fused in; its VJP is a custom col2im (sum of 9 pads, one fusion) instead of a
+                scatter-add. conv1 (Cin=1) uses the same path (a K=9 matmul).
+  shift_concat  im2col by 9 shifted slices + concatenate, one matmul. XLA:CPU does not fuse the
+                concatenate with its operands: 9 slice fusions, then a copy.
+  shift_sum     9 accumulated matmuls with K=Cin (elementwise FMAs when Cin=1).
+  fused         conv1 folded into conv2's im2col: one K=25 matmul writes conv2's patches
+                directly (no col2im for conv1), at +35 % FLOPs; that skinny matmul is slow.
+  lax_patches   lax.conv_general_dilated_patches + matmul (the patches are a convolution too).
+  lax           lax.conv_general_dilated. Vmapped over peers with different kernels, jax's
+                batching rule folds the peer axis into the channels: ONE grouped convolution
+                (feature_group_count=N), which XLA:CPU runs at ~7 % of the matmul peak.
+  flax          nn.Conv layers (the same XLA grouped convolution), bias and ReLU before pooling.
+
+All but `flax` add conv2's bias and ReLU after pooling (exact: max(z+b) = max(z)+b, and ReLU is
+monotone), on a 4x smaller tensor. Pooling (`CNN.pool_impl`, default `first_max`) takes the max of
+the four strided sub-grids with a custom VJP that routes each window's gradient to its first
+maximum in one fused pass: the same gradient as nn.max_pool (XLA select_and_scatter), ties
+included -- MNIST's zero background makes ties common.
+
+Measured with benchmarks/conv_lowering.py (one jitted, vmapped SGD step: forward + backward +
+update, B=62 examples per peer, median of 5 interleaved repeats) on a 2-core AMD EPYC (Zen 4) VM
+with no GPU. float32 jnp.dot peak measured in the same runs: N16_PEAK / N64_PEAK GFLOP/s (not the
+420-490 that DESIGN.md quotes); model FLOPs: 72.0 MFLOP per training example.
+
+  conv_impl     N=16: s/step GFLOP/s %peak vs flax | N=64: s/step GFLOP/s %peak vs flax
+TABLE_ROWS
+
+`gather` is the default because it was the fastest at both N and in every configuration tried:
+with the allocator settings below (N=16: 0.91 s vs shift_concat 1.07 s vs flax 3.07 s), with
+`XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=dot` (which speeds nn.Conv 3x but not
+`gather`: 1.51 s vs flax 1.94 s), and under `lax.map` over chunks of 8 vmapped peers at N=64
+(gather 4.30 s, shift_concat 4.27 s -- a tie -- fused 5.81 s, flax 193 s: XLA's grouped
+convolution inside a loop is pathological, so never `lax.map` over peers with 'flax' or 'lax').
+
+Outside this module, two process-level settings matter as much as the lowering (measured with
+`gather`): (1) XLA:CPU maps a fresh temp arena (~1.7 GB at N=16) for every step, and the kernel
+zero-fills it again each time (~1 s of system CPU per step). Starting Python with
+GLIBC_TUNABLES=glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:
+glibc.malloc.trim_threshold=100000000000 (one string) keeps the heap mapped: 1.56 -> 0.91 s per
+step at N=16. (2) `lax.map` over chunks of 1-8 vmapped peers shrinks that arena: N=64
+7.0 -> 3.8-3.9 s per step.
 """
 
 from __future__ import annotations
@@ -275,9 +318,12 @@ class CNN(nn.Module):
             k1, b1 = ConvParams(32, name="conv1")(x.shape[-1])
             k2, b2 = ConvParams(64, name="conv2")(32)
             if self.conv_impl == "fused":
+                if x.shape[-1] != 1:
+                    raise ValueError(f"conv_impl='fused' needs 1 input channel; got {x.shape}")
                 # conv1 folded into conv2's im2col: one K=25 matmul writes conv2's patches.
-                p2 = nn.relu(jnp.dot(im2col_gather(x, 5, 5), _fused_conv1_matrix(k1)) +
-                             jnp.tile(b1, 9))
+                p2 = nn.relu(
+                    jnp.dot(im2col_gather(x, 5, 5), _fused_conv1_matrix(k1)) + jnp.tile(b1, 9)
+                )
                 z = jnp.dot(p2, k2.reshape(9 * 32, 64))
             else:
                 h = nn.relu(conv_valid(x, k1, self.conv_impl) + b1)

@@ -45,6 +45,15 @@ class WireModelTest(chex.TestCase, parameterized.TestCase):
         chunk = -(-CNN_BYTES // group_size)
         self.assertEqual(cost.max_peer_bytes, key_dim * 2 * (group_size - 1) * chunk * 2)
 
+    def test_metadata_is_one_record_per_present_peer_per_round(self):
+        ledger = comm.Ledger(payload_bytes=CNN_BYTES, payloads_per_message=2,
+                             metadata_record_bytes=comm.DHT_RECORD_BYTES)
+        row = ledger.record(np.array([[2, 2, 0, 1], [3, 3, 3, 0]]))
+        self.assertEqual(row["metadata_bytes"], 6 * comm.DHT_RECORD_BYTES)
+        self.assertEqual(row["bytes"], (1 + 1 + 0 + 0 + 2 + 2 + 2) * 2 * CNN_BYTES)  # Apart.
+        self.assertEqual(ledger.record(np.array([[2, 2]]))["cumulative_metadata_bytes"],
+                         8 * comm.DHT_RECORD_BYTES)
+
     def test_star(self):
         sizes = np.array([[5, 5, 0, 5, 5, 5]])
         cost = comm.star_cost(sizes, 10, 2)

@@ -30,6 +30,7 @@ def test_tiny_run_writes_outputs_and_exact_ledger(tmp_path):
     assert all(r["bytes"] == per_iteration for r in rows)
     assert rows[-1]["cumulative_bytes"] == 5 * per_iteration
     assert all(r["present_peers"] == 8 and r["mean_group_size"] == 2.0 for r in rows)
+    assert all(r["metadata_bytes"] == 8 * 3 * 64 for r in rows)  # DHT records, apart from bytes.
     # Evaluation at 0, 2, 4 (the last iteration); exact averaging: every peer holds one model.
     evaluated = [r for r in rows if "accuracy" in r]
     assert [r["iteration"] for r in evaluated] == [0, 2, 4]

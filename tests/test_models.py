@@ -302,7 +302,9 @@ def test_get_model_errors(name, kwargs, match):
 
 def test_bad_conv_impl_on_module_raises():
     with pytest.raises(ValueError, match="conv_impl"):
-        CNN(conv_impl="nope").init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+        jax.eval_shape(CNN(conv_impl="nope").init, jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+    with pytest.raises(ValueError, match="1 input channel"):
+        jax.eval_shape(CNN(conv_impl="fused").init, jax.random.key(0), jnp.zeros((1, 28, 28, 3)))
 
 
 def test_count_params_on_arrays_and_shapes():

@@ -17,7 +17,7 @@ are tested against `lax.conv_general_dilated` and stock flax in outputs and grad
                 concatenate with its operands: 9 slice fusions, then a copy.
   shift_sum     9 accumulated matmuls with K=Cin (elementwise FMAs when Cin=1).
   fused         conv1 folded into conv2's im2col: one K=25 matmul writes conv2's patches
-                directly (no col2im for conv1), at +35 % FLOPs; that skinny matmul is slow.
+                directly (no col2im for conv1), at +21 % FLOPs; that skinny matmul is slow.
   lax_patches   lax.conv_general_dilated_patches + matmul (the patches are a convolution too).
   lax           lax.conv_general_dilated. Vmapped over peers with different kernels, jax's
                 batching rule folds the peer axis into the channels: ONE grouped convolution
@@ -31,27 +31,39 @@ maximum in one fused pass: the same gradient as nn.max_pool (XLA select_and_scat
 included -- MNIST's zero background makes ties common.
 
 Measured with benchmarks/conv_lowering.py (one jitted, vmapped SGD step: forward + backward +
-update, B=62 examples per peer, median of 5 interleaved repeats) on a 2-core AMD EPYC (Zen 4) VM
-with no GPU. float32 jnp.dot peak measured in the same runs: N16_PEAK / N64_PEAK GFLOP/s (not the
-420-490 that DESIGN.md quotes); model FLOPs: 72.0 MFLOP per training example.
+update, B=62 examples per peer, interleaved repeats, median) on a 2-core AMD EPYC (Zen 4) VM with no
+GPU; float32 jnp.dot peak measured in the same runs: 196 (N=16) and 206 (N=64) GFLOP/s, not the
+420-490 that DESIGN.md quotes; model FLOPs: 72.0 MFLOP per training example.
+N=16: `--num_peers=16 --batch_size=62 --repeats=5`; N=64: `--num_peers=64 --repeats=3`, all impls.
 
-  conv_impl     N=16: s/step GFLOP/s %peak vs flax | N=64: s/step GFLOP/s %peak vs flax
-TABLE_ROWS
+  conv_impl       N=16: s/step  GFLOP/s  %peak  vs flax  |  N=64: s/step  GFLOP/s  %peak  vs flax
+  gather                1.43     49.9    25.4    3.67x   |        5.25     54.4    26.4    3.28x
+  shift_concat          1.51     47.3    24.1    3.47x   |        5.73     49.8    24.2    3.01x
+  fused                 2.05     34.8    17.7    2.56x   |        8.18     34.9    17.0    2.11x
+  lax                   4.73     15.1     7.7    1.11x   |       15.99     17.9     8.7    1.08x
+  lax_patches           4.68     15.3     7.8    1.12x   |       18.75     15.2     7.4    0.92x
+  flax                  5.25     13.6     6.9    1.00x   |       17.25     16.6     8.0    1.00x
+  shift_sum             5.45     13.1     6.7    0.96x   |       22.45     12.7     6.2    0.77x
+  stock flax (nn.Conv + nn.max_pool): N=64 20.88 s (0.83x); N=16 within noise of `flax`.
 
-`gather` is the default because it was the fastest at both N and in every configuration tried:
-with the allocator settings below (N=16: 0.91 s vs shift_concat 1.07 s vs flax 3.07 s), with
-`XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=dot` (which speeds nn.Conv 3x but not
-`gather`: 1.51 s vs flax 1.94 s), and under `lax.map` over chunks of 8 vmapped peers at N=64
-(gather 4.30 s, shift_concat 4.27 s -- a tie -- fused 5.81 s, flax 193 s: XLA's grouped
-convolution inside a loop is pathological, so never `lax.map` over peers with 'flax' or 'lax').
+Run-to-run spread on this shared VM is about +-15 % (gather at N=16: 1.21-1.56 s over runs);
+ratios within one run are steadier. `gather` is the default because it was the fastest, or tied,
+in every configuration measured. gather vs shift_concat in s/step at N=64: plain vmap 5.03 vs
+5.00 (a tie in that run), with the allocator settings below 2.94 vs 3.30, under `lax.map` over
+chunks of 8 vmapped peers 3.53 vs 4.29, both 3.01 vs 3.32; at N=16 with the allocator settings
+0.91 vs 1.07 (flax 3.07). `XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=dot` speeds nn.Conv
+3x (N=16: 1.94 s) but not gather (1.51 s). XLA's grouped convolution inside a loop is
+pathological (flax under `lax.map` over chunks of 8 peers at N=64: 193 s/step), so never
+`lax.map` over peers with conv_impl 'flax' or 'lax'.
 
-Outside this module, two process-level settings matter as much as the lowering (measured with
-`gather`): (1) XLA:CPU maps a fresh temp arena (~1.7 GB at N=16) for every step, and the kernel
-zero-fills it again each time (~1 s of system CPU per step). Starting Python with
+Outside this module, two process-level settings matter as much as the lowering (with `gather`):
+(1) XLA:CPU maps a fresh temp arena (~1.7 GB at N=16) for every step and the kernel zero-fills it
+again each time (~1 s of system CPU per step at N=16). Starting Python with
 GLIBC_TUNABLES=glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:
-glibc.malloc.trim_threshold=100000000000 (one string) keeps the heap mapped: 1.56 -> 0.91 s per
-step at N=16. (2) `lax.map` over chunks of 1-8 vmapped peers shrinks that arena: N=64
-7.0 -> 3.8-3.9 s per step.
+glibc.malloc.trim_threshold=100000000000 (one string) keeps the heap mapped: N=16 1.56 -> 0.91 s,
+N=64 5.03 -> 2.94 s per step (97 GFLOP/s, 49 % of peak). (2) Without (1), `lax.map` over chunks
+of vmapped peers shrinks that arena: N=64 5.03 -> 3.53 s with chunks of 8 (chunks of 1, 2, 4 or 8
+all gave 3.6-4.0 s in another run; 16 gave 4.6 s); with (1) as well: 3.01 s, no further gain.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
     python -m launch.compare                     # scaling study: N in {16,64,125,256,1024}
     python -m launch.compare --study=churn       # churn study: N=64, dropout 0 / 0.1 / 0.2 / 0.5
     python -m launch.compare --num_peers=16,64 --algorithms=marfl,arfl --workdir=runs/small
+    python -m launch.compare --study=mkd         # MKD study: N=64 CNN, no MKD vs rho 0.4 / 1.0
 
 * `scaling`: every algorithm at every N (MLP on the embedded MNIST by default) until
   `--target_accuracy` or `--max_iterations`; writes `scaling.csv` and `bytes_per_iteration.png`
@@ -10,8 +11,13 @@
   N = M^d (the paper's N=125 is 5x5x5), else on the exact mixed-radix schedule.
 * `churn`: MAR-FL, FedAvg and RDFL at N=64 for each `--dropouts` value; writes `churn.csv` and
   `churn.png` (final accuracy and bytes to the target against dropout).
-Runs already finished in their workdirs are reused, so an interrupted sweep picks up where it
-stopped.
+* `mkd`: MAR-FL at N=64 with the paper's CNN on the default run's settings (b=4, B=16,
+  evaluation every iteration, target 95 %), without MKD and with MKD for `--mkd_iterations`
+  iterations at each `--mkd_fractions` rho; writes `mkd.csv` (iterations and bytes to 50 % and
+  to the target) and `mkd.png` (accuracy against cumulative bytes).
+Flags the user does not set take each study's defaults (the `mkd` study's differ; see
+`STUDY_DEFAULTS`). Runs already finished in their workdirs are reused, so an interrupted sweep
+picks up where it stopped.
 """
 
 from __future__ import annotations
@@ -24,12 +30,14 @@ from absl import app, flags, logging
 
 from marfl_jax.config import Config, ConfigError
 
-flags.DEFINE_enum("study", "scaling", ["scaling", "churn"], "Which sweep.")
+flags.DEFINE_enum("study", "scaling", ["scaling", "churn", "mkd"], "Which sweep.")
 flags.DEFINE_list("num_peers", ["16", "64", "125", "256", "1024"], "Scaling: peer counts N.")
 flags.DEFINE_list("dropouts", ["0", "0.1", "0.2", "0.5"], "Churn: dropout probabilities.")
 flags.DEFINE_list("algorithms", None, "Algorithms (default: all five for scaling; marfl, "
                   "fedavg, rdfl for churn).")
-flags.DEFINE_integer("churn_peers", 64, "Churn: N.")
+flags.DEFINE_integer("churn_peers", 64, "Churn and MKD: N.")
+flags.DEFINE_list("mkd_fractions", ["0.4", "1.0"], "MKD: teacher fractions rho.")
+flags.DEFINE_integer("mkd_iterations", 8, "MKD: K, the iterations that distil.")
 flags.DEFINE_string("model", "mlp", "Model (cnn | mlp).")
 flags.DEFINE_string("dataset", "mnist10k", "Dataset.")
 flags.DEFINE_string("data_dir", "", "Data folder (see launch.train).")
@@ -42,9 +50,16 @@ flags.DEFINE_integer("seed", 0, "Seed.")
 flags.DEFINE_string("workdir", None, "Output folder (default runs/<study>).")
 FLAGS = flags.FLAGS
 
+# Where a study's defaults differ from the flags' (used unless the flag is given).
+STUDY_DEFAULTS = {"mkd": dict(model="cnn", target_accuracy=0.95, local_batches=4, eval_every=1,
+                              max_iterations=60)}
+
 
 def main(argv):
     del argv
+    for name, value in STUDY_DEFAULTS.get(FLAGS.study, {}).items():
+        if not FLAGS[name].present:
+            FLAGS[name].value = value
     workdir = FLAGS.workdir or os.path.join("runs", FLAGS.study)
     base = Config(model=FLAGS.model, dataset=FLAGS.dataset, data_dir=FLAGS.data_dir,
                   target_accuracy=FLAGS.target_accuracy, max_iterations=FLAGS.max_iterations,
@@ -57,10 +72,16 @@ def main(argv):
         if FLAGS.study == "scaling":
             names = FLAGS.algorithms or ["marfl", "fedavg", "arfl", "rdfl", "gossip"]
             configs = studies.scaling_configs(base, [int(n) for n in FLAGS.num_peers], names)
-        else:
+        elif FLAGS.study == "churn":
             names = FLAGS.algorithms or ["marfl", "fedavg", "rdfl"]
             base = dataclasses.replace(base, num_peers=FLAGS.churn_peers)
             configs = studies.churn_configs(base, [float(p) for p in FLAGS.dropouts], names)
+        else:
+            m, d, schedule = studies.moshpit_grid(FLAGS.churn_peers)
+            base = dataclasses.replace(base, num_peers=FLAGS.churn_peers, group_size=m,
+                                       key_dim=d, schedule=schedule)
+            configs = studies.mkd_configs(base, [float(r) for r in FLAGS.mkd_fractions],
+                                          FLAGS.mkd_iterations)
     except (ConfigError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
@@ -74,6 +95,26 @@ def main(argv):
               f"{row['final_accuracy']:.4f}, to target: {row['iterations_to_target'] or '-'} "
               f"iterations, {row['bytes_to_target'] or '-'} B ({row['wall_seconds']:.0f} s)",
               flush=True)
+
+    if FLAGS.study == "mkd":
+        curves = {}
+
+        def report_mkd(row):
+            print(f"{row['run']:>12}: to 50 %: {row['iterations_to_50'] or '-'} iterations, "
+                  f"{row['bytes_to_50'] or '-'} B; to target: "
+                  f"{row['iterations_to_target'] or '-'} iterations, "
+                  f"{row['bytes_to_target'] or '-'} B; final accuracy "
+                  f"{row['final_accuracy']:.4f} ({row['wall_seconds']:.0f} s)", flush=True)
+
+        rows = studies.run_study(
+            configs, on_row=report_mkd, make_row=studies.mkd_row,
+            on_result=lambda c, r: curves.update({os.path.basename(c.workdir): r.metrics}))
+        csv_path = os.path.join(workdir, "mkd.csv")
+        studies.write_csv(rows, csv_path, studies.MKD_FIELDS)
+        plot_path = os.path.join(workdir, "mkd.png")
+        plotting.plot_accuracy_vs_bytes(curves, plot_path, (0.5, FLAGS.target_accuracy))
+        print(f"wrote {csv_path} and {plot_path}")
+        return
 
     rows = studies.run_study(configs, on_row=report)
     csv_path = os.path.join(workdir, f"{FLAGS.study}.csv")

@@ -13,6 +13,11 @@ Wire models (DESIGN.md section 1):
   2(g - 1) payloads in total, 2(g - 1)/g per member.
 * `star`: a server: each present peer uploads once and downloads once.
 
+MKD (`marfl_jax.mkd`) adds, in its iterations, a pass over the same groups in which members
+receive each other's weights only: (|g| - 1) single-payload messages per member per round, whatever
+the averaging's wire model (distillation needs every mate's whole model). With the allgather model
+a KD iteration costs 3/2 of a plain one: N*G*(M - 1)*3S at full participation.
+
 Coordination metadata is reported apart from model payloads: MAR-FL peers announce their group
 key through a DHT, one small record per present peer per round (`DHT_RECORD_BYTES`, an assumed
 size: a key of up to 56 bytes such as "matchmake_<key>-<iteration>-<round>_<peer>" and an 8-byte
@@ -115,15 +120,22 @@ class Ledger:
     cumulative_payloads: int = 0
     cumulative_messages: int = 0
 
-    def record(self, sizes: np.ndarray) -> dict[str, int]:
-        """sizes: (G, N) member group sizes of one iteration."""
+    def record(self, sizes: np.ndarray, distilled: bool = False) -> dict[str, int]:
+        """sizes: (G, N) member group sizes of one iteration; distilled: an MKD iteration, whose
+        weight exchange over the same groups is added (and reported as `mkd_bytes`)."""
         cost = WIRE_MODELS[self.wire](sizes, self.payload_bytes, self.payloads_per_message)
-        self.cumulative_messages += cost.messages
-        self.cumulative_payloads += cost.payloads
-        self.cumulative_bytes += cost.bytes
+        extra = allgather_cost(sizes, self.payload_bytes, 1) if distilled else WireCost(0, 0, 0, 0)
+        total = int(cost.bytes) + int(extra.bytes)
+        self.cumulative_messages += cost.messages + extra.messages
+        self.cumulative_payloads += cost.payloads + extra.payloads
+        self.cumulative_bytes += total
         metadata = int((np.asarray(sizes) > 0).sum()) * self.metadata_record_bytes
         self.cumulative_metadata_bytes += metadata
-        return {"bytes": cost.bytes, "cumulative_bytes": self.cumulative_bytes,
-                "payloads": cost.payloads, "messages": cost.messages,
-                "max_peer_bytes": cost.max_peer_bytes, "metadata_bytes": metadata,
+        return {"bytes": total, "cumulative_bytes": self.cumulative_bytes,
+                "payloads": cost.payloads + extra.payloads,
+                "messages": cost.messages + extra.messages,
+                # The busiest peer of each exchange: the same peer under allgather (exact), an
+                # upper bound under butterfly.
+                "max_peer_bytes": cost.max_peer_bytes + extra.max_peer_bytes,
+                "mkd_bytes": int(extra.bytes), "metadata_bytes": metadata,
                 "cumulative_metadata_bytes": self.cumulative_metadata_bytes}

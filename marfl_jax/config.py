@@ -73,6 +73,17 @@ class Config:
         AVAILABILITY_MODELS)
     mean_on_iterations: float = _field(10.0, "Markov availability: mean on-time (>= 1).")
     mean_off_iterations: float = _field(2.0, "Markov availability: mean off-time (>= 1).")
+    # Moshpit Knowledge Distillation (DESIGN.md section 3, "MKD"; marfl_jax/mkd.py).
+    mkd: bool = _field(False, "MAR-FL only: in the first --mkd_iterations iterations, distil "
+                       "from group mates' predictions before averaging (weights cost 1 extra "
+                       "payload per message).")
+    mkd_iterations: int = _field(40, "K: MKD runs in iterations t < K, with lambda = 1 - t/K.")
+    mkd_temperature: float = _field(3.0, "tau: softmax temperature of the distillation.")
+    mkd_teacher_fraction: float = _field(
+        0.4, "rho: keep the max(1, floor(rho * candidates)) lowest-KL mates (1.0 = all).")
+    mkd_batches: int = _field(8, "Distillation mini-batches (of --batch_size) per round.")
+    mkd_no_blending: bool = _field(
+        False, "The authors' 'no blending' mode: loss = tau^2 * KL + CE, no lambda schedule.")
     # Evaluation and stopping.
     eval_every: int = _field(5, "Evaluate every k iterations (from iteration 0).")
     eval_peers: str = _field(
@@ -123,6 +134,15 @@ class Config:
                "a number in (0, 1]")
         _check(self.max_iterations >= 1, "max_iterations", self.max_iterations, "an integer >= 1")
         _check(bool(self.workdir), "workdir", self.workdir, "a non-empty path")
+        _check(self.mkd_iterations >= 1, "mkd_iterations", self.mkd_iterations,
+               "an integer >= 1")
+        _check(self.mkd_temperature > 0, "mkd_temperature", self.mkd_temperature, "a number > 0")
+        _check(0 < self.mkd_teacher_fraction <= 1, "mkd_teacher_fraction",
+               self.mkd_teacher_fraction, "a number in (0, 1]")
+        _check(self.mkd_batches >= 1, "mkd_batches", self.mkd_batches, "an integer >= 1")
+        if self.mkd and self.algorithm != "marfl":
+            raise ConfigError(f"--mkd is not allowed with --algorithm={self.algorithm}; "
+                              "MKD distils within MAR-FL's groups: use --algorithm=marfl")
         if self.conv_impl:
             from marfl_jax import models  # Deferred: models imports jax.
             allowed = models.CONV_IMPLS
@@ -136,6 +156,16 @@ class Config:
         return churn.ChurnModel(self.update_fraction, self.aggregate_fraction, self.dropout,
                                 self.dropout_timing, self.availability, self.mean_on_iterations,
                                 self.mean_off_iterations)
+
+    def distillation(self):
+        """MKD's settings, or None when --mkd is off."""
+        if not self.mkd:
+            return None
+        from marfl_jax import mkd  # Deferred: mkd imports jax.
+
+        return mkd.Distillation(self.mkd_iterations, self.mkd_temperature,
+                                self.mkd_teacher_fraction, self.mkd_batches,
+                                blend=not self.mkd_no_blending)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)

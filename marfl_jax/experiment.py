@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from marfl_jax import algorithms, churn, comm, local, mixing, models
+from marfl_jax import algorithms, churn, comm, local, mixing, mkd, models
 from marfl_jax import data as data_lib
 from marfl_jax.config import Config, ConfigError
 
@@ -53,19 +53,23 @@ class RunResult(NamedTuple):
     metrics: list[dict]
 
 
-def fl_iteration(state: FLState, key: jax.Array, data: DeviceData, *, algorithm,
+def fl_iteration(state: FLState, key: jax.Array, data: DeviceData,
+                 distill_weight: jax.Array | None = None, *, algorithm,
                  churn_model: churn.ChurnModel, apply_fn, optimizer, local_batches: int,
-                 batch_size: int):
-    """One FL iteration for all peers: participation, local SGD, the algorithm's mixing rounds.
+                 batch_size: int, distillation: mkd.Distillation | None = None):
+    """One FL iteration for all peers: participation, local SGD, (MKD,) the mixing rounds.
 
     Args:
       state: FLState with peer axis N.
       key: this iteration's PRNG key.
       data: DeviceData.
+      distill_weight: None for a plain iteration; in an MKD iteration, lambda (a scalar), and
+        `distillation` gives MKD's settings.
     Returns:
       (new state, info): info holds `member_sizes` (G, N) int32 (each peer's group size per
       round, 0 = absent), `present` (N,) bool (took part in any round), and scalars
-      `updating_peers`, `train_loss`, `consensus_before`, `consensus_after`.
+      `updating_peers`, `train_loss`, `consensus_before`, `consensus_after`; MKD iterations add
+      `distilled_peers`, `distill_teachers`, `distill_kl`, `distill_loss` (means over rounds).
     """
     num_peers = data.counts.shape[0]
     sample_key, mixing_key, churn_key, availability_key = jax.random.split(key, 4)
@@ -86,12 +90,20 @@ def fl_iteration(state: FLState, key: jax.Array, data: DeviceData, *, algorithm,
         state.params, state.opt_state, images, labels, updating, apply_fn=apply_fn,
         optimizer=optimizer)
 
+    # -- MKD: a pass over this iteration's groups distilling from mates' weights (t < K).
+    schedule = algorithm.schedule(part.present, mixing_key)
+    distill_info = {}
+    if distill_weight is not None:
+        params, opt_state, distill_info = _distill_rounds(
+            params, opt_state, schedule, jax.random.fold_in(key, 5), data, distill_weight,
+            distillation=distillation, algorithm=algorithm, apply_fn=apply_fn,
+            optimizer=optimizer, batch_size=batch_size)
+
     # -- Aggregation: weights and momentum averaged over the same groups, round by round.
     consensus_before = mixing.consensus_distance(params, present)
-    schedule = algorithm.schedule(part.present, mixing_key)
     params, opt_state = mixing.mix((params, opt_state), schedule, algorithm.num_groups)
 
-    info = {
+    info = {**distill_info,
         "member_sizes": comm.member_sizes(schedule, algorithm.num_groups),
         "present": present,
         "updating_peers": updating.sum(),
@@ -100,6 +112,41 @@ def fl_iteration(state: FLState, key: jax.Array, data: DeviceData, *, algorithm,
         "consensus_after": mixing.consensus_distance(params, present),
     }
     return FLState(params, opt_state, available), info
+
+
+def _distill_rounds(params, opt_state, schedule, key, data: DeviceData, weight, *, distillation,
+                    algorithm, apply_fn, optimizer, batch_size):
+    """MKD over the rounds of `schedule` (G, N); each round draws fresh distillation batches from
+    every peer's data (the authors re-shuffle their loader on each call). Peers without data
+    still teach but do not learn."""
+    num_peers = data.counts.shape[0]
+    if algorithm.max_group_size < 2:  # Nobody ever has a mate.
+        zero = jnp.float32(0.0)
+        return params, opt_state, {"distilled_peers": zero, "distill_teachers": zero,
+                                   "distill_kl": zero, "distill_loss": zero}
+    stats = []
+    for r, group_ids in enumerate(schedule):
+        peer_keys = jax.random.split(jax.random.fold_in(key, r), num_peers)
+        index = data_lib.sample_peer_batches(peer_keys, data.table, data.counts,
+                                             distillation.batches, batch_size)
+        params, opt_state, round_stats = mkd.distill_round(
+            params, opt_state, group_ids, data_lib.preprocess_images(data.x_train[index]),
+            data.y_train[index], weight, distillation=distillation,
+            num_groups=algorithm.num_groups, max_mates=algorithm.max_group_size - 1,
+            apply_fn=apply_fn, optimizer=optimizer, learners=data.counts > 0)
+        stats.append(round_stats)
+    distilled = jnp.stack([s.distilled for s in stats])  # (G, N)
+    count = jnp.maximum(distilled.sum(), 1)
+
+    def mean_over_distilled(values):
+        return jnp.where(distilled, jnp.stack(values), 0).sum() / count
+
+    return params, opt_state, {
+        "distilled_peers": distilled.sum(axis=1).mean(),
+        "distill_teachers": mean_over_distilled([s.teachers for s in stats]),
+        "distill_kl": mean_over_distilled([s.teacher_kl for s in stats]),
+        "distill_loss": mean_over_distilled([s.loss for s in stats]),
+    }
 
 
 def init_state(model, optimizer, sample_input: jax.Array, num_peers: int, key,
@@ -163,6 +210,7 @@ def run(config: Config, workdir: str | None = None) -> RunResult:
     optimizer = local.momentum_sgd(config.learning_rate, config.momentum)
     algorithm = algorithms.make_algorithm(config)
     churn_model = config.churn_model()
+    distillation = config.distillation()
     root_key = jax.random.key(config.seed)
     state = init_state(model, optimizer, test_images[:1], config.num_peers,
                        jax.random.fold_in(root_key, 0), churn_model)
@@ -177,8 +225,8 @@ def run(config: Config, workdir: str | None = None) -> RunResult:
 
     step = jax.jit(functools.partial(
         fl_iteration, algorithm=algorithm, churn_model=churn_model, apply_fn=apply_fn,
-        optimizer=optimizer, local_batches=config.local_batches, batch_size=config.batch_size),
-        donate_argnums=0)
+        optimizer=optimizer, local_batches=config.local_batches, batch_size=config.batch_size,
+        distillation=distillation), donate_argnums=0)
     evaluate = jax.jit(functools.partial(local.evaluate_peers, apply_fn=apply_fn))
 
     # -- Resume from the last checkpoint, if any.
@@ -206,16 +254,26 @@ def run(config: Config, workdir: str | None = None) -> RunResult:
             metrics_file.write(json.dumps(row) + "\n")
         t = first_iteration
         while reached_at is None and t < config.max_iterations:
-            state, info = step(state, jax.random.fold_in(iteration_key, t), data)
+            distilling = distillation is not None and distillation.active(t)
+            weight = (jnp.float32(distillation.weight(t)),) if distilling else ()
+            state, info = step(state, jax.random.fold_in(iteration_key, t), data, *weight)
             sizes = np.asarray(info["member_sizes"])
             present = np.asarray(info["present"])
-            row = {"iteration": t, **ledger.record(sizes)}
+            if distilling and sizes.max(initial=0) > algorithm.max_group_size:
+                raise RuntimeError(f"a group of {sizes.max()} peers exceeds the bound of "
+                                   f"{algorithm.max_group_size} that MKD's mates table assumed")
+            row = {"iteration": t, **ledger.record(sizes, distilled=distilling)}
             row.update(present_peers=int(present.sum()),
                        updating_peers=int(info["updating_peers"]),
                        mean_group_size=comm.mean_group_size(sizes),
                        train_loss=float(info["train_loss"]),
                        consensus_before=float(info["consensus_before"]),
                        consensus_after=float(info["consensus_after"]))
+            if distilling:
+                row["distill_weight"] = (1.0 if not distillation.blend
+                                         else distillation.weight(t))
+                row.update({name: float(info[name]) for name in (
+                    "distilled_peers", "distill_teachers", "distill_kl", "distill_loss")})
             if row["present_peers"] == 0 and row["updating_peers"] == 0:
                 logging.info("iteration %d: no peer present; nothing trained or exchanged", t)
             if t % config.eval_every == 0 or t == config.max_iterations - 1:

@@ -61,3 +61,23 @@ def plot_churn(rows: Sequence[dict], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_accuracy_vs_bytes(curves: dict[str, Sequence[dict]], path: str,
+                           thresholds: Sequence[float] = (0.5, 0.95)) -> None:
+    """Test accuracy against cumulative bytes, one line per run, with horizontal guides at the
+    `thresholds`. curves: label -> metrics rows (evaluated rows carry `accuracy`)."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    for label, rows in curves.items():
+        evaluated = [r for r in rows if "accuracy" in r]
+        ax.plot([r["cumulative_bytes"] for r in evaluated], [r["accuracy"] for r in evaluated],
+                marker=".", label=label)
+    for level in thresholds:
+        ax.axhline(level, color="k", lw=0.6, ls=":")
+    ax.set(xscale="log", xlabel="cumulative bytes", ylabel="test accuracy",
+           title="Accuracy against communication")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,4 +1,4 @@
-"""Sweeps over configs that share data, model and ledger: the scaling and churn studies.
+"""Sweeps over configs that share data, model and ledger: the scaling, churn and MKD studies.
 
 A study is a list of Configs (each with its own workdir) and one row of results per run.
 `run_study` reuses runs already finished in their workdirs (`experiment.run` resumes or returns
@@ -55,6 +55,50 @@ def churn_configs(base: Config, dropouts: Iterable[float],
         for name in algorithm_names for p in dropouts]
 
 
+MKD_FIELDS = ("run", "mkd", "mkd_teacher_fraction", "mkd_iterations", "iterations",
+              "iterations_to_50", "bytes_to_50", "iterations_to_target", "bytes_to_target",
+              "mkd_bytes", "final_accuracy", "best_accuracy", "wall_seconds")
+
+
+def mkd_configs(base: Config, teacher_fractions: Iterable[float],
+                mkd_iterations: int) -> list[Config]:
+    """MAR-FL without MKD (workdir `no_mkd`) and with MKD at each teacher fraction rho
+    (`mkd_rho{rho}`), everything else as in `base`."""
+    configs = [dataclasses.replace(base, algorithm="marfl", mkd=False,
+                                   workdir=os.path.join(base.workdir, "no_mkd"))]
+    for rho in teacher_fractions:
+        configs.append(dataclasses.replace(
+            base, algorithm="marfl", mkd=True, mkd_teacher_fraction=rho,
+            mkd_iterations=mkd_iterations, workdir=os.path.join(base.workdir, f"mkd_rho{rho:g}")))
+    return [c.validate() for c in configs]
+
+
+def first_reaching(metrics: Sequence[dict], accuracy: float) -> dict | None:
+    """The first evaluated row with accuracy >= `accuracy`, or None."""
+    return next((r for r in metrics if r.get("accuracy", -1.0) >= accuracy), None)
+
+
+def mkd_row(config: Config, result: experiment.RunResult) -> dict:
+    """Bytes and iterations to 50 % and to the target accuracy (iterations counted as done)."""
+    summary, metrics = result
+    half, target = first_reaching(metrics, 0.5), first_reaching(metrics, config.target_accuracy)
+    return {
+        "run": os.path.basename(config.workdir),
+        "mkd": config.mkd,
+        "mkd_teacher_fraction": config.mkd_teacher_fraction if config.mkd else "",
+        "mkd_iterations": config.mkd_iterations if config.mkd else "",
+        "iterations": summary["iterations"],
+        "iterations_to_50": "" if half is None else half["iteration"] + 1,
+        "bytes_to_50": "" if half is None else half["cumulative_bytes"],
+        "iterations_to_target": "" if target is None else target["iteration"] + 1,
+        "bytes_to_target": "" if target is None else target["cumulative_bytes"],
+        "mkd_bytes": sum(r.get("mkd_bytes", 0) for r in metrics),
+        "final_accuracy": summary["final_accuracy"],
+        "best_accuracy": summary["best_accuracy"],
+        "wall_seconds": summary["wall_seconds"],
+    }
+
+
 def result_row(config: Config, result: experiment.RunResult) -> dict:
     summary, metrics = result
     reached = summary["iteration_reached_target"]
@@ -77,18 +121,23 @@ def result_row(config: Config, result: experiment.RunResult) -> dict:
     }
 
 
-def run_study(configs: Sequence[Config], on_row=None) -> list[dict]:
-    """Runs (or reuses) every config; calls on_row(row) as each finishes."""
+def run_study(configs: Sequence[Config], on_row=None, make_row=result_row,
+              on_result=None) -> list[dict]:
+    """Runs (or reuses) every config; `make_row(config, result)` makes its row, and
+    on_row(row) / on_result(config, result) are called as each finishes."""
     rows = []
     for config in configs:
-        rows.append(result_row(config, experiment.run(config)))
+        result = experiment.run(config)
+        rows.append(make_row(config, result))
+        if on_result is not None:
+            on_result(config, result)
         if on_row is not None:
             on_row(rows[-1])
     return rows
 
 
-def write_csv(rows: Sequence[dict], path: str) -> None:
+def write_csv(rows: Sequence[dict], path: str, fields: Sequence[str] = ROW_FIELDS) -> None:
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=ROW_FIELDS)
+        writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)

@@ -23,6 +23,8 @@ def _train(*args, timeout=120):
     ("--num_peers=0", "--num_peers=0 is not allowed; it must be an integer >= 1"),
     ("--algorithm=sgd", "--algorithm='sgd' is not allowed; choose one of: marfl, fedavg"),
     ("--partition=random", "choose one of: iid, iid_shuffled, dirichlet"),
+    ("--mkd_teacher_fraction=1.5", "--mkd_teacher_fraction=1.5 is not allowed; it must be a "
+     "number in (0, 1]"),
 ])
 def test_bad_flag_is_one_clear_line(flag, expected, tmp_path):
     result = _train(flag, f"--workdir={tmp_path}")

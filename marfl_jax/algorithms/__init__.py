@@ -37,6 +37,7 @@ class Algorithm(NamedTuple):
     payloads_per_message: int
     exact: bool  # Full participation ends every iteration at the exact global mean.
     description: str
+    max_group_size: int  # No group of any round has more members (under churn as drawn).
 
 
 def make_algorithm(config) -> Algorithm:
@@ -58,19 +59,21 @@ def make_algorithm(config) -> Algorithm:
             "marfl", rounds, rule.num_groups,
             lambda present, _key: marfl.moshpit_schedule(present, rule),
             config.wire, 2, exact=bool(rule.exact_rounds) and rounds >= rule.exact_rounds,
-            description=description)
+            description=description, max_group_size=min(n, rule.max_group_size or n))
     if config.algorithm in ("fedavg", "arfl"):
         wire = "star" if config.algorithm == "fedavg" else "allgather"
         return Algorithm(config.algorithm, 1, 1, lambda present, _key: baselines.one_group(present),
-                         wire, 2, exact=True, description=f"one group of all peers, {wire}")
+                         wire, 2, exact=True, description=f"one group of all peers, {wire}",
+                         max_group_size=n)
     if config.algorithm == "rdfl":
         return Algorithm("rdfl", 1, n,
                          lambda present, _key: jax.vmap(baselines.ring_arcs)(present),
-                         "allgather", 2, exact=True, description="ring relay")
+                         "allgather", 2, exact=True, description="ring relay", max_group_size=n)
     if config.algorithm == "gossip":
         rounds = config.rounds or 1
         return Algorithm("gossip", rounds, n // 2 + 1,
                          baselines.random_pairs,
-                         "allgather", 2, exact=n <= 2, description="random pairs")
+                         "allgather", 2, exact=n <= 2, description="random pairs",
+                         max_group_size=min(n, 2))
     raise ValueError(f"--algorithm={config.algorithm!r} is not allowed; choose one of: "
                      + ", ".join(ALGORITHMS))

@@ -42,6 +42,9 @@ class KeyRule(NamedTuple):
     next_key: Callable[[jax.Array, jax.Array, int], jax.Array]
     exact_rounds: int | None  # Rounds after which full participation gives the exact mean.
     group_of: Callable[[jax.Array, int], jax.Array] = lambda keys, _round: keys
+    # A bound on any group's size whenever a peer that leaves an iteration's rounds does not
+    # return before the next iteration (as churn.py draws it); None = no bound but N.
+    max_group_size: int | None = None
 
 
 def authors_key_rule(num_peers: int, group_size: int, key_dim: int) -> KeyRule:
@@ -53,7 +56,10 @@ def authors_key_rule(num_peers: int, group_size: int, key_dim: int) -> KeyRule:
         def next_grid_key(keys, chunk, _round):
             return (keys * group_size + chunk) % num_groups
 
-        return KeyRule(num_groups, initial, next_grid_key, exact_rounds=key_dim)
+        # A group of round r + 1 draws at most one member (the one of rank c) from each of the M
+        # groups whose keys differ only in the digit shifted out, so no group exceeds M.
+        return KeyRule(num_groups, initial, next_grid_key, exact_rounds=key_dim,
+                       max_group_size=group_size)
 
     num_buckets = math.ceil(num_peers / group_size)
     alphas = _authors_alphas(num_peers, group_size, key_dim, num_buckets)
@@ -61,8 +67,13 @@ def authors_key_rule(num_peers: int, group_size: int, key_dim: int) -> KeyRule:
     def next_bucket(keys, chunk, round_index):
         return (keys + alphas[round_index % len(alphas)] * chunk) % num_buckets
 
+    # Bucket k of the next round receives the member of rank c from bucket k - alpha*c, c < M.
+    # With alpha coprime to the bucket count and M <= buckets these sources are distinct, so
+    # (by induction from the initial buckets of <= M) no group exceeds M; else no bound but N.
+    bounded = num_buckets >= group_size and all(math.gcd(a, num_buckets) == 1 for a in alphas)
     return KeyRule(num_buckets, initial, next_bucket,
-                   exact_rounds=1 if num_buckets == 1 else None)
+                   exact_rounds=1 if num_buckets == 1 else None,
+                   max_group_size=group_size if bounded else None)
 
 
 def _authors_alphas(num_peers, group_size, key_dim, num_buckets) -> tuple[int, ...]:
@@ -118,8 +129,12 @@ def grid_key_rule(radices: tuple[int, ...], initial_positions: np.ndarray) -> Ke
         axis = r % len(radices)
         return group_of(keys, r) + (chunk % radices[axis]) * int(strides[axis])
 
-    return KeyRule(math.prod(radices), np.asarray(initial_positions, np.int32), next_key,
-                   exact_rounds=len(radices), group_of=group_of)
+    positions = np.asarray(initial_positions, np.int32)
+    # Distinct cells stay distinct (a group of <= m members takes distinct chunk indices), and a
+    # group is one line of m cells; random cells may share one, so then no bound but N.
+    distinct = np.unique(positions).size == positions.size
+    return KeyRule(math.prod(radices), positions, next_key, exact_rounds=len(radices),
+                   group_of=group_of, max_group_size=max(radices) if distinct else None)
 
 
 def mixed_radix_key_rule(num_peers: int, radices: tuple[int, ...]) -> KeyRule:

@@ -1,0 +1,52 @@
+"""Tests of the study helpers and of `launch.compare` end to end on a tiny sweep."""
+
+import csv
+import os
+import subprocess
+import sys
+
+from marfl_jax import studies
+from marfl_jax.config import Config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_mkd_configs_differ_only_in_mkd():
+    base = Config(workdir="runs/x", mkd_iterations=3)
+    configs = studies.mkd_configs(base, [0.4, 1.0], mkd_iterations=8)
+    assert [os.path.basename(c.workdir) for c in configs] == ["no_mkd", "mkd_rho0.4", "mkd_rho1"]
+    assert [c.mkd for c in configs] == [False, True, True]
+    assert [c.mkd_teacher_fraction for c in configs[1:]] == [0.4, 1.0]
+    assert all(c.mkd_iterations == 8 for c in configs[1:])
+    assert {c.num_peers for c in configs} == {base.num_peers}
+
+
+def test_mkd_row_counts_bytes_to_each_threshold():
+    metrics = [
+        {"iteration": 0, "cumulative_bytes": 30, "mkd_bytes": 10, "accuracy": 0.3},
+        {"iteration": 1, "cumulative_bytes": 60, "mkd_bytes": 10},
+        {"iteration": 2, "cumulative_bytes": 80, "mkd_bytes": 0, "accuracy": 0.6},
+        {"iteration": 3, "cumulative_bytes": 100, "mkd_bytes": 0, "accuracy": 0.96},
+    ]
+    summary = {"iterations": 4, "final_accuracy": 0.96, "best_accuracy": 0.96,
+               "wall_seconds": 1.0}
+    config = Config(mkd=True, workdir="runs/x/mkd_rho0.4")
+    row = studies.mkd_row(config, (summary, metrics))
+    assert (row["iterations_to_50"], row["bytes_to_50"]) == (3, 80)
+    assert (row["iterations_to_target"], row["bytes_to_target"]) == (4, 100)
+    assert row["mkd_bytes"] == 20 and row["run"] == "mkd_rho0.4"
+    assert studies.first_reaching(metrics, 0.97) is None
+
+
+def test_compare_mkd_study_writes_csv_and_plot(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "launch.compare", "--study=mkd", "--model=mlp",
+         "--churn_peers=8", "--max_iterations=2", "--mkd_iterations=1", "--mkd_fractions=1.0",
+         "--local_batches=1", "--target_accuracy=0.99", f"--workdir={tmp_path}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    with open(tmp_path / "mkd.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["run"] for r in rows] == ["no_mkd", "mkd_rho1"]
+    assert int(rows[0]["mkd_bytes"]) == 0 < int(rows[1]["mkd_bytes"])
+    assert os.path.getsize(tmp_path / "mkd.png") > 0

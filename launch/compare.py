@@ -4,6 +4,7 @@
     python -m launch.compare --study=churn       # churn study: N=64, dropout 0 / 0.1 / 0.2 / 0.5
     python -m launch.compare --num_peers=16,64 --algorithms=marfl,arfl --workdir=runs/small
     python -m launch.compare --study=mkd         # MKD study: N=64 CNN, no MKD vs rho 0.4 / 1.0
+    python -m launch.compare --study=dp          # DP study: N=64 CNN, no DP vs z 0.2 / 0.5 / 1
 
 * `scaling`: every algorithm at every N (MLP on the embedded MNIST by default) until
   `--target_accuracy` or `--max_iterations`; writes `scaling.csv` and `bytes_per_iteration.png`
@@ -15,6 +16,9 @@
   evaluation every iteration, target 95 %), without MKD and with MKD for `--mkd_iterations`
   iterations at each `--mkd_fractions` rho; writes `mkd.csv` (iterations and bytes to 50 % and
   to the target) and `mkd.png` (accuracy against cumulative bytes).
+* `dp`: MAR-FL at N=64 with the paper's CNN for `--max_iterations` (40) iterations, without DP
+  and with DP at each `--dp_noise_multipliers` z; writes `dp.csv` (final accuracy, epsilon from
+  the RDP and PLD accountants and the authors' formula) and `dp.png` (accuracy over iterations).
 Flags the user does not set take each study's defaults (the `mkd` study's differ; see
 `STUDY_DEFAULTS`). Runs already finished in their workdirs are reused, so an interrupted sweep
 picks up where it stopped.
@@ -30,14 +34,15 @@ from absl import app, flags, logging
 
 from marfl_jax.config import Config, ConfigError
 
-flags.DEFINE_enum("study", "scaling", ["scaling", "churn", "mkd"], "Which sweep.")
+flags.DEFINE_enum("study", "scaling", ["scaling", "churn", "mkd", "dp"], "Which sweep.")
 flags.DEFINE_list("num_peers", ["16", "64", "125", "256", "1024"], "Scaling: peer counts N.")
 flags.DEFINE_list("dropouts", ["0", "0.1", "0.2", "0.5"], "Churn: dropout probabilities.")
 flags.DEFINE_list("algorithms", None, "Algorithms (default: all five for scaling; marfl, "
                   "fedavg, rdfl for churn).")
-flags.DEFINE_integer("churn_peers", 64, "Churn and MKD: N.")
+flags.DEFINE_integer("churn_peers", 64, "Churn, MKD and DP: N.")
 flags.DEFINE_list("mkd_fractions", ["0.4", "1.0"], "MKD: teacher fractions rho.")
 flags.DEFINE_integer("mkd_iterations", 8, "MKD: K, the iterations that distil.")
+flags.DEFINE_list("dp_noise_multipliers", ["0.2", "0.5", "1.0"], "DP: noise multipliers z.")
 flags.DEFINE_string("model", "mlp", "Model (cnn | mlp).")
 flags.DEFINE_string("dataset", "mnist10k", "Dataset.")
 flags.DEFINE_string("data_dir", "", "Data folder (see launch.train).")
@@ -50,9 +55,13 @@ flags.DEFINE_integer("seed", 0, "Seed.")
 flags.DEFINE_string("workdir", None, "Output folder (default runs/<study>).")
 FLAGS = flags.FLAGS
 
+PLOT_NAMES = {"scaling": "bytes_per_iteration.png", "churn": "churn.png", "mkd": "mkd.png",
+              "dp": "dp.png"}
 # Where a study's defaults differ from the flags' (used unless the flag is given).
 STUDY_DEFAULTS = {"mkd": dict(model="cnn", target_accuracy=0.95, local_batches=4, eval_every=1,
-                              max_iterations=60)}
+                              max_iterations=60),
+                  "dp": dict(model="cnn", target_accuracy=1.0, local_batches=4, eval_every=2,
+                             max_iterations=40)}
 
 
 def main(argv):
@@ -80,8 +89,11 @@ def main(argv):
             m, d, schedule = studies.moshpit_grid(FLAGS.churn_peers)
             base = dataclasses.replace(base, num_peers=FLAGS.churn_peers, group_size=m,
                                        key_dim=d, schedule=schedule)
-            configs = studies.mkd_configs(base, [float(r) for r in FLAGS.mkd_fractions],
-                                          FLAGS.mkd_iterations)
+            if FLAGS.study == "mkd":
+                configs = studies.mkd_configs(base, [float(r) for r in FLAGS.mkd_fractions],
+                                              FLAGS.mkd_iterations)
+            else:
+                configs = studies.dp_configs(base, [float(z) for z in FLAGS.dp_noise_multipliers])
     except (ConfigError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
@@ -89,44 +101,34 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     os.makedirs(workdir, exist_ok=True)
 
-    def report(row):
-        print(f"N={row['num_peers']:>5} {row['algorithm']:>6} dropout={row['dropout']:<4g}: "
-              f"{row['bytes_per_iteration']:>16,} B/iteration, final accuracy "
-              f"{row['final_accuracy']:.4f}, to target: {row['iterations_to_target'] or '-'} "
-              f"iterations, {row['bytes_to_target'] or '-'} B ({row['wall_seconds']:.0f} s)",
-              flush=True)
-
-    if FLAGS.study == "mkd":
-        curves = {}
-
-        def report_mkd(row):
-            print(f"{row['run']:>12}: to 50 %: {row['iterations_to_50'] or '-'} iterations, "
-                  f"{row['bytes_to_50'] or '-'} B; to target: "
-                  f"{row['iterations_to_target'] or '-'} iterations, "
-                  f"{row['bytes_to_target'] or '-'} B; final accuracy "
-                  f"{row['final_accuracy']:.4f} ({row['wall_seconds']:.0f} s)", flush=True)
-
-        rows = studies.run_study(
-            configs, on_row=report_mkd, make_row=studies.mkd_row,
-            on_result=lambda c, r: curves.update({os.path.basename(c.workdir): r.metrics}))
-        csv_path = os.path.join(workdir, "mkd.csv")
-        studies.write_csv(rows, csv_path, studies.MKD_FIELDS)
-        plot_path = os.path.join(workdir, "mkd.png")
-        plotting.plot_accuracy_vs_bytes(curves, plot_path, (0.5, FLAGS.target_accuracy))
-        print(f"wrote {csv_path} and {plot_path}")
-        return
-
-    rows = studies.run_study(configs, on_row=report)
+    make_row, fields = {"mkd": (studies.mkd_row, studies.MKD_FIELDS),
+                        "dp": (studies.dp_row, studies.DP_FIELDS)}.get(
+        FLAGS.study, (studies.result_row, studies.ROW_FIELDS))
+    curves = {}  # Run name -> metrics rows, for the per-run curves.
+    rows = studies.run_study(
+        configs, on_row=_report, make_row=make_row,
+        on_result=lambda c, r: curves.update({os.path.basename(c.workdir): r.metrics}))
     csv_path = os.path.join(workdir, f"{FLAGS.study}.csv")
-    studies.write_csv(rows, csv_path)
+    studies.write_csv(rows, csv_path, fields)
+    plot_path = os.path.join(workdir, PLOT_NAMES[FLAGS.study])
     if FLAGS.study == "scaling":
-        plot_path = os.path.join(workdir, "bytes_per_iteration.png")
         plotting.plot_bytes_per_iteration(rows, plot_path)
-    else:
-        plot_path = os.path.join(workdir, "churn.png")
+    elif FLAGS.study == "churn":
         plotting.plot_churn(rows, plot_path)
+    elif FLAGS.study == "mkd":
+        plotting.plot_accuracy_vs_bytes(curves, plot_path, (0.5, FLAGS.target_accuracy))
+    else:
+        plotting.plot_accuracy_vs_iteration(curves, plot_path)
     print(f"wrote {csv_path} and {plot_path}")
 
+
+def _report(row: dict) -> None:
+    """One line per finished run: every field of its row."""
+    def show(value):
+        return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else (
+            f"{value:.4g}" if isinstance(value, float) else str(value) or "-")
+
+    print("  ".join(f"{name}={show(value)}" for name, value in row.items()), flush=True)
 
 if __name__ == "__main__":
     app.run(main)

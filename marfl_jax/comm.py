@@ -18,6 +18,9 @@ receive each other's weights only: (|g| - 1) single-payload messages per member 
 the averaging's wire model (distillation needs every mate's whole model). With the allgather model
 a KD iteration costs 3/2 of a plain one: N*G*(M - 1)*3S at full participation.
 
+DP (`marfl_jax.dp`) averages a third model-sized tensor (the smoothed update) and a 4-byte clip
+indicator: `payloads_per_message = 3` plus `scalar_bytes = 4` sent through the same wire model.
+
 Coordination metadata is reported apart from model payloads: MAR-FL peers announce their group
 key through a DHT, one small record per present peer per round (`DHT_RECORD_BYTES`, an assumed
 size: a key of up to 56 bytes such as "matchmake_<key>-<iteration>-<round>_<peer>" and an 8-byte
@@ -115,6 +118,7 @@ class Ledger:
     payloads_per_message: int
     wire: str = "allgather"
     metadata_record_bytes: int = 0
+    scalar_bytes: int = 0  # A small extra value averaged next to the payloads (DP's indicator).
     cumulative_bytes: int = 0
     cumulative_metadata_bytes: int = 0
     cumulative_payloads: int = 0
@@ -125,7 +129,9 @@ class Ledger:
         weight exchange over the same groups is added (and reported as `mkd_bytes`)."""
         cost = WIRE_MODELS[self.wire](sizes, self.payload_bytes, self.payloads_per_message)
         extra = allgather_cost(sizes, self.payload_bytes, 1) if distilled else WireCost(0, 0, 0, 0)
-        total = int(cost.bytes) + int(extra.bytes)
+        scalars = (WIRE_MODELS[self.wire](sizes, self.scalar_bytes, 1).bytes
+                   if self.scalar_bytes else 0)
+        total = int(cost.bytes) + int(extra.bytes) + int(scalars)
         self.cumulative_messages += cost.messages + extra.messages
         self.cumulative_payloads += cost.payloads + extra.payloads
         self.cumulative_bytes += total

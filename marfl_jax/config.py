@@ -84,6 +84,19 @@ class Config:
     mkd_batches: int = _field(8, "Distillation mini-batches (of --batch_size) per round.")
     mkd_no_blending: bool = _field(
         False, "The authors' 'no blending' mode: loss = tau^2 * KL + CE, no lambda schedule.")
+    # Differential privacy (DESIGN.md section 3, "DP"; marfl_jax/dp.py, accounting.py).
+    dp: bool = _field(False, "Decentralized DP-FedAvg with adaptive clipping: clip and noise each "
+                      "peer's update; epsilon from dp-accounting is logged at evaluations.")
+    dp_noise_multiplier: float = _field(
+        0.5, "z: the noise multiplier of the aggregate (split between updates and the clip "
+        "count); must be < (peers drawn to aggregate) / 10.")
+    dp_initial_clip: float = _field(0.1, "S_0: the initial clip threshold of the update norm.")
+    dp_target_quantile: float = _field(0.5, "gamma: the unclipped fraction the threshold seeks.")
+    dp_clip_lr: float = _field(0.2, "eta_c: S <- S * exp(-eta_c * (b - gamma)).")
+    dp_server_lr: float = _field(0.1, "eta_s: peers share theta_ref + eta_s * s.")
+    dp_server_momentum: float = _field(0.9, "beta_s: s <- beta_s * s + noised update.")
+    dp_delta: float = _field(0.0, "delta of the reported (epsilon, delta); 0 = N^-1.1 (the "
+                             "authors').")
     # Evaluation and stopping.
     eval_every: int = _field(5, "Evaluate every k iterations (from iteration 0).")
     eval_peers: str = _field(
@@ -140,6 +153,30 @@ class Config:
         _check(0 < self.mkd_teacher_fraction <= 1, "mkd_teacher_fraction",
                self.mkd_teacher_fraction, "a number in (0, 1]")
         _check(self.mkd_batches >= 1, "mkd_batches", self.mkd_batches, "an integer >= 1")
+        _check(self.dp_noise_multiplier >= 0, "dp_noise_multiplier", self.dp_noise_multiplier,
+               "a number >= 0")
+        _check(self.dp_initial_clip > 0, "dp_initial_clip", self.dp_initial_clip, "a number > 0")
+        _check(0 <= self.dp_target_quantile <= 1, "dp_target_quantile", self.dp_target_quantile,
+               "a number in [0, 1]")
+        _check(self.dp_clip_lr >= 0, "dp_clip_lr", self.dp_clip_lr, "a number >= 0")
+        _check(self.dp_server_lr > 0, "dp_server_lr", self.dp_server_lr, "a number > 0")
+        _check(0 <= self.dp_server_momentum < 1, "dp_server_momentum", self.dp_server_momentum,
+               "a number in [0, 1)")
+        _check(0 <= self.dp_delta < 1, "dp_delta", self.dp_delta,
+               "a number in [0, 1) (0 = N^-1.1)")
+        if self.dp:
+            if self.update_fraction != self.aggregate_fraction:
+                raise ConfigError(
+                    f"--dp is not allowed with --update_fraction={self.update_fraction:g} != "
+                    f"--aggregate_fraction={self.aggregate_fraction:g}: DP clips the update of "
+                    "each peer that trained and shares it; use equal fractions")
+            aggregating = self.aggregating_peers
+            bound = aggregating / 10.0
+            _check(self.dp_noise_multiplier < bound, "dp_noise_multiplier",
+                   self.dp_noise_multiplier,
+                   f"a number < n/10 = {bound:g} with n = {aggregating} peers drawn to aggregate "
+                   "(z_Delta = (z^-2 - (n/10)^-2)^(-1/2) must be real); use more peers or a "
+                   "smaller z")
         if self.mkd and self.algorithm != "marfl":
             raise ConfigError(f"--mkd is not allowed with --algorithm={self.algorithm}; "
                               "MKD distils within MAR-FL's groups: use --algorithm=marfl")
@@ -158,14 +195,34 @@ class Config:
                                 self.mean_off_iterations)
 
     def distillation(self):
-        """MKD's settings, or None when --mkd is off."""
+        """MKD's settings, or None when --mkd is off. Under DP the CE term is dropped (the
+        authors: it would leak the labels past the noise)."""
         if not self.mkd:
             return None
         from marfl_jax import mkd  # Deferred: mkd imports jax.
 
         return mkd.Distillation(self.mkd_iterations, self.mkd_temperature,
                                 self.mkd_teacher_fraction, self.mkd_batches,
-                                blend=not self.mkd_no_blending)
+                                blend=not self.mkd_no_blending, include_ce=not self.dp)
+
+    @property
+    def aggregating_peers(self) -> int:
+        """n_0: peers drawn to aggregate each iteration (before dropout)."""
+        return int(self.aggregate_fraction * self.num_peers)
+
+    @property
+    def privacy_delta(self) -> float:
+        return self.dp_delta or self.num_peers**-1.1
+
+    def privacy(self):
+        """DP's settings, or None when --dp is off."""
+        if not self.dp:
+            return None
+        from marfl_jax import dp  # Deferred: dp imports jax.
+
+        return dp.Privacy(self.dp_noise_multiplier, self.dp_initial_clip,
+                          self.dp_target_quantile, self.dp_clip_lr, self.dp_server_lr,
+                          self.dp_server_momentum, self.aggregating_peers)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from marfl_jax import algorithms, churn, comm, local, mixing, mkd, models
+from marfl_jax import accounting, algorithms, churn, comm, dp, local, mixing, mkd, models
 from marfl_jax import data as data_lib
 from marfl_jax.config import Config, ConfigError
 
@@ -31,12 +31,13 @@ RESUMABLE_CHANGES = ("max_iterations", "checkpoint_every", "workdir")
 
 
 class FLState(NamedTuple):
-    """Every peer's model and optimizer state (leaves with leading peer axis N) and whether each
-    peer is available (Markov churn), (N,) bool."""
+    """Every peer's model and optimizer state (leaves with leading peer axis N), whether each
+    peer is available (Markov churn), (N,) bool, and under DP each peer's `dp.PrivacyState`."""
 
     params: Any
     opt_state: Any
     available: jax.Array
+    privacy: dp.PrivacyState | None = None
 
 
 class DeviceData(NamedTuple):
@@ -56,8 +57,9 @@ class RunResult(NamedTuple):
 def fl_iteration(state: FLState, key: jax.Array, data: DeviceData,
                  distill_weight: jax.Array | None = None, *, algorithm,
                  churn_model: churn.ChurnModel, apply_fn, optimizer, local_batches: int,
-                 batch_size: int, distillation: mkd.Distillation | None = None):
-    """One FL iteration for all peers: participation, local SGD, (MKD,) the mixing rounds.
+                 batch_size: int, distillation: mkd.Distillation | None = None,
+                 privacy: dp.Privacy | None = None):
+    """One FL iteration for all peers: participation, local SGD, (DP,) (MKD,) the mixing rounds.
 
     Args:
       state: FLState with peer axis N.
@@ -65,11 +67,14 @@ def fl_iteration(state: FLState, key: jax.Array, data: DeviceData,
       data: DeviceData.
       distill_weight: None for a plain iteration; in an MKD iteration, lambda (a scalar), and
         `distillation` gives MKD's settings.
+      privacy: DP's settings, or None (then state.privacy is None too).
     Returns:
       (new state, info): info holds `member_sizes` (G, N) int32 (each peer's group size per
       round, 0 = absent), `present` (N,) bool (took part in any round), and scalars
       `updating_peers`, `train_loss`, `consensus_before`, `consensus_after`; MKD iterations add
-      `distilled_peers`, `distill_teachers`, `distill_kl`, `distill_loss` (means over rounds).
+      `distilled_peers`, `distill_teachers`, `distill_kl`, `distill_loss` (means over rounds);
+      DP adds `aggregating` (n), `dp_clip` (mean S before the update), `dp_unclipped` (fraction
+      of unclipped updates) and `dp_update_norm` (mean norm before clipping), over aggregators.
     """
     num_peers = data.counts.shape[0]
     sample_key, mixing_key, churn_key, availability_key = jax.random.split(key, 4)
@@ -90,20 +95,56 @@ def fl_iteration(state: FLState, key: jax.Array, data: DeviceData,
         state.params, state.opt_state, images, labels, updating, apply_fn=apply_fn,
         optimizer=optimizer)
 
+    # -- DP: each aggregating peer clips and noises its update since its reference model.
+    aggregating = part.present[0]  # Presence only ends within an iteration: round 0 has all.
+    privacy_state, extra_info = state.privacy, {}
+    if privacy is not None:
+        num_aggregating = aggregating.sum()
+        noise_key, clip_key = jax.random.split(jax.random.fold_in(key, 6))
+        noised, indicator, norms = dp.privatize(noise_key, params, privacy_state,
+                                                num_aggregating, privacy)
+        if distill_weight is not None:  # MKD teaches with the noised model (the authors).
+            params = dp.where_peers(aggregating, dp.apply_delta(
+                privacy_state.reference, noised, privacy.server_lr), params)
+
     # -- MKD: a pass over this iteration's groups distilling from mates' weights (t < K).
     schedule = algorithm.schedule(part.present, mixing_key)
-    distill_info = {}
     if distill_weight is not None:
-        params, opt_state, distill_info = _distill_rounds(
+        params, opt_state, extra_info = _distill_rounds(
             params, opt_state, schedule, jax.random.fold_in(key, 5), data, distill_weight,
             distillation=distillation, algorithm=algorithm, apply_fn=apply_fn,
             optimizer=optimizer, batch_size=batch_size)
 
-    # -- Aggregation: weights and momentum averaged over the same groups, round by round.
-    consensus_before = mixing.consensus_distance(params, present)
-    params, opt_state = mixing.mix((params, opt_state), schedule, algorithm.num_groups)
+    # -- Aggregation: weights and momentum (under DP also s and b) averaged over the same
+    #    groups, round by round.
+    if privacy is None:
+        consensus_before = mixing.consensus_distance(params, present)
+        params, opt_state = mixing.mix((params, opt_state), schedule, algorithm.num_groups)
+    else:
+        reference = privacy_state.reference
+        if distill_weight is not None:  # The post-MKD difference, neither clipped nor noised.
+            noised = jax.tree.map(jnp.subtract, params, reference)
+        smoothed = dp.where_peers(aggregating, dp.smooth(
+            privacy_state.smoothed, noised, privacy.server_momentum), privacy_state.smoothed)
+        shared = dp.where_peers(aggregating, dp.apply_delta(reference, smoothed,
+                                                            privacy.server_lr), params)
+        consensus_before = mixing.consensus_distance(shared, present)
+        shared, opt_state, smoothed, mean_indicator = mixing.mix(
+            (shared, opt_state, smoothed, indicator), schedule, algorithm.num_groups)
+        clip = jnp.where(aggregating, dp.update_clip(clip_key, privacy_state.clip,
+                                                     mean_indicator, num_aggregating, privacy),
+                         privacy_state.clip)
+        params = dp.where_peers(aggregating, shared, params)
+        privacy_state = dp.PrivacyState(dp.where_peers(aggregating, shared, reference),
+                                        smoothed, clip)
+        count = jnp.maximum(num_aggregating, 1)
+        extra_info.update(
+            aggregating=num_aggregating,
+            dp_clip=jnp.where(aggregating, state.privacy.clip, 0).sum() / count,
+            dp_unclipped=jnp.where(aggregating, indicator, 0).sum() / count,
+            dp_update_norm=jnp.where(aggregating, norms, 0).sum() / count)
 
-    info = {**distill_info,
+    info = {**extra_info,
         "member_sizes": comm.member_sizes(schedule, algorithm.num_groups),
         "present": present,
         "updating_peers": updating.sum(),
@@ -111,7 +152,7 @@ def fl_iteration(state: FLState, key: jax.Array, data: DeviceData,
         "consensus_before": consensus_before,
         "consensus_after": mixing.consensus_distance(params, present),
     }
-    return FLState(params, opt_state, available), info
+    return FLState(params, opt_state, available, privacy_state), info
 
 
 def _distill_rounds(params, opt_state, schedule, key, data: DeviceData, weight, *, distillation,
@@ -150,14 +191,16 @@ def _distill_rounds(params, opt_state, schedule, key, data: DeviceData, weight, 
 
 
 def init_state(model, optimizer, sample_input: jax.Array, num_peers: int, key,
-               churn_model: churn.ChurnModel) -> FLState:
+               churn_model: churn.ChurnModel, privacy: dp.Privacy | None = None) -> FLState:
     """Every peer starts from the same initial model (as the authors' seeded processes do)."""
     model_key, availability_key = jax.random.split(key)
     params = model.init(model_key, sample_input)["params"]
     opt_state = optimizer.init(params)
     stack = functools.partial(jax.tree.map, lambda x: jnp.broadcast_to(x, (num_peers,) + x.shape))
-    return FLState(stack(params), stack(opt_state),
-                   churn.initial_availability(availability_key, num_peers, churn_model))
+    params = stack(params)
+    return FLState(params, stack(opt_state),
+                   churn.initial_availability(availability_key, num_peers, churn_model),
+                   None if privacy is None else dp.init_state(params, privacy.initial_clip))
 
 
 def select_eval_peers(config: Config, present: np.ndarray, iteration: int) -> np.ndarray | None:
@@ -211,14 +254,20 @@ def run(config: Config, workdir: str | None = None) -> RunResult:
     algorithm = algorithms.make_algorithm(config)
     churn_model = config.churn_model()
     distillation = config.distillation()
+    privacy = config.privacy()
     root_key = jax.random.key(config.seed)
     state = init_state(model, optimizer, test_images[:1], config.num_peers,
-                       jax.random.fold_in(root_key, 0), churn_model)
+                       jax.random.fold_in(root_key, 0), churn_model, privacy)
     one_peer = jax.tree.map(lambda x: x[0], state.params)
     ledger = comm.Ledger(payload_bytes=comm.tree_bytes(one_peer),
-                         payloads_per_message=algorithm.payloads_per_message, wire=algorithm.wire,
+                         # DP also averages the smoothed update s.
+                         payloads_per_message=algorithm.payloads_per_message + bool(privacy),
+                         wire=algorithm.wire,
                          metadata_record_bytes=(comm.DHT_RECORD_BYTES
-                                                if algorithm.name == "marfl" else 0))
+                                                if algorithm.name == "marfl" else 0),
+                         scalar_bytes=4 if privacy is not None else 0)
+    accountant = None if privacy is None else accounting.PrivacyAccountant(
+        config.num_peers, config.dp_noise_multiplier, config.privacy_delta)
     logging.info("model %s: %d parameters, payload %d bytes; algorithm %s (%s): %d rounds",
                  config.model, models.count_params(one_peer), ledger.payload_bytes,
                  algorithm.name, algorithm.description, algorithm.num_rounds)
@@ -226,7 +275,7 @@ def run(config: Config, workdir: str | None = None) -> RunResult:
     step = jax.jit(functools.partial(
         fl_iteration, algorithm=algorithm, churn_model=churn_model, apply_fn=apply_fn,
         optimizer=optimizer, local_batches=config.local_batches, batch_size=config.batch_size,
-        distillation=distillation), donate_argnums=0)
+        distillation=distillation, privacy=privacy), donate_argnums=0)
     evaluate = jax.jit(functools.partial(local.evaluate_peers, apply_fn=apply_fn))
 
     # -- Resume from the last checkpoint, if any.
@@ -240,6 +289,10 @@ def run(config: Config, workdir: str | None = None) -> RunResult:
         first_iteration, elapsed_before = host["iteration"], host["elapsed"]
         for name, value in host["ledger"].items():
             setattr(ledger, name, value)
+        if accountant is not None:
+            accountant = accounting.PrivacyAccountant.from_state(
+                config.num_peers, config.dp_noise_multiplier, config.privacy_delta,
+                host["privacy"])
         logging.info("resuming %s after iteration %d", workdir, first_iteration - 1)
     metrics = _read_rows(os.path.join(workdir, "metrics.jsonl"), first_iteration)
     evaluated = [r for r in metrics if "accuracy" in r]
@@ -274,11 +327,17 @@ def run(config: Config, workdir: str | None = None) -> RunResult:
                                          else distillation.weight(t))
                 row.update({name: float(info[name]) for name in (
                     "distilled_peers", "distill_teachers", "distill_kl", "distill_loss")})
+            if accountant is not None:
+                accountant.record(int(info["aggregating"]))
+                row.update({name: float(info[name]) for name in (
+                    "dp_clip", "dp_unclipped", "dp_update_norm")})
             if row["present_peers"] == 0 and row["updating_peers"] == 0:
                 logging.info("iteration %d: no peer present; nothing trained or exchanged", t)
             if t % config.eval_every == 0 or t == config.max_iterations - 1:
                 row.update(_evaluate(config, state, present, t, evaluate, test_images,
                                      test_labels))
+                if accountant is not None:
+                    row.update(accountant.epsilons())
             row["seconds"] = round(time.time() - start, 3)
             metrics.append(row)
             metrics_file.write(json.dumps(row) + "\n")
@@ -296,7 +355,8 @@ def run(config: Config, workdir: str | None = None) -> RunResult:
                     "iteration": t, "elapsed": time.time() - start,
                     "ledger": {k: getattr(ledger, k) for k in (
                         "cumulative_bytes", "cumulative_payloads", "cumulative_messages",
-                        "cumulative_metadata_bytes")}})
+                        "cumulative_metadata_bytes")},
+                    **({} if accountant is None else {"privacy": accountant.state()})})
 
     evaluated = [r for r in metrics if "accuracy" in r]
     summary = {
@@ -311,6 +371,8 @@ def run(config: Config, workdir: str | None = None) -> RunResult:
                             if reached_at is not None else None),
         "wall_seconds": round(time.time() - start, 3),
     }
+    if accountant is not None:
+        summary.update(dp_delta=config.privacy_delta, **accountant.epsilons())
     with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     logging.info("done: %s", json.dumps(summary))

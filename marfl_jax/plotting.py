@@ -81,3 +81,18 @@ def plot_accuracy_vs_bytes(curves: dict[str, Sequence[dict]], path: str,
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_accuracy_vs_iteration(curves: dict[str, Sequence[dict]], path: str) -> None:
+    """Test accuracy against iteration, one line per run. curves: label -> metrics rows."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    for label, rows in curves.items():
+        evaluated = [r for r in rows if "accuracy" in r]
+        ax.plot([r["iteration"] for r in evaluated], [r["accuracy"] for r in evaluated],
+                marker=".", label=label)
+    ax.set(xlabel="iteration", ylabel="test accuracy", title="Accuracy over iterations")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

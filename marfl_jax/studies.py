@@ -1,4 +1,5 @@
-"""Sweeps over configs that share data, model and ledger: the scaling, churn and MKD studies.
+"""Sweeps over configs that share data, model and ledger: the scaling, churn, MKD and DP
+studies.
 
 A study is a list of Configs (each with its own workdir) and one row of results per run.
 `run_study` reuses runs already finished in their workdirs (`experiment.run` resumes or returns
@@ -71,6 +72,40 @@ def mkd_configs(base: Config, teacher_fractions: Iterable[float],
             base, algorithm="marfl", mkd=True, mkd_teacher_fraction=rho,
             mkd_iterations=mkd_iterations, workdir=os.path.join(base.workdir, f"mkd_rho{rho:g}")))
     return [c.validate() for c in configs]
+
+
+DP_FIELDS = ("run", "dp", "noise_multiplier", "iterations", "final_accuracy", "best_accuracy",
+             "dp_delta", "epsilon_rdp", "epsilon_pld", "epsilon_authors", "epsilon_authors_sweep",
+             "final_clip", "cumulative_bytes", "wall_seconds")
+
+
+def dp_configs(base: Config, noise_multipliers: Iterable[float]) -> list[Config]:
+    """MAR-FL without DP (workdir `no_dp`) and with DP at each noise multiplier z (`dp_z{z}`)."""
+    configs = [dataclasses.replace(base, dp=False, workdir=os.path.join(base.workdir, "no_dp"))]
+    configs += [dataclasses.replace(base, dp=True, dp_noise_multiplier=z,
+                                    workdir=os.path.join(base.workdir, f"dp_z{z:g}"))
+                for z in noise_multipliers]
+    return [c.validate() for c in configs]
+
+
+def dp_row(config: Config, result: experiment.RunResult) -> dict:
+    """Final accuracy and epsilon (both accountants and the authors' formula) of one run."""
+    summary, metrics = result
+    clips = [r["dp_clip"] for r in metrics if "dp_clip" in r]
+    return {
+        "run": os.path.basename(config.workdir),
+        "dp": config.dp,
+        "noise_multiplier": config.dp_noise_multiplier if config.dp else "",
+        "iterations": summary["iterations"],
+        "final_accuracy": summary["final_accuracy"],
+        "best_accuracy": summary["best_accuracy"],
+        **{name: summary.get(name, "") for name in (
+            "dp_delta", "epsilon_rdp", "epsilon_pld", "epsilon_authors",
+            "epsilon_authors_sweep")},
+        "final_clip": clips[-1] if clips else "",
+        "cumulative_bytes": summary["cumulative_bytes"],
+        "wall_seconds": summary["wall_seconds"],
+    }
 
 
 def first_reaching(metrics: Sequence[dict], accuracy: float) -> dict | None:

@@ -50,3 +50,18 @@ def test_compare_mkd_study_writes_csv_and_plot(tmp_path):
     assert [r["run"] for r in rows] == ["no_mkd", "mkd_rho1"]
     assert int(rows[0]["mkd_bytes"]) == 0 < int(rows[1]["mkd_bytes"])
     assert os.path.getsize(tmp_path / "mkd.png") > 0
+
+
+def test_compare_dp_study_reports_epsilons(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "launch.compare", "--study=dp", "--model=mlp",
+         "--churn_peers=16", "--max_iterations=2", "--dp_noise_multipliers=0.5",
+         "--local_batches=1", f"--workdir={tmp_path}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    with open(tmp_path / "dp.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["run"] for r in rows] == ["no_dp", "dp_z0.5"]
+    assert rows[0]["epsilon_rdp"] == "" and float(rows[1]["epsilon_rdp"]) > 0
+    assert float(rows[1]["epsilon_pld"]) <= float(rows[1]["epsilon_rdp"])
+    assert os.path.getsize(tmp_path / "dp.png") > 0

@@ -12,8 +12,11 @@ import dataclasses
 import json
 from typing import Any
 
-DATASETS = ("mnist10k", "mnist", "fashion_mnist")
-MODELS = ("cnn", "mlp")
+IMAGE_DATASETS = ("mnist10k", "mnist", "fashion_mnist")
+TEXT_DATASETS = ("bbc_news", "20newsgroups")
+DATASETS = IMAGE_DATASETS + TEXT_DATASETS
+MODELS = ("cnn", "mlp", "text_head")
+ENCODERS = ("lsa", "npz")
 ALGORITHMS = ("marfl", "fedavg", "arfl", "rdfl", "gossip")
 SCHEDULES = ("authors", "mixed_radix")
 WIRES = ("allgather", "butterfly")
@@ -38,7 +41,15 @@ class Config:
 
     # Data.
     dataset: str = _field("mnist10k", "Training data.", DATASETS)
-    data_dir: str = _field("", "Folder with IDX files (mnist / fashion_mnist) or a TFDS data dir.")
+    data_dir: str = _field("", "Folder with IDX files (mnist / fashion_mnist) or a TFDS data dir; "
+                           "for 20newsgroups the 20news-bydate archive or its folder.")
+    encoder: str = _field("lsa", "Text corpora: the frozen encoder, TF-IDF + SVD ('lsa', cached) "
+                          "or precomputed features ('npz', see --features).", ENCODERS)
+    features: str = _field("", "--encoder=npz: an .npz with x_train, y_train, x_test, y_test "
+                           "(e.g. DistilBERT [CLS] features).")
+    feature_dim: int = _field(768, "--encoder=lsa: feature dimensions (the paper's 768).")
+    feature_cache: str = _field("", "Where LSA features are cached ('' = $MARFL_CACHE or "
+                                "~/.cache/marfl_jax).")
     partition: str = _field("iid", "How training data is split across peers.", PARTITIONS)
     dirichlet_alpha: float = _field(1.0, "Concentration of the Dirichlet non-IID split (> 0).")
     # Model and local training.
@@ -177,6 +188,17 @@ class Config:
                    f"a number < n/10 = {bound:g} with n = {aggregating} peers drawn to aggregate "
                    "(z_Delta = (z^-2 - (n/10)^-2)^(-1/2) must be real); use more peers or a "
                    "smaller z")
+        _check(self.feature_dim >= 1, "feature_dim", self.feature_dim, "an integer >= 1")
+        text = self.dataset in TEXT_DATASETS
+        if self.model == "cnn" and text:
+            raise ConfigError(f"--model=cnn is not allowed with --dataset={self.dataset}: the "
+                              "CNN takes images; use --model=text_head (or mlp)")
+        if self.model == "text_head" and not text:
+            raise ConfigError(f"--model=text_head is not allowed with --dataset={self.dataset}: "
+                              "it takes text features; use one of: " + ", ".join(TEXT_DATASETS))
+        if text and self.encoder == "npz" and not self.features:
+            raise ConfigError("--encoder=npz needs --features=PATH.npz (arrays x_train, y_train, "
+                              "x_test, y_test)")
         if self.mkd and self.algorithm != "marfl":
             raise ConfigError(f"--mkd is not allowed with --algorithm={self.algorithm}; "
                               "MKD distils within MAR-FL's groups: use --algorithm=marfl")

@@ -43,7 +43,7 @@ class FLState(NamedTuple):
 class DeviceData(NamedTuple):
     """The shared training array and the peers' index tables, resident on the device."""
 
-    x_train: jax.Array  # (n_train, 28, 28) uint8.
+    x_train: jax.Array  # (n_train, 28, 28) uint8 images or (n_train, D) float32 features.
     y_train: jax.Array  # (n_train,) int32.
     table: jax.Array  # (N, L) int32 indices into the training array.
     counts: jax.Array  # (N,) int32 valid entries per row.
@@ -58,7 +58,7 @@ def fl_iteration(state: FLState, key: jax.Array, data: DeviceData,
                  distill_weight: jax.Array | None = None, *, algorithm,
                  churn_model: churn.ChurnModel, apply_fn, optimizer, local_batches: int,
                  batch_size: int, distillation: mkd.Distillation | None = None,
-                 privacy: dp.Privacy | None = None):
+                 privacy: dp.Privacy | None = None, model_dropout: bool = False):
     """One FL iteration for all peers: participation, local SGD, (DP,) (MKD,) the mixing rounds.
 
     Args:
@@ -68,6 +68,8 @@ def fl_iteration(state: FLState, key: jax.Array, data: DeviceData,
       distill_weight: None for a plain iteration; in an MKD iteration, lambda (a scalar), and
         `distillation` gives MKD's settings.
       privacy: DP's settings, or None (then state.privacy is None too).
+      model_dropout: whether the model trains with dropout: then every peer gets its own dropout
+        keys (apply_fn(params, x, rng) in training mode).
     Returns:
       (new state, info): info holds `member_sizes` (G, N) int32 (each peer's group size per
       round, 0 = absent), `present` (N,) bool (took part in any round), and scalars
@@ -89,11 +91,13 @@ def fl_iteration(state: FLState, key: jax.Array, data: DeviceData,
     peer_keys = jax.random.split(sample_key, num_peers)
     index = data_lib.sample_peer_batches(peer_keys, data.table, data.counts, local_batches,
                                          batch_size)
-    images = data_lib.preprocess_images(data.x_train[index])
+    images = data_lib.preprocess(data.x_train[index])
     labels = data.y_train[index]
+    dropout_keys = (jax.random.split(jax.random.fold_in(key, 7), (2, num_peers)) if model_dropout
+                    else (None, None))
     params, opt_state, losses = local.peers_local_sgd(
-        state.params, state.opt_state, images, labels, updating, apply_fn=apply_fn,
-        optimizer=optimizer)
+        state.params, state.opt_state, images, labels, updating, dropout_keys[0],
+        apply_fn=apply_fn, optimizer=optimizer)
 
     # -- DP: each aggregating peer clips and noises its update since its reference model.
     aggregating = part.present[0]  # Presence only ends within an iteration: round 0 has all.
@@ -113,7 +117,7 @@ def fl_iteration(state: FLState, key: jax.Array, data: DeviceData,
         params, opt_state, extra_info = _distill_rounds(
             params, opt_state, schedule, jax.random.fold_in(key, 5), data, distill_weight,
             distillation=distillation, algorithm=algorithm, apply_fn=apply_fn,
-            optimizer=optimizer, batch_size=batch_size)
+            optimizer=optimizer, batch_size=batch_size, dropout_keys=dropout_keys[1])
 
     # -- Aggregation: weights and momentum (under DP also s and b) averaged over the same
     #    groups, round by round.
@@ -156,7 +160,7 @@ def fl_iteration(state: FLState, key: jax.Array, data: DeviceData,
 
 
 def _distill_rounds(params, opt_state, schedule, key, data: DeviceData, weight, *, distillation,
-                    algorithm, apply_fn, optimizer, batch_size):
+                    algorithm, apply_fn, optimizer, batch_size, dropout_keys=None):
     """MKD over the rounds of `schedule` (G, N); each round draws fresh distillation batches from
     every peer's data (the authors re-shuffle their loader on each call). Peers without data
     still teach but do not learn."""
@@ -171,10 +175,12 @@ def _distill_rounds(params, opt_state, schedule, key, data: DeviceData, weight, 
         index = data_lib.sample_peer_batches(peer_keys, data.table, data.counts,
                                              distillation.batches, batch_size)
         params, opt_state, round_stats = mkd.distill_round(
-            params, opt_state, group_ids, data_lib.preprocess_images(data.x_train[index]),
+            params, opt_state, group_ids, data_lib.preprocess(data.x_train[index]),
             data.y_train[index], weight, distillation=distillation,
             num_groups=algorithm.num_groups, max_mates=algorithm.max_group_size - 1,
-            apply_fn=apply_fn, optimizer=optimizer, learners=data.counts > 0)
+            apply_fn=apply_fn, optimizer=optimizer, learners=data.counts > 0,
+            keys=None if dropout_keys is None else jax.vmap(
+                lambda k, r=r: jax.random.fold_in(k, r))(dropout_keys))
         stats.append(round_stats)
     distilled = jnp.stack([s.distilled for s in stats])  # (G, N)
     count = jnp.maximum(distilled.sum(), 1)
@@ -229,7 +235,10 @@ def run(config: Config, workdir: str | None = None) -> RunResult:
     start = time.time()
 
     # -- Data and partition.
-    dataset = data_lib.load_dataset(config.dataset, config.data_dir or None)
+    dataset = data_lib.load_dataset(
+        config.dataset, config.data_dir or None, encoder=config.encoder,
+        features=config.features, feature_dim=config.feature_dim,
+        feature_cache=config.feature_cache or None)
     try:
         peer_index = data_lib.partition(dataset.y_train, config.num_peers, config.partition,
                                         config.dirichlet_alpha, config.seed)
@@ -237,7 +246,7 @@ def run(config: Config, workdir: str | None = None) -> RunResult:
         raise ConfigError(str(error)) from error
     data = DeviceData(jnp.asarray(dataset.x_train), jnp.asarray(dataset.y_train, jnp.int32),
                       jnp.asarray(peer_index.table), jnp.asarray(peer_index.counts))
-    test_images = data_lib.preprocess_images(jnp.asarray(dataset.x_test))
+    test_images = data_lib.preprocess(jnp.asarray(dataset.x_test))
     test_labels = jnp.asarray(dataset.y_test, jnp.int32)
     logging.info("data: %s; %d train / %d test examples; %d peers hold %d-%d examples",
                  dataset.source, len(dataset.y_train), len(dataset.y_test), config.num_peers,
@@ -247,8 +256,13 @@ def run(config: Config, workdir: str | None = None) -> RunResult:
     model_kwargs = {"conv_impl": config.conv_impl} if config.conv_impl else {}
     model = models.get_model(config.model, dataset.num_classes, **model_kwargs)
 
-    def apply_fn(params, x):
-        return model.apply({"params": params}, x)
+    model_dropout = models.uses_dropout(model)
+
+    def apply_fn(params, x, rng=None):
+        """rng None: evaluation mode; a key: training mode (dropout on)."""
+        if rng is None or not model_dropout:
+            return model.apply({"params": params}, x)
+        return model.apply({"params": params}, x, train=True, rngs={"dropout": rng})
 
     optimizer = local.momentum_sgd(config.learning_rate, config.momentum)
     algorithm = algorithms.make_algorithm(config)
@@ -275,7 +289,8 @@ def run(config: Config, workdir: str | None = None) -> RunResult:
     step = jax.jit(functools.partial(
         fl_iteration, algorithm=algorithm, churn_model=churn_model, apply_fn=apply_fn,
         optimizer=optimizer, local_batches=config.local_batches, batch_size=config.batch_size,
-        distillation=distillation, privacy=privacy), donate_argnums=0)
+        distillation=distillation, privacy=privacy, model_dropout=model_dropout),
+        donate_argnums=0)
     evaluate = jax.jit(functools.partial(local.evaluate_peers, apply_fn=apply_fn))
 
     # -- Resume from the last checkpoint, if any.

@@ -14,7 +14,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-ApplyFn = Callable[[object, jax.Array], jax.Array]  # (params, x (B, ...)) -> logits (B, C).
+# (params, x (B, ...), rng) -> logits (B, C). rng=None: evaluation mode; a key: training mode
+# (dropout, for models that have it).
+ApplyFn = Callable[..., jax.Array]
 
 
 def momentum_sgd(learning_rate: float, momentum: float) -> optax.GradientTransformation:
@@ -27,39 +29,67 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
-def local_sgd(params, opt_state, images: jax.Array, labels: jax.Array, *, apply_fn: ApplyFn,
+def sgd_pass(params, opt_state, batches, loss_fn, key: jax.Array | None, *,
+             optimizer: optax.GradientTransformation):
+    """One optimizer step per batch, in order (a `lax.scan`).
+
+    Args:
+      params, opt_state: one peer's (no peer axis).
+      batches: a pytree whose leaves have a leading axis b (one entry per step).
+      loss_fn: (params, batch, rng) -> scalar loss; rng is None when key is None.
+      key: None, or a PRNG key split into one training-mode key per step (dropout).
+    Returns:
+      (params, opt_state, losses (b,)).
+    """
+    num_steps = jax.tree.leaves(batches)[0].shape[0]
+    keys = None if key is None else jax.random.split(key, num_steps)
+
+    def step(carry, inputs):
+        p, s = carry
+        batch, rng = inputs
+        loss, grads = jax.value_and_grad(loss_fn)(p, batch, rng)
+        updates, s = optimizer.update(grads, s, p)
+        return (optax.apply_updates(p, updates), s), loss
+
+    (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), (batches, keys))
+    return params, opt_state, losses
+
+
+def local_sgd(params, opt_state, images: jax.Array, labels: jax.Array,
+              key: jax.Array | None = None, *, apply_fn: ApplyFn,
               optimizer: optax.GradientTransformation):
     """One peer's local update: b steps of SGD, one per mini-batch.
 
     Args:
       params, opt_state: one peer's (no peer axis).
       images: (b, B, ...) float32 inputs; labels: (b, B) int32.
+      key: the peer's dropout key for this update (None: no training-mode randomness).
     Returns:
       (params, opt_state, mean training loss over the b steps).
     """
-    def step(carry, batch):
-        p, s = carry
+    def loss_fn(p, batch, rng):
         x, y = batch
-        loss, grads = jax.value_and_grad(lambda q: cross_entropy(apply_fn(q, x), y))(p)
-        updates, s = optimizer.update(grads, s, p)
-        return (optax.apply_updates(p, updates), s), loss
+        return cross_entropy(apply_fn(p, x, rng), y)
 
-    (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), (images, labels))
+    params, opt_state, losses = sgd_pass(params, opt_state, (images, labels), loss_fn, key,
+                                         optimizer=optimizer)
     return params, opt_state, losses.mean()
 
 
-def peers_local_sgd(params, opt_state, images, labels, active, *, apply_fn, optimizer):
+def peers_local_sgd(params, opt_state, images, labels, active, keys=None, *, apply_fn,
+                    optimizer):
     """`local_sgd` for every peer at once; inactive peers keep their state.
 
     Args:
       params, opt_state: pytrees with leading peer axis N.
       images: (N, b, B, ...); labels: (N, b, B); active: (N,) bool.
+      keys: (N,) per-peer dropout keys, or None.
     Returns:
       (params, opt_state, losses (N,)); the loss of an inactive peer is 0.
     """
-    run = jax.vmap(lambda p, s, x, y: local_sgd(p, s, x, y, apply_fn=apply_fn,
-                                                optimizer=optimizer))
-    new_params, new_state, losses = run(params, opt_state, images, labels)
+    run = jax.vmap(lambda p, s, x, y, k: local_sgd(p, s, x, y, k, apply_fn=apply_fn,
+                                                   optimizer=optimizer))
+    new_params, new_state, losses = run(params, opt_state, images, labels, keys)
 
     def keep_inactive(new, old):
         return jnp.where(active.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
@@ -88,7 +118,7 @@ def evaluate(params, images: jax.Array, labels: jax.Array, *, apply_fn: ApplyFn,
 
     def batch_stats(batch):
         x, y, v = batch
-        logits = apply_fn(params, x)
+        logits = apply_fn(params, x, None)
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
         correct = (logits.argmax(-1) == y)
         return (jnp.where(v, correct, False).sum(), jnp.where(v, losses, 0.0).sum())

@@ -158,10 +158,13 @@ def teacher_logits(params, images: jax.Array, mates: Mates, *, apply_fn):
     num_peers, num_batches, batch = images.shape[:3]
     max_mates = mates.ids.shape[1]
 
+    def evaluate(p, inputs):  # Evaluation mode, as the authors score teachers.
+        return apply_fn(p, inputs, None)
+
     def one_batch(x):  # x: (N, B, ...) the peers' i-th batch.
-        student = jax.vmap(apply_fn)(params, x)
+        student = jax.vmap(evaluate)(params, x)
         mates_x = x[mates.ids].reshape((num_peers, max_mates * batch) + x.shape[2:])
-        computed = jax.vmap(apply_fn)(params, mates_x)  # Peer q's model on its mates' data.
+        computed = jax.vmap(evaluate)(params, mates_x)  # Peer q's model on its mates' data.
         computed = computed.reshape(num_peers, max_mates, batch, -1)
         return student, computed[mates.ids, mates.slot_of_self]  # What p's mates said on p's.
 
@@ -172,7 +175,7 @@ def teacher_logits(params, images: jax.Array, mates: Mates, *, apply_fn):
 def distill_round(params, opt_state, group_ids: jax.Array, images: jax.Array, labels: jax.Array,
                   weight: jax.Array, *, distillation: Distillation, num_groups: int,
                   max_mates: int, apply_fn, optimizer: optax.GradientTransformation,
-                  learners: jax.Array | None = None):
+                  learners: jax.Array | None = None, keys: jax.Array | None = None):
     """One MKD round for all peers: score the mates, keep the best, train one pass.
 
     Args:
@@ -181,6 +184,7 @@ def distill_round(params, opt_state, group_ids: jax.Array, images: jax.Array, la
       images: (N, k, B, ...) float32 distillation batches; labels: (N, k, B) int32.
       weight: lambda, a scalar.
       learners: (N,) bool, peers allowed to train (default all); the others still teach.
+      keys: (N,) per-peer dropout keys for the training pass, or None.
     Returns:
       (params, opt_state, RoundStats). Peers without a teacher keep their state.
     """
@@ -194,20 +198,16 @@ def distill_round(params, opt_state, group_ids: jax.Array, images: jax.Array, la
     share = selected / jnp.maximum(num_teachers, 1)[:, None]
     target = jnp.einsum("nc,nckbl->nkbl", share, teachers)  # Mean logits of the kept teachers.
 
-    def peer_pass(p, s, x, y, t):
-        def step(carry, batch):
-            q, opt = carry
-            xb, yb, tb = batch
-            loss, grads = jax.value_and_grad(
-                lambda w: distillation_loss(apply_fn(w, xb), tb, yb, weight, distillation))(q)
-            updates, opt = optimizer.update(grads, opt, q)
-            return (optax.apply_updates(q, updates), opt), loss
+    def loss_fn(p, batch, rng):
+        x, y, t = batch
+        return distillation_loss(apply_fn(p, x, rng), t, y, weight, distillation)
 
-        (p, s), losses = jax.lax.scan(step, (p, s), (x, y, t))
+    def peer_pass(p, s, x, y, t, key):
+        p, s, losses = local.sgd_pass(p, s, (x, y, t), loss_fn, key, optimizer=optimizer)
         return p, s, losses.mean()
 
     new_params, new_state, losses = jax.vmap(peer_pass)(params, opt_state, images, labels,
-                                                        target)
+                                                        target, keys)
     distilled = num_teachers > 0
     if learners is not None:
         distilled = distilled & learners

@@ -78,7 +78,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-MODEL_NAMES = ("cnn", "mlp")
+MODEL_NAMES = ("cnn", "mlp", "text_head")
 
 CONV_IMPLS = ("gather", "shift_concat", "shift_sum", "fused", "lax_patches", "lax", "flax")
 DEFAULT_CONV_IMPL = "gather"
@@ -368,13 +368,40 @@ class MLP(nn.Module):
         return nn.Dense(self.num_classes, name=f"dense{len(self.hidden) + 1}")(x)
 
 
+class TextHead(nn.Module):
+    """The paper's 20 Newsgroups head on frozen 768-d text features: dropout 0.2, dense 768->72,
+    ReLU, dropout 0.2, dense 72->num_classes (56,828 parameters for 20 classes).
+
+    Input: (B, D) features. Output: logits (B, num_classes). Dropout is active only with
+    `train=True`, which needs a `dropout` PRNG stream (`rngs={"dropout": key}`).
+    """
+
+    num_classes: int = 20
+    hidden: int = 72
+    dropout: float = 0.2
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        x = jnp.asarray(x, jnp.float32).reshape(x.shape[0], -1)
+        x = nn.Dropout(self.dropout, deterministic=not train)(x)
+        x = nn.relu(nn.Dense(self.hidden, name="dense1")(x))
+        x = nn.Dropout(self.dropout, deterministic=not train)(x)
+        return nn.Dense(self.num_classes, name="dense2")(x)
+
+
+def uses_dropout(model: nn.Module) -> bool:
+    """Whether the model's training forward pass needs a `dropout` PRNG key."""
+    return isinstance(model, TextHead) and model.dropout > 0
+
+
 def get_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
     """Builds a model by flag name.
 
     Args:
-      name: the --model value: 'cnn' or 'mlp'.
+      name: the --model value: 'cnn', 'mlp' or 'text_head'.
       num_classes: size of the logits.
-      **kwargs: module attributes: CNN(conv_impl=..., pool_impl=...), MLP(hidden=...).
+      **kwargs: module attributes: CNN(conv_impl=..., pool_impl=...), MLP(hidden=...),
+        TextHead(hidden=..., dropout=...).
     Raises:
       ValueError: unknown name, unknown keyword, or a bad conv_impl / pool_impl / hidden.
     """
@@ -384,8 +411,9 @@ def get_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
         )
     if int(num_classes) < 1:
         raise ValueError(f"num_classes must be >= 1; got {num_classes}")
-    cls = CNN if name == "cnn" else MLP
-    allowed = ("conv_impl", "pool_impl") if name == "cnn" else ("hidden",)
+    cls = {"cnn": CNN, "mlp": MLP, "text_head": TextHead}[name]
+    allowed = {"cnn": ("conv_impl", "pool_impl"), "mlp": ("hidden",),
+               "text_head": ("hidden", "dropout")}[name]
     unknown = sorted(set(kwargs) - set(allowed))
     if unknown:
         raise ValueError(
@@ -394,6 +422,8 @@ def get_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
     if name == "cnn":
         _check_choice(kwargs.get("conv_impl", DEFAULT_CONV_IMPL), CONV_IMPLS, "conv_impl")
         _check_choice(kwargs.get("pool_impl", DEFAULT_POOL_IMPL), POOL_IMPLS, "pool_impl")
+    elif name == "text_head":
+        pass
     else:
         hidden = tuple(int(h) for h in kwargs.get("hidden", (200,)))
         if any(h < 1 for h in hidden):

@@ -9,7 +9,7 @@ import optax
 from marfl_jax import local
 
 
-def apply_fn(params, x):
+def apply_fn(params, x, rng=None):
     return x.reshape(x.shape[0], -1) @ params["w"] + params["b"]
 
 

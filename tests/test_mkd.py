@@ -100,7 +100,7 @@ def _mlp_setup(num_peers, seed=0, k=2, batch=3):
     images = jnp.asarray(rng.normal(size=(num_peers, k, batch, 4, 4, 1)), jnp.float32)
     labels = jnp.asarray(rng.integers(0, NUM_CLASSES, size=(num_peers, k, batch)), jnp.int32)
 
-    def apply_fn(p, inputs):
+    def apply_fn(p, inputs, rng=None):
         return model.apply({"params": p}, inputs)
 
     return params, images, labels, apply_fn

@@ -1,4 +1,5 @@
-"""Data: sources (embedded, local IDX files, TFDS), partitioning among peers, per-peer sampling."""
+"""Data: sources (embedded, local IDX files, TFDS; text corpora through frozen encoders),
+partitioning among peers, per-peer sampling."""
 
 from marfl_jax.data.partitions import PeerIndex, partition
 from marfl_jax.data.sampling import sample_batches, sample_peer_batches
@@ -6,6 +7,7 @@ from marfl_jax.data.sources import (
     Dataset,
     DataUnavailableError,
     load_dataset,
+    preprocess,
     preprocess_images,
 )
 
@@ -15,6 +17,7 @@ __all__ = [
     'PeerIndex',
     'load_dataset',
     'partition',
+    'preprocess',
     'preprocess_images',
     'sample_batches',
     'sample_peer_batches',

@@ -23,7 +23,8 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 import numpy as np
 
-DATASET_NAMES = ('mnist10k', 'mnist', 'fashion_mnist')
+IMAGE_DATASETS = ('mnist10k', 'mnist', 'fashion_mnist')
+DATASET_NAMES = IMAGE_DATASETS + ('bbc_news', '20newsgroups')
 NUM_CLASSES = 10
 
 MNIST_MEAN = 0.1307
@@ -61,9 +62,10 @@ class Dataset:
 
     Attributes:
       name: the `--dataset` value it was loaded for.
-      x_train: (n_train, H, W) uint8 pixels (H = W = 28 for every dataset here).
+      x_train: (n_train, H, W) uint8 pixels (H = W = 28 for every image dataset here), or
+        (n_train, D) float32 features (text corpora through a frozen encoder).
       y_train: (n_train,) int32 labels in [0, num_classes).
-      x_test: (n_test, H, W) uint8.
+      x_test: (n_test, H, W) uint8, or (n_test, D) float32.
       y_test: (n_test,) int32.
       num_classes: number of classes.
       source: human-readable provenance (file or TFDS directory it was read from).
@@ -80,18 +82,25 @@ class Dataset:
     def __post_init__(self):
         for split, x, y in (('train', self.x_train, self.y_train),
                             ('test', self.x_test, self.y_test)):
-            if x.dtype != np.uint8 or x.ndim != 3:
-                raise ValueError(f'x_{split} must be (n, H, W) uint8, got {x.shape} {x.dtype}')
+            if not ((x.dtype == np.uint8 and x.ndim == 3) or (x.dtype == np.float32
+                                                               and x.ndim == 2)):
+                raise ValueError(f'x_{split} must be (n, H, W) uint8 or (n, D) float32, got '
+                                 f'{x.shape} {x.dtype}')
             if y.dtype != np.int32 or y.shape != x.shape[:1]:
                 raise ValueError(
                     f'y_{split} must be ({x.shape[0]},) int32, got {y.shape} {y.dtype}')
 
 
-def load_dataset(name: str, data_dir: str | None = None) -> Dataset:
+def load_dataset(name: str, data_dir: str | None = None, *, encoder: str = 'lsa',
+                 features: str = '', feature_dim: int = 768,
+                 feature_cache: str | None = None) -> Dataset:
     """Loads a dataset by its `--dataset` name.
 
     Args:
-      name: 'mnist10k' (embedded, always offline), 'mnist' or 'fashion_mnist'.
+      name: 'mnist10k' (embedded, always offline), 'mnist' or 'fashion_mnist'; or a text corpus,
+        'bbc_news' (embedded) or '20newsgroups', turned into features by `encoder` ('lsa' with
+        `feature_dim` components, cached under `feature_cache`; or 'npz', the precomputed
+        `features` file). See `marfl_jax.data.text` and `marfl_jax.data.encoders`.
       data_dir: for 'mnist' / 'fashion_mnist': a folder holding the four standard IDX files
         (`train-images-idx3-ubyte`, `train-labels-idx1-ubyte`, `t10k-images-idx3-ubyte`,
         `t10k-labels-idx1-ubyte`, each optionally `.gz`), or else the TFDS data directory (None:
@@ -107,6 +116,9 @@ def load_dataset(name: str, data_dir: str | None = None) -> Dataset:
     """
     if name == 'mnist10k':
         return load_mnist10k()
+    if name not in IMAGE_DATASETS and name in DATASET_NAMES:
+        return load_text_dataset(name, data_dir, encoder=encoder, features=features,
+                                 feature_dim=feature_dim, feature_cache=feature_cache)
     if name not in DATASET_NAMES:
         raise ValueError(f'--dataset={name!r} is not supported; use one of {DATASET_NAMES}.')
     if data_dir is None and name == 'fashion_mnist' and _find_idx_files(DEBIAN_FASHION_MNIST_DIR):
@@ -114,6 +126,25 @@ def load_dataset(name: str, data_dir: str | None = None) -> Dataset:
     if data_dir is not None and _find_idx_files(data_dir):
         return load_idx_dataset(name, data_dir)
     return load_tfds_dataset(name, data_dir)
+
+
+def load_text_dataset(name: str, data_dir: str | None = None, *, encoder: str = 'lsa',
+                      features: str = '', feature_dim: int = 768,
+                      feature_cache: str | None = None) -> Dataset:
+    """A text corpus as (n, D) float32 features from a frozen encoder."""
+    from marfl_jax.data import encoders, text  # Deferred: they import this module.
+
+    if encoder == 'npz':
+        x_train, y_train, x_test, y_test = encoders.npz_features(features)
+        num_classes = int(max(y_train.max(initial=0), y_test.max(initial=0))) + 1
+        return Dataset(name, x_train, y_train, x_test, y_test, num_classes,
+                       f'precomputed features {features}')
+    corpus = text.load_corpus(name, data_dir)
+    x_train, x_test, info = encoders.lsa_features(corpus, feature_dim, feature_cache)
+    how = 'cached' if info['cache_hit'] else 'fitted'
+    return Dataset(name, x_train, corpus.y_train, x_test, corpus.y_test, len(corpus.class_names),
+                   f'{corpus.source}; LSA {feature_dim}-d features {how} ({info["cache"]}, fit '
+                   f'{info["fit_seconds"]:.1f} s)')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -430,6 +461,13 @@ def _parse_gray_png(blob: bytes, index: int) -> tuple[int, int, bytes]:
 
 # ----------------------------------------------------------------------------------------------
 # Model input.
+
+
+def preprocess(x):
+    """Model input from stored examples: images via `preprocess_images`, features as float32."""
+    if x.dtype == jnp.uint8:
+        return preprocess_images(x)
+    return jnp.asarray(x, jnp.float32)
 
 
 def preprocess_images(x):

@@ -108,6 +108,13 @@ class Config:
     dp_server_momentum: float = _field(0.9, "beta_s: s <- beta_s * s + noised update.")
     dp_delta: float = _field(0.0, "delta of the reported (epsilon, delta); 0 = N^-1.1 (the "
                              "authors').")
+    # Scale.
+    peer_chunk: int = _field(0, "Train the peers in sequential chunks of this many (0 = all at "
+                             "once): bounds activation memory, keeps a chunk's parameters in "
+                             "cache.")
+    memory_limit_gb: float = _field(
+        0.0, "Refuse a run whose estimated device memory exceeds this (0 = the device's "
+        "memory: available RAM on CPU).")
     # Evaluation and stopping.
     eval_every: int = _field(5, "Evaluate every k iterations (from iteration 0).")
     eval_peers: str = _field(
@@ -188,6 +195,9 @@ class Config:
                    f"a number < n/10 = {bound:g} with n = {aggregating} peers drawn to aggregate "
                    "(z_Delta = (z^-2 - (n/10)^-2)^(-1/2) must be real); use more peers or a "
                    "smaller z")
+        _check(self.peer_chunk >= 0, "peer_chunk", self.peer_chunk, "an integer >= 0")
+        _check(self.memory_limit_gb >= 0, "memory_limit_gb", self.memory_limit_gb,
+               "a number >= 0 (0 = the device's memory)")
         _check(self.feature_dim >= 1, "feature_dim", self.feature_dim, "an integer >= 1")
         text = self.dataset in TEXT_DATASETS
         if self.model == "cnn" and text:

@@ -22,12 +22,25 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from marfl_jax import accounting, algorithms, churn, comm, dp, local, mixing, mkd, models
+from marfl_jax import (
+    accounting,
+    algorithms,
+    churn,
+    comm,
+    dp,
+    local,
+    memory,
+    mixing,
+    mkd,
+    models,
+    sharding,
+)
 from marfl_jax import data as data_lib
 from marfl_jax.config import Config, ConfigError
 
 # Fields that may change between a run and its resumption (they do not change the trajectory).
-RESUMABLE_CHANGES = ("max_iterations", "checkpoint_every", "workdir")
+RESUMABLE_CHANGES = ("max_iterations", "checkpoint_every", "workdir", "peer_chunk",
+                     "memory_limit_gb")
 
 
 class FLState(NamedTuple):
@@ -52,13 +65,15 @@ class DeviceData(NamedTuple):
 class RunResult(NamedTuple):
     summary: dict
     metrics: list[dict]
+    state: FLState | None = None  # The final state (peer axis first).
 
 
 def fl_iteration(state: FLState, key: jax.Array, data: DeviceData,
                  distill_weight: jax.Array | None = None, *, algorithm,
                  churn_model: churn.ChurnModel, apply_fn, optimizer, local_batches: int,
                  batch_size: int, distillation: mkd.Distillation | None = None,
-                 privacy: dp.Privacy | None = None, model_dropout: bool = False):
+                 privacy: dp.Privacy | None = None, model_dropout: bool = False,
+                 peer_chunk: int = 0, mesh=None):
     """One FL iteration for all peers: participation, local SGD, (DP,) (MKD,) the mixing rounds.
 
     Args:
@@ -70,6 +85,8 @@ def fl_iteration(state: FLState, key: jax.Array, data: DeviceData,
       privacy: DP's settings, or None (then state.privacy is None too).
       model_dropout: whether the model trains with dropout: then every peer gets its own dropout
         keys (apply_fn(params, x, rng) in training mode).
+      peer_chunk: local training in sequential chunks of this many peers (0 = all at once).
+      mesh: the device mesh the peer axis is sharded over (`marfl_jax.sharding`), or None.
     Returns:
       (new state, info): info holds `member_sizes` (G, N) int32 (each peer's group size per
       round, 0 = absent), `present` (N,) bool (took part in any round), and scalars
@@ -97,7 +114,7 @@ def fl_iteration(state: FLState, key: jax.Array, data: DeviceData,
                     else (None, None))
     params, opt_state, losses = local.peers_local_sgd(
         state.params, state.opt_state, images, labels, updating, dropout_keys[0],
-        apply_fn=apply_fn, optimizer=optimizer)
+        apply_fn=apply_fn, optimizer=optimizer, peer_chunk=peer_chunk)
 
     # -- DP: each aggregating peer clips and noises its update since its reference model.
     aggregating = part.present[0]  # Presence only ends within an iteration: round 0 has all.
@@ -156,7 +173,8 @@ def fl_iteration(state: FLState, key: jax.Array, data: DeviceData,
         "consensus_before": consensus_before,
         "consensus_after": mixing.consensus_distance(params, present),
     }
-    return FLState(params, opt_state, available, privacy_state), info
+    new_state = FLState(params, opt_state, available, privacy_state)
+    return sharding.constrain_peers(new_state, mesh), info
 
 
 def _distill_rounds(params, opt_state, schedule, key, data: DeviceData, weight, *, distillation,
@@ -270,9 +288,18 @@ def run(config: Config, workdir: str | None = None) -> RunResult:
     distillation = config.distillation()
     privacy = config.privacy()
     root_key = jax.random.key(config.seed)
-    state = init_state(model, optimizer, test_images[:1], config.num_peers,
-                       jax.random.fold_in(root_key, 0), churn_model, privacy)
-    one_peer = jax.tree.map(lambda x: x[0], state.params)
+    mesh = sharding.peer_mesh(config.num_peers)  # None on one device.
+    if mesh is not None:
+        data = data._replace(table=sharding.shard_peers(data.table, mesh),
+                             counts=sharding.shard_peers(data.counts, mesh))
+
+    def initial_state():
+        return init_state(model, optimizer, test_images[:1], config.num_peers,
+                          jax.random.fold_in(root_key, 0), churn_model, privacy)
+
+    abstract_state = jax.eval_shape(initial_state)  # Shapes only: nothing allocated yet.
+    one_peer = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype),
+                            abstract_state.params)
     ledger = comm.Ledger(payload_bytes=comm.tree_bytes(one_peer),
                          # DP also averages the smoothed update s.
                          payloads_per_message=algorithm.payloads_per_message + bool(privacy),
@@ -282,15 +309,36 @@ def run(config: Config, workdir: str | None = None) -> RunResult:
                          scalar_bytes=4 if privacy is not None else 0)
     accountant = None if privacy is None else accounting.PrivacyAccountant(
         config.num_peers, config.dp_noise_multiplier, config.privacy_delta)
-    logging.info("model %s: %d parameters, payload %d bytes; algorithm %s (%s): %d rounds",
+    logging.info("model %s: %d parameters, payload %d bytes; algorithm %s (%s): %d rounds%s",
                  config.model, models.count_params(one_peer), ledger.payload_bytes,
-                 algorithm.name, algorithm.description, algorithm.num_rounds)
+                 algorithm.name, algorithm.description, algorithm.num_rounds,
+                 f"; peers sharded over {mesh.size} devices" if mesh is not None else "")
 
+    # -- Compile the iteration for the state's shapes, and refuse a run that would not fit.
     step = jax.jit(functools.partial(
         fl_iteration, algorithm=algorithm, churn_model=churn_model, apply_fn=apply_fn,
         optimizer=optimizer, local_batches=config.local_batches, batch_size=config.batch_size,
-        distillation=distillation, privacy=privacy, model_dropout=model_dropout),
-        donate_argnums=0)
+        distillation=distillation, privacy=privacy, model_dropout=model_dropout,
+        peer_chunk=config.peer_chunk, mesh=mesh), donate_argnums=0)
+    iteration_key = jax.random.fold_in(root_key, 1)
+    compiled = {}
+
+    def compiled_step(distilling: bool):
+        """The compiled iteration (MKD's variant takes lambda as a fourth argument)."""
+        if distilling not in compiled:
+            weight = (jax.ShapeDtypeStruct((), jnp.float32),) if distilling else ()
+            compiled[distilling] = step.lower(sharding.abstract_by_peer(abstract_state, mesh),
+                                              iteration_key, data, *weight).compile()
+        return compiled[distilling]
+
+    estimate = memory.MemoryEstimate(
+        memory.tree_nbytes(abstract_state),
+        memory.tree_nbytes((data, test_images, test_labels)),
+        memory.step_bytes(compiled_step(distillation is not None)))
+    logging.info("memory estimate: %s", estimate.describe())
+    memory.check_fits(estimate, (int(config.memory_limit_gb * memory.GB)
+                                 if config.memory_limit_gb else memory.available_bytes()),
+                      num_peers=config.num_peers, peer_chunk=config.peer_chunk)
     evaluate = jax.jit(functools.partial(local.evaluate_peers, apply_fn=apply_fn))
 
     # -- Resume from the last checkpoint, if any.
@@ -300,7 +348,7 @@ def run(config: Config, workdir: str | None = None) -> RunResult:
     checkpoints = _Checkpoints(os.path.join(workdir, "checkpoints"))
     first_iteration, elapsed_before = 0, 0.0
     if previous is not None and checkpoints.latest() is not None:
-        state, host = checkpoints.restore(state)
+        state, host = checkpoints.restore(abstract_state, mesh)
         first_iteration, elapsed_before = host["iteration"], host["elapsed"]
         for name, value in host["ledger"].items():
             setattr(ledger, name, value)
@@ -309,11 +357,12 @@ def run(config: Config, workdir: str | None = None) -> RunResult:
                 config.num_peers, config.dp_noise_multiplier, config.privacy_delta,
                 host["privacy"])
         logging.info("resuming %s after iteration %d", workdir, first_iteration - 1)
+    else:
+        state = sharding.shard_peers(initial_state(), mesh)
     metrics = _read_rows(os.path.join(workdir, "metrics.jsonl"), first_iteration)
     evaluated = [r for r in metrics if "accuracy" in r]
     reached_at = next((r["iteration"] for r in evaluated
                        if r["accuracy"] >= config.target_accuracy), None)
-    iteration_key = jax.random.fold_in(root_key, 1)
     start -= elapsed_before
 
     # -- The loop: one jitted iteration, then the ledger, evaluation and logging on the host.
@@ -324,7 +373,8 @@ def run(config: Config, workdir: str | None = None) -> RunResult:
         while reached_at is None and t < config.max_iterations:
             distilling = distillation is not None and distillation.active(t)
             weight = (jnp.float32(distillation.weight(t)),) if distilling else ()
-            state, info = step(state, jax.random.fold_in(iteration_key, t), data, *weight)
+            state, info = compiled_step(distilling)(state, jax.random.fold_in(iteration_key, t),
+                                                    data, *weight)
             sizes = np.asarray(info["member_sizes"])
             present = np.asarray(info["present"])
             if distilling and sizes.max(initial=0) > algorithm.max_group_size:
@@ -391,7 +441,7 @@ def run(config: Config, workdir: str | None = None) -> RunResult:
     with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     logging.info("done: %s", json.dumps(summary))
-    return RunResult(summary, metrics)
+    return RunResult(summary, metrics, state)
 
 
 def _check_workdir(config: Config, workdir: str) -> Config | None:
@@ -446,9 +496,13 @@ class _Checkpoints:
             state=args.StandardSave(state), host=args.JsonSave(host)), force=True)
         self._manager.wait_until_finished()
 
-    def restore(self, like: FLState) -> tuple[FLState, dict]:
+    def restore(self, abstract: FLState, mesh=None) -> tuple[FLState, dict]:
+        """The latest state, placed as `sharding.shard_peers` would (one device without mesh)."""
         args = self._ocp.args
-        abstract = jax.tree.map(self._ocp.utils.to_shape_dtype_struct, like)
+        placement = (sharding.by_peer(mesh) if mesh is not None
+                     else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=placement), abstract)
         restored = self._manager.restore(self.latest(), args=args.Composite(
             state=args.StandardRestore(abstract), host=args.JsonRestore()))
         return FLState(*restored["state"]), restored["host"]

@@ -76,19 +76,46 @@ def local_sgd(params, opt_state, images: jax.Array, labels: jax.Array,
     return params, opt_state, losses.mean()
 
 
+def chunked_vmap(fn, chunk: int = 0):
+    """`jax.vmap(fn)` evaluated over the leading axis in sequential chunks of `chunk` peers (a
+    `lax.map` over whole chunks, then one vmapped call on the remainder); 0 = all at once.
+
+    Chunks bound the activation memory to `chunk` peers' worth and keep a chunk's parameters in
+    cache through all of its fused local steps. The results equal `jax.vmap(fn)`'s.
+    """
+    vectorized = jax.vmap(fn)
+
+    def run(*args):
+        n = jax.tree.leaves(args)[0].shape[0]
+        if not chunk or chunk >= n:
+            return vectorized(*args)
+        whole, rest = divmod(n, chunk)
+        split = whole * chunk
+        head = jax.tree.map(lambda x: x[:split].reshape((whole, chunk) + x.shape[1:]), args)
+        out = jax.lax.map(lambda a: vectorized(*a), head)
+        out = jax.tree.map(lambda x: x.reshape((split,) + x.shape[2:]), out)
+        if rest:
+            tail = vectorized(*jax.tree.map(lambda x: x[split:], args))
+            out = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), out, tail)
+        return out
+
+    return run
+
+
 def peers_local_sgd(params, opt_state, images, labels, active, keys=None, *, apply_fn,
-                    optimizer):
+                    optimizer, peer_chunk: int = 0):
     """`local_sgd` for every peer at once; inactive peers keep their state.
 
     Args:
       params, opt_state: pytrees with leading peer axis N.
       images: (N, b, B, ...); labels: (N, b, B); active: (N,) bool.
       keys: (N,) per-peer dropout keys, or None.
+      peer_chunk: process the peers in sequential chunks of this many (0 = all at once).
     Returns:
       (params, opt_state, losses (N,)); the loss of an inactive peer is 0.
     """
-    run = jax.vmap(lambda p, s, x, y, k: local_sgd(p, s, x, y, k, apply_fn=apply_fn,
-                                                   optimizer=optimizer))
+    run = chunked_vmap(lambda p, s, x, y, k: local_sgd(p, s, x, y, k, apply_fn=apply_fn,
+                                                       optimizer=optimizer), peer_chunk)
     new_params, new_state, losses = run(params, opt_state, images, labels, keys)
 
     def keep_inactive(new, old):

@@ -90,7 +90,7 @@ def dp_configs(base: Config, noise_multipliers: Iterable[float]) -> list[Config]
 
 def dp_row(config: Config, result: experiment.RunResult) -> dict:
     """Final accuracy and epsilon (both accountants and the authors' formula) of one run."""
-    summary, metrics = result
+    summary, metrics = result.summary, result.metrics
     clips = [r["dp_clip"] for r in metrics if "dp_clip" in r]
     return {
         "run": os.path.basename(config.workdir),
@@ -115,7 +115,7 @@ def first_reaching(metrics: Sequence[dict], accuracy: float) -> dict | None:
 
 def mkd_row(config: Config, result: experiment.RunResult) -> dict:
     """Bytes and iterations to 50 % and to the target accuracy (iterations counted as done)."""
-    summary, metrics = result
+    summary, metrics = result.summary, result.metrics
     half, target = first_reaching(metrics, 0.5), first_reaching(metrics, config.target_accuracy)
     return {
         "run": os.path.basename(config.workdir),
@@ -135,7 +135,7 @@ def mkd_row(config: Config, result: experiment.RunResult) -> dict:
 
 
 def result_row(config: Config, result: experiment.RunResult) -> dict:
-    summary, metrics = result
+    summary, metrics = result.summary, result.metrics
     reached = summary["iteration_reached_target"]
     is_marfl = config.algorithm == "marfl"
     return {

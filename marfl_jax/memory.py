@@ -1,0 +1,79 @@
+"""Device-memory estimate of a run, made before anything large is allocated.
+
+The stacked state's size comes from `jax.eval_shape` (nothing allocated); the jitted iteration's
+own need comes from XLA's analysis of the compiled step (`memory_analysis()`: its outputs and
+temporaries, less what it writes in place of donated inputs). Their sum, with the device-resident
+data, is compared with the memory available on the device (CPU: the kernel's MemAvailable; GPU:
+its allocator's limit less what is in use), and a run that would not fit is refused with the
+flags that change it.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import numpy as np
+
+from marfl_jax.config import ConfigError
+
+GB = 1e9
+
+
+def tree_nbytes(tree) -> int:
+    """Bytes of all leaves (arrays or ShapeDtypeStructs)."""
+    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+               for x in jax.tree.leaves(tree) if hasattr(x, "dtype"))
+
+
+def available_bytes(device: jax.Device | None = None) -> int | None:
+    """Memory the device can still give, or None when unknown."""
+    device = device or jax.devices()[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+class MemoryEstimate(NamedTuple):
+    state_bytes: int  # The stacked state of all peers.
+    data_bytes: int  # Training data, index tables, test set on the device.
+    step_bytes: int  # What one jitted iteration allocates beyond its donated input.
+
+    @property
+    def total_bytes(self) -> int:
+        return self.state_bytes + self.data_bytes + self.step_bytes
+
+    def describe(self) -> str:
+        return (f"{self.total_bytes / GB:.2f} GB (state {self.state_bytes / GB:.2f} GB, data "
+                f"{self.data_bytes / GB:.2f} GB, one iteration {self.step_bytes / GB:.2f} GB)")
+
+
+def step_bytes(compiled) -> int:
+    """Outputs + temporaries - donated (aliased) bytes of a compiled step; 0 if not reported."""
+    analysis = compiled.memory_analysis()
+    if analysis is None:
+        return 0
+    return max(0, int(analysis.output_size_in_bytes) + int(analysis.temp_size_in_bytes)
+               - int(analysis.alias_size_in_bytes))
+
+
+def check_fits(estimate: MemoryEstimate, limit_bytes: int | None, *, num_peers: int,
+               peer_chunk: int) -> None:
+    """Raises ConfigError naming the flags to change when the estimate exceeds the limit."""
+    if limit_bytes is None or estimate.total_bytes <= limit_bytes:
+        return
+    chunk_hint = ("a smaller --peer_chunk" if peer_chunk else
+                  f"--peer_chunk (e.g. --peer_chunk={max(1, num_peers // 16)}) to bound the "
+                  "activations")
+    raise ConfigError(
+        f"--num_peers={num_peers} needs about {estimate.describe()}, more than the "
+        f"{limit_bytes / GB:.2f} GB available; use {chunk_hint}, fewer --num_peers, or raise "
+        "--memory_limit_gb if the estimate is too cautious")

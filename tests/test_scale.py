@@ -1,0 +1,111 @@
+"""Tests of the scale features: peer chunking, the memory estimate and refusal, and the peer
+axis sharded over several (forced CPU) devices."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from marfl_jax import experiment, local, memory, models
+from marfl_jax.config import Config, ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = Config(model="mlp", num_peers=8, group_size=2, key_dim=3, local_batches=2, batch_size=8,
+              eval_every=1, eval_peers="all", max_iterations=3, target_accuracy=1.0,
+              checkpoint_every=0, dropout=0.3)
+
+
+@pytest.mark.parametrize("chunk", [0, 1, 3, 4, 10, 16])
+def test_chunked_vmap_equals_vmap(chunk):
+    x = jnp.arange(10 * 3, dtype=jnp.float32).reshape(10, 3)
+    tree = {"a": x, "b": (x[:, 0], None)}
+
+    def fn(t):
+        return {"sum": t["a"].sum() * t["b"][0], "twice": 2 * t["a"]}
+
+    chex.assert_trees_all_close(local.chunked_vmap(fn, chunk)(tree), jax.vmap(fn)(tree))
+
+
+def test_chunked_local_training_equals_all_at_once():
+    model = models.get_model("mlp", 10, hidden=(16,))
+    optimizer = local.momentum_sgd(0.1, 0.9)
+    params = jax.vmap(lambda k: model.init(k, jnp.zeros((1, 28, 28, 1)))["params"])(
+        jax.random.split(jax.random.key(0), 7))
+    opt_state = jax.vmap(optimizer.init)(params)
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.normal(size=(7, 2, 4, 28, 28, 1)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 10, size=(7, 2, 4)), jnp.int32)
+    active = jnp.array([1, 1, 0, 1, 1, 1, 0], bool)
+
+    def apply_fn(p, x, rng=None):
+        return model.apply({"params": p}, x)
+
+    whole = local.peers_local_sgd(params, opt_state, images, labels, active, apply_fn=apply_fn,
+                                  optimizer=optimizer)
+    chunked = jax.jit(lambda *a: local.peers_local_sgd(
+        *a, apply_fn=apply_fn, optimizer=optimizer, peer_chunk=3))(
+        params, opt_state, images, labels, active)
+    chex.assert_trees_all_close(chunked, whole, atol=1e-6)
+
+
+def test_run_with_peer_chunk_matches_unchunked(tmp_path):
+    plain = experiment.run(TINY, str(tmp_path / "a")).metrics
+    chunked = experiment.run(dataclasses.replace(TINY, peer_chunk=3), str(tmp_path / "b")).metrics
+    for a, b in zip(plain, chunked, strict=True):
+        assert a["bytes"] == b["bytes"]
+        np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-4)
+
+
+def test_run_that_would_not_fit_is_refused_before_any_work(tmp_path):
+    with pytest.raises(ConfigError, match="--num_peers=8 needs about .* GB .*--peer_chunk"):
+        experiment.run(dataclasses.replace(TINY, memory_limit_gb=1e-6), str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_memory_estimate_parts():
+    tree = {"w": jax.ShapeDtypeStruct((8, 100), jnp.float32), "n": jnp.zeros(3, jnp.int32)}
+    assert memory.tree_nbytes(tree) == 8 * 100 * 4 + 12
+    estimate = memory.MemoryEstimate(2 * 10**9, 10**8, 5 * 10**8)
+    assert estimate.total_bytes == 26 * 10**8 and "state 2.00 GB" in estimate.describe()
+    memory.check_fits(estimate, None, num_peers=8, peer_chunk=0)  # Unknown limit: allowed.
+    available = memory.available_bytes()
+    assert available is None or available > 0
+
+
+SHARDED_RUN = """
+import json, sys
+import jax
+from marfl_jax import experiment
+from marfl_jax.config import Config
+config = Config.from_dict(json.loads(sys.argv[1]))
+result = experiment.run(config, sys.argv[2])
+leaf = jax.tree.leaves(result.state.params)[0]
+print(json.dumps({"devices": jax.device_count(), "rows": result.metrics,
+                  "spec": str(leaf.sharding.spec), "leaf_devices": len(leaf.sharding.device_set),
+                  "shard_rows": leaf.addressable_shards[0].data.shape[0]}))
+"""
+
+
+def test_peers_sharded_over_four_cpu_devices_match_one_device(tmp_path):
+    config = dataclasses.replace(TINY, mkd=True, mkd_iterations=1, mkd_batches=1)
+    single = experiment.run(config, str(tmp_path / "single")).metrics
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               JAX_PLATFORMS="cpu")
+    result = subprocess.run(
+        [sys.executable, "-c", SHARDED_RUN, config.to_json(), str(tmp_path / "sharded")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["devices"] == 4 and out["leaf_devices"] == 4
+    assert out["spec"] == "P('peers',)" and out["shard_rows"] == 2  # 8 peers / 4 devices.
+    for a, b in zip(single, out["rows"], strict=True):
+        assert (a["bytes"], a["present_peers"]) == (b["bytes"], b["present_peers"])
+        np.testing.assert_allclose([a["loss"], a["accuracy"]], [b["loss"], b["accuracy"]],
+                                   rtol=1e-4, atol=1e-4)

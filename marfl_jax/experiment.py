@@ -289,9 +289,13 @@ def run(config: Config, workdir: str | None = None) -> RunResult:
     privacy = config.privacy()
     root_key = jax.random.key(config.seed)
     mesh = sharding.peer_mesh(config.num_peers)  # None on one device.
+    if mesh is None and jax.process_count() > 1:
+        raise ConfigError(f"--num_peers={config.num_peers} must be divisible by the "
+                          f"{jax.device_count()} devices of a multi-process run")
     if mesh is not None:
-        data = data._replace(table=sharding.shard_peers(data.table, mesh),
-                             counts=sharding.shard_peers(data.counts, mesh))
+        data = DeviceData(*sharding.replicate((data.x_train, data.y_train), mesh),
+                          *sharding.shard_peers((data.table, data.counts), mesh))
+        test_images, test_labels = sharding.replicate((test_images, test_labels), mesh)
 
     def initial_state():
         return init_state(model, optimizer, test_images[:1], config.num_peers,
@@ -315,6 +319,13 @@ def run(config: Config, workdir: str | None = None) -> RunResult:
                  f"; peers sharded over {mesh.size} devices" if mesh is not None else "")
 
     # -- Compile the iteration for the state's shapes, and refuse a run that would not fit.
+    def key_at(t: int):
+        """This iteration's key, replicated over the mesh when there is one."""
+        key = jax.random.fold_in(iteration_key, t)
+        if mesh is None:
+            return key
+        return jax.random.wrap_key_data(sharding.replicate(jax.random.key_data(key), mesh))
+
     step = jax.jit(functools.partial(
         fl_iteration, algorithm=algorithm, churn_model=churn_model, apply_fn=apply_fn,
         optimizer=optimizer, local_batches=config.local_batches, batch_size=config.batch_size,
@@ -328,7 +339,7 @@ def run(config: Config, workdir: str | None = None) -> RunResult:
         if distilling not in compiled:
             weight = (jax.ShapeDtypeStruct((), jnp.float32),) if distilling else ()
             compiled[distilling] = step.lower(sharding.abstract_by_peer(abstract_state, mesh),
-                                              iteration_key, data, *weight).compile()
+                                              key_at(0), data, *weight).compile()
         return compiled[distilling]
 
     estimate = memory.MemoryEstimate(
@@ -341,10 +352,15 @@ def run(config: Config, workdir: str | None = None) -> RunResult:
                       num_peers=config.num_peers, peer_chunk=config.peer_chunk)
     evaluate = jax.jit(functools.partial(local.evaluate_peers, apply_fn=apply_fn))
 
-    # -- Resume from the last checkpoint, if any.
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json())
+    # -- Resume from the last checkpoint, if any. (In a multi-process run the first process
+    #    writes the files; the barriers keep the others from reading a file being rewritten.)
+    primary = sharding.is_primary()
+    sharding.barrier("workdir checked")
+    if primary:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json())
+    sharding.barrier("workdir written")
     checkpoints = _Checkpoints(os.path.join(workdir, "checkpoints"))
     first_iteration, elapsed_before = 0, 0.0
     if previous is not None and checkpoints.latest() is not None:
@@ -364,17 +380,19 @@ def run(config: Config, workdir: str | None = None) -> RunResult:
     reached_at = next((r["iteration"] for r in evaluated
                        if r["accuracy"] >= config.target_accuracy), None)
     start -= elapsed_before
+    sharding.barrier("metrics read")
 
     # -- The loop: one jitted iteration, then the ledger, evaluation and logging on the host.
-    with open(os.path.join(workdir, "metrics.jsonl"), "w") as metrics_file:
+    metrics_path = os.path.join(workdir, "metrics.jsonl") if primary else os.devnull
+    with open(metrics_path, "w") as metrics_file:
         for row in metrics:
             metrics_file.write(json.dumps(row) + "\n")
         t = first_iteration
         while reached_at is None and t < config.max_iterations:
             distilling = distillation is not None and distillation.active(t)
-            weight = (jnp.float32(distillation.weight(t)),) if distilling else ()
-            state, info = compiled_step(distilling)(state, jax.random.fold_in(iteration_key, t),
-                                                    data, *weight)
+            weight = (np.float32(distillation.weight(t)),) if distilling else ()
+            state, info = compiled_step(distilling)(state, key_at(t), data, *weight)
+            info = sharding.to_host(info)
             sizes = np.asarray(info["member_sizes"])
             present = np.asarray(info["present"])
             if distilling and sizes.max(initial=0) > algorithm.max_group_size:
@@ -438,8 +456,9 @@ def run(config: Config, workdir: str | None = None) -> RunResult:
     }
     if accountant is not None:
         summary.update(dp_delta=config.privacy_delta, **accountant.epsilons())
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    if primary:
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
     logging.info("done: %s", json.dumps(summary))
     return RunResult(summary, metrics, state)
 
@@ -511,13 +530,13 @@ class _Checkpoints:
 def _evaluate(config, state, present, iteration, evaluate, test_images, test_labels) -> dict:
     peers = select_eval_peers(config, present, iteration)
     if peers is None:
-        weights = jnp.asarray(present, jnp.float32) / max(int(present.sum()), 1)
+        weights = present.astype(np.float32) / max(int(present.sum()), 1)
         if not present.any():
-            weights = jnp.full(present.shape, 1.0 / present.size)
+            weights = np.full(present.shape, 1.0 / present.size, np.float32)
         params = jax.tree.map(lambda x: jnp.tensordot(weights, x, axes=1)[None], state.params)
     else:
-        params = jax.tree.map(lambda x: x[jnp.asarray(peers)], state.params)
-    accuracy, loss = evaluate(params, test_images, test_labels)
+        params = jax.tree.map(lambda x: x[np.asarray(peers)], state.params)
+    accuracy, loss = sharding.to_host(evaluate(params, test_images, test_labels))
     accuracy, loss = np.asarray(accuracy), np.asarray(loss)
     return {"accuracy": float(accuracy.mean()), "loss": float(loss.mean()),
             "accuracy_std": float(accuracy.std()), "accuracy_min": float(accuracy.min()),

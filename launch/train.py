@@ -53,6 +53,10 @@ def main(argv: list[str]) -> None:
     except (ConfigError, data.DataUnavailableError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    if flags.FLAGS.process_id == 0:
+        from marfl_jax import plotting  # Deferred: matplotlib.
+
+        plotting.plot_runs([config.workdir], config.workdir)
 
 
 if __name__ == "__main__":

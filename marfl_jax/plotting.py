@@ -1,8 +1,15 @@
-"""Figures from finished runs (matplotlib, Agg backend: works headless)."""
+"""Figures from finished runs (matplotlib, Agg backend: works headless).
+
+`plot_runs(workdirs, out_dir)` draws any set of finished runs together (accuracy against
+iteration, accuracy against cumulative bytes, group-size and consensus-distance traces); the
+launcher calls it on every run it finishes, and `python -m launch.plot` on any set.
+"""
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections.abc import Sequence
 
 import matplotlib
@@ -96,3 +103,54 @@ def plot_accuracy_vs_iteration(curves: dict[str, Sequence[dict]], path: str) -> 
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_traces(curves: dict[str, Sequence[dict]], path: str) -> None:
+    """Per-iteration traces, one line per run: mean group size, and the consensus distance (mean
+    squared distance of the present peers' parameters from their mean) before and after
+    aggregation (log scale). curves: label -> metrics rows."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for label, rows in curves.items():
+        iterations = [r["iteration"] for r in rows]
+        left.plot(iterations, [r.get("mean_group_size", 0.0) for r in rows], label=label)
+        line, = right.plot(iterations, [max(r.get("consensus_before", 0.0), 1e-30) for r in rows],
+                           label=f"{label}, before")
+        right.plot(iterations, [max(r.get("consensus_after", 0.0), 1e-30) for r in rows],
+                   ls="--", color=line.get_color(), label=f"{label}, after")
+    left.set(xlabel="iteration", ylabel="mean group size", title="Group sizes")
+    right.set(xlabel="iteration", ylabel="consensus distance", yscale="log",
+              title="Disagreement before / after aggregation")
+    for ax in (left, right):
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    """The rows of WORKDIR/metrics.jsonl (a torn last line is dropped)."""
+    rows = []
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return rows
+
+
+def plot_runs(workdirs: Sequence[str], out_dir: str, labels: Sequence[str] | None = None,
+              ) -> list[str]:
+    """Draws the finished runs in `workdirs` together into out_dir: accuracy.png (against
+    iteration), accuracy_vs_bytes.png and traces.png. Labels default to the folder names.
+    Returns the paths written."""
+    labels = list(labels or [os.path.basename(os.path.normpath(w)) for w in workdirs])
+    curves = {label: read_metrics(w) for label, w in zip(labels, workdirs, strict=True)}
+    os.makedirs(out_dir, exist_ok=True)
+    paths = [os.path.join(out_dir, name) for name in
+             ("accuracy.png", "accuracy_vs_bytes.png", "traces.png")]
+    plot_accuracy_vs_iteration(curves, paths[0])
+    plot_accuracy_vs_bytes(curves, paths[1], thresholds=())
+    plot_traces(curves, paths[2])
+    return paths

@@ -76,54 +76,58 @@ def local_sgd(params, opt_state, images: jax.Array, labels: jax.Array,
     return params, opt_state, losses.mean()
 
 
-def chunked_vmap(fn, chunk: int = 0):
-    """`jax.vmap(fn)` evaluated over the leading axis in sequential chunks of `chunk` peers (a
-    `lax.map` over whole chunks, then one vmapped call on the remainder); 0 = all at once.
-
-    Chunks bound the activation memory to `chunk` peers' worth and keep a chunk's parameters in
-    cache through all of its fused local steps. The results equal `jax.vmap(fn)`'s.
-    """
-    vectorized = jax.vmap(fn)
-
-    def run(*args):
-        n = jax.tree.leaves(args)[0].shape[0]
-        if not chunk or chunk >= n:
-            return vectorized(*args)
-        whole, rest = divmod(n, chunk)
-        split = whole * chunk
-        head = jax.tree.map(lambda x: x[:split].reshape((whole, chunk) + x.shape[1:]), args)
-        out = jax.lax.map(lambda a: vectorized(*a), head)
-        out = jax.tree.map(lambda x: x.reshape((split,) + x.shape[2:]), out)
-        if rest:
-            tail = vectorized(*jax.tree.map(lambda x: x[split:], args))
-            out = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), out, tail)
-        return out
-
-    return run
-
-
 def peers_local_sgd(params, opt_state, images, labels, active, keys=None, *, apply_fn,
                     optimizer, peer_chunk: int = 0):
     """`local_sgd` for every peer at once; inactive peers keep their state.
+
+    With `peer_chunk` = C > 0 the peers are trained C at a time in a `fori_loop` that updates the
+    (donated) state in place, chunk after chunk, then the remainder: memory beyond the state is
+    one chunk's gradients and activations, and a chunk's parameters stay in cache through all of
+    its fused local steps. The results equal the all-at-once path's.
 
     Args:
       params, opt_state: pytrees with leading peer axis N.
       images: (N, b, B, ...); labels: (N, b, B); active: (N,) bool.
       keys: (N,) per-peer dropout keys, or None.
-      peer_chunk: process the peers in sequential chunks of this many (0 = all at once).
+      peer_chunk: peers per chunk (0 = all at once).
     Returns:
       (params, opt_state, losses (N,)); the loss of an inactive peer is 0.
     """
-    run = chunked_vmap(lambda p, s, x, y, k: local_sgd(p, s, x, y, k, apply_fn=apply_fn,
-                                                       optimizer=optimizer), peer_chunk)
-    new_params, new_state, losses = run(params, opt_state, images, labels, keys)
+    one_peer = jax.vmap(lambda p, s, x, y, k: local_sgd(p, s, x, y, k, apply_fn=apply_fn,
+                                                        optimizer=optimizer))
 
-    def keep_inactive(new, old):
-        return jnp.where(active.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
+    def update(p, s, x, y, a, k):  # Leaves with a leading axis of some peers.
+        new_p, new_s, losses = one_peer(p, s, x, y, k)
 
-    new_params = jax.tree.map(keep_inactive, new_params, params)
-    new_state = jax.tree.map(keep_inactive, new_state, opt_state)
-    return new_params, new_state, jnp.where(active, losses, 0.0)
+        def keep_inactive(new, old):
+            return jnp.where(a.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
+
+        return (jax.tree.map(keep_inactive, new_p, p), jax.tree.map(keep_inactive, new_s, s),
+                jnp.where(a, losses, 0.0))
+
+    num_peers = active.shape[0]
+    if not peer_chunk or peer_chunk >= num_peers:
+        return update(params, opt_state, images, labels, active, keys)
+    whole, rest = divmod(num_peers, peer_chunk)
+    inputs = (images, labels, active, keys)
+
+    def run_chunk(state, start, size):
+        def take(x):
+            return jax.lax.dynamic_slice_in_dim(x, start, size)
+
+        def put(full, part):
+            return jax.lax.dynamic_update_slice_in_dim(full, part, start, 0)
+
+        p, s, losses = state
+        new = update(*jax.tree.map(take, (p, s)), *jax.tree.map(take, inputs))
+        return jax.tree.map(put, (p, s, losses), new)
+
+    state = (params, opt_state, jnp.zeros(num_peers, jnp.float32))
+    state = jax.lax.fori_loop(0, whole, lambda i, c: run_chunk(c, i * peer_chunk, peer_chunk),
+                              state)
+    if rest:
+        state = run_chunk(state, whole * peer_chunk, rest)
+    return state
 
 
 def evaluate(params, images: jax.Array, labels: jax.Array, *, apply_fn: ApplyFn,

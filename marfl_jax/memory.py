@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 import jax
 import numpy as np
+from absl import logging
 
 from marfl_jax.config import ConfigError
 
@@ -61,6 +62,10 @@ def step_bytes(compiled) -> int:
     analysis = compiled.memory_analysis()
     if analysis is None:
         return 0
+    logging.info("compiled step: arguments %.3f GB, outputs %.3f GB, temporaries %.3f GB, "
+                 "aliased %.3f GB", analysis.argument_size_in_bytes / GB,
+                 analysis.output_size_in_bytes / GB, analysis.temp_size_in_bytes / GB,
+                 analysis.alias_size_in_bytes / GB)
     return max(0, int(analysis.output_size_in_bytes) + int(analysis.temp_size_in_bytes)
                - int(analysis.alias_size_in_bytes))
 

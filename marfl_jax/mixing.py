@@ -32,7 +32,10 @@ def member_group_sizes(group_ids: jax.Array, num_groups: int) -> jax.Array:
     return jnp.where(group_ids >= 0, sizes[jnp.maximum(group_ids, 0)], 0)
 
 
-def group_mean(tree, group_ids: jax.Array, num_groups: int):
+BLOCK_BYTES = 2**28  # Leaves larger than this are averaged in column blocks of at most this.
+
+
+def group_mean(tree, group_ids: jax.Array, num_groups: int, block_bytes: int = BLOCK_BYTES):
     """Replaces each present peer's leaves by the mean over its group.
 
     Args:
@@ -40,22 +43,41 @@ def group_mean(tree, group_ids: jax.Array, num_groups: int):
         integer leaves (e.g. optimizer step counts) are returned unchanged.
       group_ids: (N,) int32, values in [-1, num_groups); -1 = absent (kept as is).
       num_groups: static upper bound on the group ids.
+      block_bytes: a leaf larger than this is averaged in blocks of columns (a `fori_loop`
+        that updates the leaf in place), so the temporaries stay within one block (N = 10,000
+        MLP peers: 16 GB of temporaries without blocks).
     Returns:
       A pytree of the same structure, shapes and dtypes.
     """
+    num_peers = group_ids.shape[0]
     present = group_ids >= 0
     segment = jnp.where(present, group_ids, num_groups)  # Absent peers go to a discarded segment.
     sizes = jax.ops.segment_sum(present.astype(jnp.float32), segment, num_segments=num_groups + 1)
     inverse_sizes = 1.0 / jnp.maximum(sizes, 1.0)
 
+    def mean_columns(x):  # x: (N, P).
+        sums = jax.ops.segment_sum(x, segment, num_segments=num_groups + 1)
+        means = (sums * inverse_sizes.astype(x.dtype)[:, None])[segment]
+        return jnp.where(present[:, None], means, x)
+
     def mean_leaf(x):
         if not jnp.issubdtype(x.dtype, jnp.floating):
             return x
-        sums = jax.ops.segment_sum(x, segment, num_segments=num_groups + 1)
-        scale = inverse_sizes.astype(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
-        means = (sums * scale)[segment]
-        keep = present.reshape((-1,) + (1,) * (x.ndim - 1))
-        return jnp.where(keep, means, x)
+        flat = x.reshape(num_peers, -1)
+        width = flat.shape[1]
+        block = max(1, block_bytes // (num_peers * flat.dtype.itemsize))
+        if block >= width:
+            return mean_columns(flat).reshape(x.shape)
+        whole, rest = divmod(width, block)
+
+        def one_block(i, out):
+            part = jax.lax.dynamic_slice_in_dim(out, i * block, block, axis=1)
+            return jax.lax.dynamic_update_slice_in_dim(out, mean_columns(part), i * block, 1)
+
+        flat = jax.lax.fori_loop(0, whole, one_block, flat)
+        if rest:
+            flat = flat.at[:, whole * block:].set(mean_columns(flat[:, whole * block:]))
+        return flat.reshape(x.shape)
 
     return jax.tree.map(mean_leaf, tree)
 
@@ -81,14 +103,30 @@ def rank_in_group(group_ids: jax.Array, num_groups: int) -> jax.Array:
     return jnp.where(present, rank, 0)
 
 
-def consensus_distance(tree, present: jax.Array) -> jax.Array:
+def consensus_distance(tree, present: jax.Array, block_bytes: int = BLOCK_BYTES) -> jax.Array:
     """Mean over present peers of the squared distance of their parameters from the present peers'
-    mean. tree leaves (N, ...); present (N,) bool. Returns a scalar float32 (0 if nobody)."""
+    mean. tree leaves (N, ...); present (N,) bool. Returns a scalar float32 (0 if nobody).
+    Leaves larger than `block_bytes` are reduced in column blocks (no full-size temporaries)."""
+    num_peers = present.shape[0]
     weights = present.astype(jnp.float32)
     count = jnp.maximum(weights.sum(), 1.0)
+
+    def spread(x):  # x: (N, P) -> sum over present peers and columns of (x - column mean)^2.
+        mean = (x * weights[:, None]).sum(axis=0) / count
+        return (((x - mean) ** 2) * weights[:, None]).sum()
+
     total = jnp.float32(0.0)
     for x in jax.tree.leaves(tree):
-        w = weights.reshape((-1,) + (1,) * (x.ndim - 1))
-        mean = (x * w).sum(axis=0) / count
-        total = total + (((x - mean) ** 2) * w).sum()
+        flat = x.reshape(num_peers, -1).astype(jnp.float32)
+        width = flat.shape[1]
+        block = max(1, block_bytes // (num_peers * 4))
+        if block >= width:
+            total = total + spread(flat)
+            continue
+        whole, rest = divmod(width, block)
+        total = jax.lax.fori_loop(
+            0, whole, lambda i, acc, flat=flat, block=block: acc + spread(
+                jax.lax.dynamic_slice_in_dim(flat, i * block, block, axis=1)), total)
+        if rest:
+            total = total + spread(flat[:, whole * block:])
     return total / count

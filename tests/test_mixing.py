@@ -92,3 +92,17 @@ class ConsensusDistanceTest(chex.TestCase):
     def test_jit(self):
         tree = {"w": jnp.ones((3, 2))}
         self.assertEqual(float(jax.jit(mixing.consensus_distance)(tree, jnp.ones(3, bool))), 0.0)
+
+
+def test_blocked_mean_and_consensus_equal_the_whole_leaf_ones():
+    rng = np.random.default_rng(7)
+    tree = {"a": jnp.asarray(rng.normal(size=(12, 7, 5)), jnp.float32),
+            "b": jnp.asarray(rng.normal(size=(12, 3)), jnp.float32),
+            "n": jnp.arange(12)}
+    ids = jnp.array([0, 0, 1, 1, -1, 2, 2, 2, 0, 1, 3, -1], jnp.int32)
+    small = 12 * 4 * 4  # Four columns per block: blocks plus a remainder.
+    chex.assert_trees_all_close(mixing.group_mean(tree, ids, 4, block_bytes=small),
+                                mixing.group_mean(tree, ids, 4), atol=1e-6)
+    present = ids >= 0
+    np.testing.assert_allclose(mixing.consensus_distance(tree, present, block_bytes=small),
+                               mixing.consensus_distance(tree, present), rtol=1e-6)

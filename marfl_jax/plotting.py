@@ -18,6 +18,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def _save(fig, path: str, axes, which: str = "both") -> None:
+    """Grids and legends on `axes`, then the figure to `path` (closed afterwards)."""
+    for ax in axes:
+        ax.grid(True, which=which, alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot_bytes_per_iteration(rows: Sequence[dict], path: str) -> None:
     """Log-log plot of bytes per iteration against N, one line per algorithm, with N log N and
     N^2 guides anchored at the smallest N. rows: dicts with `algorithm`, `num_peers`,
@@ -39,11 +49,7 @@ def plot_bytes_per_iteration(rows: Sequence[dict], path: str) -> None:
                 label="∝ N²")
     ax.set(xscale="log", yscale="log", xlabel="peers N", ylabel="bytes per iteration",
            title="Communication per FL iteration")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path, [ax])
 
 
 def plot_churn(rows: Sequence[dict], path: str) -> None:
@@ -83,11 +89,7 @@ def plot_accuracy_vs_bytes(curves: dict[str, Sequence[dict]], path: str,
         ax.axhline(level, color="k", lw=0.6, ls=":")
     ax.set(xscale="log", xlabel="cumulative bytes", ylabel="test accuracy",
            title="Accuracy against communication")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path, [ax])
 
 
 def plot_accuracy_vs_iteration(curves: dict[str, Sequence[dict]], path: str) -> None:
@@ -98,11 +100,7 @@ def plot_accuracy_vs_iteration(curves: dict[str, Sequence[dict]], path: str) -> 
         ax.plot([r["iteration"] for r in evaluated], [r["accuracy"] for r in evaluated],
                 marker=".", label=label)
     ax.set(xlabel="iteration", ylabel="test accuracy", title="Accuracy over iterations")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path, [ax], which="major")
 
 
 def plot_traces(curves: dict[str, Sequence[dict]], path: str) -> None:

@@ -142,30 +142,15 @@ def fl_iteration(state: FLState, key: jax.Array, data: DeviceData,
         consensus_before = mixing.consensus_distance(params, present)
         params, opt_state = mixing.mix((params, opt_state), schedule, algorithm.num_groups)
     else:
-        reference = privacy_state.reference
         if distill_weight is not None:  # The post-MKD difference, neither clipped nor noised.
-            noised = jax.tree.map(jnp.subtract, params, reference)
-        smoothed = dp.where_peers(aggregating, dp.smooth(
-            privacy_state.smoothed, noised, privacy.server_momentum), privacy_state.smoothed)
-        shared = dp.where_peers(aggregating, dp.apply_delta(reference, smoothed,
-                                                            privacy.server_lr), params)
-        consensus_before = mixing.consensus_distance(shared, present)
-        shared, opt_state, smoothed, mean_indicator = mixing.mix(
-            (shared, opt_state, smoothed, indicator), schedule, algorithm.num_groups)
-        clip = jnp.where(aggregating, dp.update_clip(clip_key, privacy_state.clip,
-                                                     mean_indicator, num_aggregating, privacy),
-                         privacy_state.clip)
-        params = dp.where_peers(aggregating, shared, params)
-        privacy_state = dp.PrivacyState(dp.where_peers(aggregating, shared, reference),
-                                        smoothed, clip)
-        count = jnp.maximum(num_aggregating, 1)
-        extra_info.update(
-            aggregating=num_aggregating,
-            dp_clip=jnp.where(aggregating, state.privacy.clip, 0).sum() / count,
-            dp_unclipped=jnp.where(aggregating, indicator, 0).sum() / count,
-            dp_update_norm=jnp.where(aggregating, norms, 0).sum() / count)
+            noised = jax.tree.map(jnp.subtract, params, privacy_state.reference)
+        params, opt_state, privacy_state, consensus_before, dp_info = _private_aggregation(
+            params, opt_state, privacy_state, noised, indicator, norms, aggregating, present,
+            schedule, clip_key, privacy=privacy, num_groups=algorithm.num_groups)
+        extra_info.update(dp_info)
 
-    info = {**extra_info,
+    info = {
+        **extra_info,
         "member_sizes": comm.member_sizes(schedule, algorithm.num_groups),
         "present": present,
         "updating_peers": updating.sum(),
@@ -175,6 +160,37 @@ def fl_iteration(state: FLState, key: jax.Array, data: DeviceData,
     }
     new_state = FLState(params, opt_state, available, privacy_state)
     return sharding.constrain_peers(new_state, mesh), info
+
+
+def _private_aggregation(params, opt_state, privacy_state: dp.PrivacyState, update, indicator,
+                         norms, aggregating, present, schedule, key, *, privacy: dp.Privacy,
+                         num_groups: int):
+    """DP's steps 2-4 (see `marfl_jax.dp`): smooth the (noised) update, share theta_ref + eta_s*s,
+    average models, momentum, s and the indicators over the schedule's groups, move each
+    aggregating peer's clip threshold; the averaged model becomes its reference.
+
+    Returns:
+      (params, opt_state, privacy_state, consensus before averaging, info scalars).
+    """
+    reference = privacy_state.reference
+    smoothed = dp.where_peers(aggregating, dp.smooth(
+        privacy_state.smoothed, update, privacy.server_momentum), privacy_state.smoothed)
+    shared = dp.where_peers(aggregating, dp.apply_delta(reference, smoothed, privacy.server_lr),
+                            params)
+    consensus_before = mixing.consensus_distance(shared, present)
+    shared, opt_state, smoothed, mean_indicator = mixing.mix(
+        (shared, opt_state, smoothed, indicator), schedule, num_groups)
+    num_aggregating = aggregating.sum()
+    clip = jnp.where(aggregating, dp.update_clip(key, privacy_state.clip, mean_indicator,
+                                                 num_aggregating, privacy), privacy_state.clip)
+    new_state = dp.PrivacyState(dp.where_peers(aggregating, shared, reference), smoothed, clip)
+    count = jnp.maximum(num_aggregating, 1)
+    info = {"aggregating": num_aggregating,
+            "dp_clip": jnp.where(aggregating, privacy_state.clip, 0).sum() / count,
+            "dp_unclipped": jnp.where(aggregating, indicator, 0).sum() / count,
+            "dp_update_norm": jnp.where(aggregating, norms, 0).sum() / count}
+    return (dp.where_peers(aggregating, shared, params), opt_state, new_state, consensus_before,
+            info)
 
 
 def _distill_rounds(params, opt_state, schedule, key, data: DeviceData, weight, *, distillation,

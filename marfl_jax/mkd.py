@@ -217,6 +217,6 @@ def distill_round(params, opt_state, group_ids: jax.Array, images: jax.Array, la
 
     stats = RoundStats(
         distilled, num_teachers.astype(jnp.int32),
-        jnp.where(distilled, (scores * share).sum(-1), 0.0) / distillation.batches,
+        jnp.where(distilled, (scores * share).sum(-1), 0.0) / images.shape[1],
         jnp.where(distilled, losses, 0.0))
     return jax.tree.map(keep, new_params, params), jax.tree.map(keep, new_state, opt_state), stats

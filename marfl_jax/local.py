@@ -111,22 +111,34 @@ def peers_local_sgd(params, opt_state, images, labels, active, keys=None, *, app
     whole, rest = divmod(num_peers, peer_chunk)
     inputs = (images, labels, active, keys)
 
-    def run_chunk(state, start, size):
+    def train_chunk(state, start, size):
+        """The chunk's new (params, opt_state, losses), leading axis `size`."""
         def take(x):
             return jax.lax.dynamic_slice_in_dim(x, start, size)
 
-        def put(full, part):
-            return jax.lax.dynamic_update_slice_in_dim(full, part, start, 0)
+        p, s, _ = state
+        return update(*jax.tree.map(take, (p, s)), *jax.tree.map(take, inputs))
 
-        p, s, losses = state
-        new = update(*jax.tree.map(take, (p, s)), *jax.tree.map(take, inputs))
-        return jax.tree.map(put, (p, s, losses), new)
+    def write_chunk(state, new, start):
+        return jax.tree.map(lambda full, part: jax.lax.dynamic_update_slice_in_dim(
+            full, part, start, 0), state, new)
+
+    # Chunk i's results are written in step i + 1. Fused straight into the writes, one leaf's
+    # update would read another leaf's old buffer while that is overwritten in place, and XLA
+    # would copy the whole (N, ...) buffers on every chunk (it did with b = 1); carried to the
+    # next step, the results are a buffer of their own, and the writes stay in place.
+    def step(i, carry):
+        state, pending = carry
+        state = write_chunk(state, pending, (i - 1) * peer_chunk)
+        return state, train_chunk(state, i * peer_chunk, peer_chunk)
 
     state = (params, opt_state, jnp.zeros(num_peers, jnp.float32))
-    state = jax.lax.fori_loop(0, whole, lambda i, c: run_chunk(c, i * peer_chunk, peer_chunk),
-                              state)
+    carry = (state, train_chunk(state, 0, peer_chunk))
+    state, pending = jax.lax.fori_loop(1, whole, step, carry)
+    state = write_chunk(state, pending, (whole - 1) * peer_chunk)
     if rest:
-        state = run_chunk(state, whole * peer_chunk, rest)
+        state = write_chunk(state, train_chunk(state, whole * peer_chunk, rest),
+                            whole * peer_chunk)
     return state
 
 

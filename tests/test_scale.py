@@ -4,6 +4,7 @@ axis sharded over several (forced CPU) devices."""
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -22,15 +23,16 @@ TINY = Config(model="mlp", num_peers=8, group_size=2, key_dim=3, local_batches=2
               checkpoint_every=0, dropout=0.3)
 
 
-def test_chunked_local_training_equals_all_at_once():
+@pytest.mark.parametrize("local_batches", [1, 2])
+def test_chunked_local_training_equals_all_at_once(local_batches):
     model = models.get_model("mlp", 10, hidden=(16,))
     optimizer = local.momentum_sgd(0.1, 0.9)
     params = jax.vmap(lambda k: model.init(k, jnp.zeros((1, 28, 28, 1)))["params"])(
         jax.random.split(jax.random.key(0), 7))
     opt_state = jax.vmap(optimizer.init)(params)
     rng = np.random.default_rng(0)
-    images = jnp.asarray(rng.normal(size=(7, 2, 4, 28, 28, 1)), jnp.float32)
-    labels = jnp.asarray(rng.integers(0, 10, size=(7, 2, 4)), jnp.int32)
+    images = jnp.asarray(rng.normal(size=(7, local_batches, 4, 28, 28, 1)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 10, size=(7, local_batches, 4)), jnp.int32)
     active = jnp.array([1, 1, 0, 1, 1, 1, 0], bool)
 
     def apply_fn(p, x, rng=None):
@@ -38,11 +40,50 @@ def test_chunked_local_training_equals_all_at_once():
 
     whole = local.peers_local_sgd(params, opt_state, images, labels, active, apply_fn=apply_fn,
                                   optimizer=optimizer)
-    for chunk in (1, 3, 7):  # 3: two whole chunks and a remainder of one.
+    # 3: two whole chunks and a remainder of one; 5: one whole chunk and a remainder of two.
+    for chunk in (1, 2, 3, 5, 7):
         chunked = jax.jit(lambda *a, c=chunk: local.peers_local_sgd(
             *a, apply_fn=apply_fn, optimizer=optimizer, peer_chunk=c))(
             params, opt_state, images, labels, active)
         chex.assert_trees_all_close(chunked, whole, atol=1e-6)
+
+
+def _while_bodies(hlo: str) -> list[str]:
+    """The texts of the computations that while loops of an HLO module run as bodies."""
+    computations = {}
+    for block in hlo.split("\n\n"):
+        match = re.match(r"\s*(?:ENTRY\s+)?%(\S+)\s", block)
+        if match:
+            computations[match.group(1)] = block
+    return [computations[name] for name in re.findall(r"body=%([\w.\-]+)", hlo)]
+
+
+@pytest.mark.parametrize("local_batches", [1, 4])
+def test_chunk_loop_writes_in_place(local_batches):
+    """No copy of a whole (N, ...) leaf inside the chunk loop: each chunk costs its own work,
+    not a pass over every peer's state (with b = 1 XLA once copied all of it per chunk)."""
+    num_peers, chunk = 32, 4
+    model = models.get_model("mlp", 10, hidden=(16,))
+    optimizer = local.momentum_sgd(0.1, 0.9)
+    params = jax.vmap(lambda k: model.init(k, jnp.zeros((1, 28, 28, 1)))["params"])(
+        jax.random.split(jax.random.key(0), num_peers))
+    opt_state = jax.vmap(optimizer.init)(params)
+    images = jnp.zeros((num_peers, local_batches, 4, 28, 28, 1), jnp.float32)
+    labels = jnp.zeros((num_peers, local_batches, 4), jnp.int32)
+
+    def apply_fn(p, x, rng=None):
+        return model.apply({"params": p}, x)
+
+    step = jax.jit(lambda p, s, x, y: local.peers_local_sgd(
+        p, s, x, y, jnp.ones(num_peers, bool), apply_fn=apply_fn, optimizer=optimizer,
+        peer_chunk=chunk), donate_argnums=(0, 1))
+    hlo = step.lower(params, opt_state, images, labels).compile().as_text()
+    bodies = _while_bodies(hlo)
+    assert bodies, "the chunks no longer run in a loop"
+    whole_leaf = re.compile(rf"= f32\[{num_peers},[^\]]*\][^=]*copy\(")
+    copies = [line.strip() for body in bodies for line in body.splitlines()
+              if whole_leaf.search(line)]
+    assert not copies, copies
 
 
 def test_run_with_peer_chunk_matches_unchunked(tmp_path):

@@ -457,6 +457,12 @@ def run(config: Config, workdir: str | None = None) -> RunResult:
                         "cumulative_metadata_bytes")},
                     **({} if accountant is None else {"privacy": accountant.state()})})
 
+    wall_seconds = round(time.time() - start, 3)
+    summary_path = os.path.join(workdir, "summary.json")
+    if t == first_iteration and os.path.exists(summary_path):
+        # Finished before this call: its time is the one it took then, not this restore's.
+        with open(summary_path) as f:
+            wall_seconds = json.load(f).get("wall_seconds", wall_seconds)
     evaluated = [r for r in metrics if "accuracy" in r]
     summary = {
         "final_accuracy": evaluated[-1]["accuracy"] if evaluated else None,
@@ -468,12 +474,12 @@ def run(config: Config, workdir: str | None = None) -> RunResult:
         "iteration_reached_target": reached_at,
         "bytes_to_target": (metrics[reached_at]["cumulative_bytes"]
                             if reached_at is not None else None),
-        "wall_seconds": round(time.time() - start, 3),
+        "wall_seconds": wall_seconds,
     }
     if accountant is not None:
         summary.update(dp_delta=config.privacy_delta, **accountant.epsilons())
     if primary:
-        with open(os.path.join(workdir, "summary.json"), "w") as f:
+        with open(summary_path, "w") as f:
             json.dump(summary, f, indent=2)
     logging.info("done: %s", json.dumps(summary))
     return RunResult(summary, metrics, state)

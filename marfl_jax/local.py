@@ -108,37 +108,43 @@ def peers_local_sgd(params, opt_state, images, labels, active, keys=None, *, app
     num_peers = active.shape[0]
     if not peer_chunk or peer_chunk >= num_peers:
         return update(params, opt_state, images, labels, active, keys)
-    whole, rest = divmod(num_peers, peer_chunk)
+    num_chunks = -(-num_peers // peer_chunk)
     inputs = (images, labels, active, keys)
 
-    def train_chunk(state, start, size):
-        """The chunk's new (params, opt_state, losses), leading axis `size`."""
-        def take(x):
-            return jax.lax.dynamic_slice_in_dim(x, start, size)
+    def take(x, start):
+        return jax.lax.dynamic_slice_in_dim(x, start, peer_chunk)
 
-        p, s, _ = state
-        return update(*jax.tree.map(take, (p, s)), *jax.tree.map(take, inputs))
+    def chunk_start(i):  # When C does not divide N, the last chunk overlaps the one before.
+        return jnp.minimum(i * peer_chunk, num_peers - peer_chunk)
+
+    def train_chunk(state, i):
+        """Chunk i's new (params, opt_state, losses), leading axis C. Peers of an overlapping
+        last chunk that are already trained are kept as they are."""
+        start = chunk_start(i)
+        p, s, losses = jax.tree.map(lambda x: take(x, start), state)
+        x, y, a, k = jax.tree.map(lambda x: take(x, start), inputs)
+        fresh = start + jnp.arange(peer_chunk) >= i * peer_chunk
+        new_p, new_s, new_losses = update(p, s, x, y, a & fresh, k)
+        return new_p, new_s, jnp.where(fresh, new_losses, losses)
 
     def write_chunk(state, new, start):
         return jax.tree.map(lambda full, part: jax.lax.dynamic_update_slice_in_dim(
             full, part, start, 0), state, new)
 
-    # Chunk i's results are written in step i + 1. Fused straight into the writes, one leaf's
-    # update would read another leaf's old buffer while that is overwritten in place, and XLA
-    # would copy the whole (N, ...) buffers on every chunk (it did with b = 1); carried to the
-    # next step, the results are a buffer of their own, and the writes stay in place.
+    # Chunk i's results are written in step i + 1, inside the loop. Fused straight into the
+    # writes, one leaf's update would read another leaf's old buffer while that is overwritten
+    # in place, and XLA would copy every peer's state on every chunk (it did with b = 1);
+    # carried to the next step, the results are a buffer of their own and the writes stay in
+    # place. Step 0 writes chunk 0 back unchanged.
     def step(i, carry):
         state, pending = carry
-        state = write_chunk(state, pending, (i - 1) * peer_chunk)
-        return state, train_chunk(state, i * peer_chunk, peer_chunk)
+        state = write_chunk(state, pending, chunk_start(jnp.maximum(i - 1, 0)))
+        pending = jax.lax.cond(i < num_chunks, lambda: train_chunk(state, i), lambda: pending)
+        return state, pending
 
     state = (params, opt_state, jnp.zeros(num_peers, jnp.float32))
-    carry = (state, train_chunk(state, 0, peer_chunk))
-    state, pending = jax.lax.fori_loop(1, whole, step, carry)
-    state = write_chunk(state, pending, (whole - 1) * peer_chunk)
-    if rest:
-        state = write_chunk(state, train_chunk(state, whole * peer_chunk, rest),
-                            whole * peer_chunk)
+    unchanged = jax.tree.map(lambda x: take(x, 0), state)
+    state, _ = jax.lax.fori_loop(0, num_chunks + 1, step, (state, unchanged))
     return state
 
 

@@ -1,0 +1,88 @@
+"""Reproduces the MAR-FL paper's experiments and writes REPRODUCTION.md.
+
+    python -m launch.reproduce --scale=small     # MLP, embedded MNIST: within 1 h on 2 CPU cores
+    python -m launch.reproduce --scale=full --data_dir=/path/to/mnist   # the paper's settings
+    python -m launch.reproduce --experiments=baselines,mkd --workdir=runs/repro
+
+Experiments (see `marfl_jax.reproduction`): `baselines` (MNIST, N = 16, 64, 125; MAR-FL,
+FedAvg, AR-FL, RDFL), `churn`, `mkd`, `dp`, `text` (BBC News; 20 Newsgroups with
+`--text_data_dir` or scikit-learn's cache). Runs go to `--workdir/<experiment>/<run>/`, figures
+to `results/reproduction/<scale>/` beside the report. Finished runs are reused, so an
+interrupted reproduction continues where it stopped; the report is rewritten after each
+experiment. A run whose dataset is missing is listed in the report as not run, with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+
+from absl import app, flags, logging
+
+flags.DEFINE_enum("scale", "small", ["small", "full"], "How large: small (MLP on the embedded "
+                  "MNIST) or full (the paper's settings: CNN on the full MNIST).")
+flags.DEFINE_list("experiments", ["baselines", "churn", "mkd", "dp", "text"],
+                  "Which experiments, in order.")
+flags.DEFINE_string("data_dir", "", "MNIST for --scale=full: a folder with the four IDX "
+                    "files, or a TFDS data directory.")
+flags.DEFINE_string("text_data_dir", "", "20 Newsgroups: 20news-bydate.tar.gz or its folder "
+                    "('' = scikit-learn's cache).")
+flags.DEFINE_string("workdir", None, "Where the runs go (default runs/reproduce/<scale>).")
+flags.DEFINE_string("report", None, "The report (default REPRODUCTION.md for small, "
+                    "REPRODUCTION_full.md for full).")
+FLAGS = flags.FLAGS
+
+
+def machine() -> str:
+    import jax
+
+    device = jax.devices()[0]
+    return (f"{platform.machine()} Linux, {os.cpu_count()} CPU cores, JAX {jax.__version__} "
+            f"on {jax.default_backend()} ({device.device_kind}, {jax.device_count()} device(s))")
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    import dataclasses
+
+    from marfl_jax import reproduction
+
+    scale = reproduction.SCALES[FLAGS.scale]
+    if FLAGS.data_dir:
+        scale = dataclasses.replace(
+            scale, mnist=dataclasses.replace(scale.mnist, data_dir=FLAGS.data_dir))
+    workdir = FLAGS.workdir or os.path.join("runs", "reproduce", FLAGS.scale)
+    report = FLAGS.report or ("REPRODUCTION.md" if FLAGS.scale == "small"
+                              else f"REPRODUCTION_{FLAGS.scale}.md")
+    figure_dir = os.path.join(os.path.dirname(os.path.abspath(report)), "results",
+                              "reproduction", FLAGS.scale)
+    try:
+        experiments = reproduction.experiments(scale, workdir, FLAGS.experiments,
+                                               text_data_dir=FLAGS.text_data_dir)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+    logging.set_verbosity(logging.WARNING)
+    command = "python -m launch.reproduce " + " ".join(sys.argv[1:])
+    start, outcomes, description = time.time(), [], machine()
+    for experiment in experiments:
+        print(f"== {experiment.title}: {len(experiment.configs)} runs", flush=True)
+        outcomes.append(reproduction.run_experiment(
+            experiment, figure_dir, on_row=lambda row: print("  ", _brief(row), flush=True)))
+        reproduction.write_report(outcomes, report, scale=scale, command=command.strip(),
+                                  machine=description, wall_seconds=time.time() - start)
+    print(f"wrote {report} ({time.time() - start:.0f} s)")
+
+
+def _brief(row: dict) -> str:
+    keys = ("run", "num_peers", "algorithm", "dropout", "dataset", "final_accuracy",
+            "iterations", "iterations_to_target", "wall_seconds")
+    return "  ".join(f"{k}={row[k]:.4g}" if isinstance(row[k], float) else f"{k}={row[k]}"
+                     for k in keys if k in row)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,558 @@
+"""The MAR-FL paper's experiments as this simulator reproduces them, and the report on them.
+
+An `Experiment` is a list of runs (Configs, each with its own workdir), a row per finished run,
+a table, a figure, the paper's claim it checks and a sentence on what was measured.
+`experiments(scale, ...)` builds the five of the paper for a `Scale`:
+
+* `baselines`: MNIST at N = 16, 64, 125 for MAR-FL, FedAvg, AR-FL and RDFL, to the target;
+* `churn`: N = 64, each aggregating peer dropping out with probability p;
+* `mkd`: N = 64 without and with Moshpit Knowledge Distillation;
+* `dp`: N = 64 without and with differential privacy at several noise multipliers;
+* `text`: the text task (BBC News, embedded; 20 Newsgroups where its corpus is present).
+
+`SCALES["small"]` runs the MLP on the embedded MNIST (a 2-core CPU finishes it within the hour);
+`SCALES["full"]` runs the paper's settings from `launch/configs/` (the CNN on the full MNIST).
+`run_experiments` runs what its data allows (finished runs are reused, so an interrupted
+reproduction picks up where it stopped) and `write_report` writes the Markdown report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+
+from marfl_jax import plotting, studies
+from marfl_jax.config import Config
+from marfl_jax.data import sources
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_DIR = os.path.join(ROOT, "launch", "configs")
+EXPERIMENT_NAMES = ("baselines", "churn", "mkd", "dp", "text")
+
+
+@dataclasses.dataclass(frozen=True)
+class Scale:
+    """How large each experiment is.
+
+    `mnist` is the shared MNIST setting (model, data, B, b, target, budget); with
+    `paper_flagfiles` the MNIST runs at N take their setting from launch/configs/mnist_n{N}.cfg
+    instead (dataset and data_dir still from `mnist`).
+    """
+
+    name: str
+    mnist: Config
+    peer_counts: tuple[int, ...] = (16, 64, 125)
+    algorithms: tuple[str, ...] = ("marfl", "fedavg", "arfl", "rdfl")
+    paper_flagfiles: bool = False
+    study_peers: int = 64  # N of the churn, MKD and DP experiments.
+    dropouts: tuple[float, ...] = (0.0, 0.2, 0.5)
+    churn_algorithms: tuple[str, ...] = ("marfl", "fedavg", "rdfl")
+    mkd_fractions: tuple[float, ...] = (0.4, 1.0)
+    mkd_iterations: int = 8
+    dp_noise_multipliers: tuple[float, ...] = (0.2, 0.5, 1.0)
+    dp_iterations: int = 40
+    text_max_iterations: int = 100  # BBC News.
+    feature_dim: int = 768  # The frozen text encoder's output (the paper's DistilBERT: 768).
+    newsgroups_peer_counts: tuple[int, ...] = (16,)
+    newsgroups_max_iterations: int = 200
+
+
+SCALES = {
+    "small": Scale(
+        name="small",
+        mnist=Config(model="mlp", dataset="mnist10k", local_batches=2, batch_size=16,
+                     target_accuracy=0.9, max_iterations=60, eval_every=2, eval_peers="8",
+                     checkpoint_every=0)),
+    "full": Scale(
+        name="full",
+        mnist=Config(model="cnn", dataset="mnist", target_accuracy=0.95, max_iterations=500,
+                     eval_every=5, eval_peers="8", checkpoint_every=25),
+        paper_flagfiles=True,
+        dropouts=(0.0, 0.1, 0.2, 0.5),
+        dp_iterations=100,
+        text_max_iterations=500,
+        newsgroups_peer_counts=(16, 64, 125),
+        newsgroups_max_iterations=1000),
+}
+
+
+@dataclasses.dataclass
+class Experiment:
+    """One of the paper's experiments: its runs and how to report them.
+
+    Attributes:
+      name: a short id, also the stem of its figure's file.
+      title, claim, setting: the report's heading, the paper's claim it checks, and what was
+        run (one paragraph each).
+      configs: one Config per run (workdirs set).
+      make_row: (config, RunResult) -> a dict, one per run.
+      columns: (row key, column heading) pairs of the report's table.
+      draw: (rows, curves, path) -> None, the figure; curves maps a run's label to its metrics.
+      summarize: rows -> the sentence on what was measured.
+      derive: rows -> None, adds columns that compare runs (None: nothing to add).
+      not_run: runs left out, as (what, why) pairs (missing data).
+    """
+
+    name: str
+    title: str
+    claim: str
+    setting: str
+    configs: list[Config]
+    make_row: Callable
+    columns: tuple[tuple[str, str], ...]
+    draw: Callable[[list[dict], dict[str, list[dict]], str], None]
+    summarize: Callable[[list[dict]], str]
+    derive: Callable[[list[dict]], None] | None = None
+    not_run: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class Outcome:
+    """What running an experiment gave: rows, the figure's path, seconds of all its runs."""
+
+    experiment: Experiment
+    rows: list[dict]
+    figure: str | None
+    run_seconds: float
+
+
+# -- Settings ----------------------------------------------------------------------------------
+
+def config_from_flagfile(path: str, **overrides) -> Config:
+    """The Config a launch flagfile (`--name=value` lines, `#` comments) describes, with
+    `overrides` applied on top. Unknown flags raise ValueError naming the file."""
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    values = {}
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            name, _, value = line.removeprefix("--").partition("=")
+            if name not in fields:
+                raise ValueError(f"{path}: --{name} is not a flag of launch.train")
+            default = fields[name].default
+            values[name] = (value.lower() in ("1", "true") if isinstance(default, bool) else
+                            type(default)(value))
+    return Config(**{**values, **overrides})
+
+
+def mnist_config(scale: Scale, num_peers: int, workdir: str) -> Config:
+    """The MNIST setting at N peers: the paper's flagfile for N, or the scale's shared setting
+    on `studies.moshpit_grid(N)`."""
+    if scale.paper_flagfiles:
+        return config_from_flagfile(
+            os.path.join(CONFIG_DIR, f"mnist_n{num_peers}.cfg"), dataset=scale.mnist.dataset,
+            data_dir=scale.mnist.data_dir, eval_peers=scale.mnist.eval_peers,
+            checkpoint_every=scale.mnist.checkpoint_every, workdir=workdir)
+    m, d, schedule = studies.moshpit_grid(num_peers)
+    return dataclasses.replace(scale.mnist, num_peers=num_peers, group_size=m, key_dim=d,
+                               schedule=schedule, workdir=workdir)
+
+
+def describe(config: Config) -> str:
+    """The setting of a run in one line of flags that matter."""
+    return (f"`--dataset={config.dataset} --model={config.model} --batch_size="
+            f"{config.batch_size} --local_batches={config.local_batches} "
+            f"--target_accuracy={config.target_accuracy:g} --max_iterations="
+            f"{config.max_iterations} --eval_every={config.eval_every}`")
+
+
+# -- The experiments ---------------------------------------------------------------------------
+
+def experiments(scale: Scale, workdir: str, names: Sequence[str] = EXPERIMENT_NAMES,
+                text_data_dir: str = "") -> list[Experiment]:
+    """The experiments `names` at `scale`, runs under `workdir`/<name>/."""
+    makers = {"baselines": _baselines, "churn": _churn, "mkd": _mkd, "dp": _dp,
+              "text": lambda s, w: _text(s, w, text_data_dir)}
+    unknown = [n for n in names if n not in makers]
+    if unknown:
+        raise ValueError(f"--experiments: unknown {', '.join(unknown)}; allowed: "
+                         f"{', '.join(EXPERIMENT_NAMES)}")
+    return [makers[name](scale, os.path.join(workdir, name)) for name in names]
+
+
+RESULT_COLUMNS = (("iterations_to_target", "iterations to target"),
+                  ("bytes_per_iteration", "bytes / iteration"),
+                  ("bytes_to_target", "bytes to target"), ("final_accuracy", "final accuracy"))
+
+
+def _baselines(scale: Scale, workdir: str) -> Experiment:
+    configs = []
+    for n in scale.peer_counts:
+        base = mnist_config(scale, n, workdir)
+        for name in scale.algorithms:
+            configs.append(dataclasses.replace(
+                base, algorithm=name, workdir=os.path.join(workdir, f"n{n}_{name}")).validate())
+    first = configs[0]
+    return Experiment(
+        name="baselines",
+        title="MAR-FL against FedAvg, AR-FL and RDFL on MNIST",
+        claim=("MAR-FL matches the accuracy of centralized FedAvg and of the P2P baselines "
+               "while its communication per iteration grows as O(N log N) instead of the "
+               "O(N^2) of AR-FL and RDFL, so its advantage widens as N grows. Counting as the "
+               "authors do, an AR-FL peer receives N-1 models per iteration and a MAR-FL peer "
+               "G(M-1) (with momentum), e.g. (N-1)/(G(M-1)) = 10.3x fewer messages at N = 125, "
+               "M = 5, G = 3."),
+        setting=(f"N in {{{', '.join(map(str, scale.peer_counts))}}}, algorithms "
+                 f"{', '.join(scale.algorithms)}; {describe(first)}; full participation, IID; "
+                 "MAR-FL on a perfect Moshpit grid (16 = 4x4, 64 = 4x4x4, 125 = 5x5x5)."),
+        configs=configs,
+        make_row=studies.result_row,
+        columns=(("num_peers", "N"), ("algorithm", "algorithm"), *RESULT_COLUMNS,
+                 ("bytes_vs_marfl", "bytes to target / MAR-FL's")),
+        draw=_draw_baselines,
+        summarize=_summarize_baselines,
+        derive=_add_bytes_vs_marfl)
+
+
+def _churn(scale: Scale, workdir: str) -> Experiment:
+    base = mnist_config(scale, scale.study_peers, workdir)
+    configs = studies.churn_configs(base, scale.dropouts, scale.churn_algorithms)
+    return Experiment(
+        name="churn",
+        title="Churn: peers dropping out of the aggregation",
+        claim=("MAR-FL is robust to unreliable peers: with peers dropping out of the "
+               "aggregation it keeps learning (absent peers keep their models and rejoin), "
+               "unlike RDFL, whose relay ring breaks at absent peers."),
+        setting=(f"N = {scale.study_peers}; each aggregating peer drops out with probability "
+                 f"p in {{{', '.join(f'{p:g}' for p in scale.dropouts)}}} for the whole "
+                 f"aggregation; {', '.join(scale.churn_algorithms)}; {describe(base)}."),
+        configs=configs,
+        make_row=studies.result_row,
+        columns=(("algorithm", "algorithm"), ("dropout", "dropout p"), *RESULT_COLUMNS),
+        draw=lambda rows, curves, path: plotting.plot_churn(rows, path),
+        summarize=_summarize_churn)
+
+
+def _mkd(scale: Scale, workdir: str) -> Experiment:
+    base = mnist_config(scale, scale.study_peers, workdir)
+    base = dataclasses.replace(base, eval_every=1)  # Bytes to 50 % need every evaluation.
+    configs = studies.mkd_configs(base, scale.mkd_fractions, scale.mkd_iterations)
+    return Experiment(
+        name="mkd",
+        title="Moshpit Knowledge Distillation",
+        claim=("Distilling from group mates in the first K iterations costs more per "
+               "iteration (weights are exchanged once more: 1.5x the bytes of a plain "
+               "iteration) but reaches the target accuracy with less communication in total."),
+        setting=(f"MAR-FL, N = {scale.study_peers}; without MKD, and with MKD in the first "
+                 f"K = {scale.mkd_iterations} iterations keeping the fraction rho in "
+                 f"{{{', '.join(f'{r:g}' for r in scale.mkd_fractions)}}} of the mates as "
+                 f"teachers (tau = 3, 8 distillation batches); {describe(base)}, evaluated "
+                 "every iteration."),
+        configs=configs,
+        make_row=studies.mkd_row,
+        columns=(("run", "run"), ("iterations_to_50", "iterations to 50 %"),
+                 ("bytes_to_50", "bytes to 50 %"),
+                 ("iterations_to_target", "iterations to target"),
+                 ("bytes_to_target", "bytes to target"), ("mkd_bytes", "MKD bytes"),
+                 ("final_accuracy", "final accuracy")),
+        draw=lambda rows, curves, path: plotting.plot_accuracy_vs_bytes(
+            curves, path, (0.5, base.target_accuracy)),
+        summarize=_summarize_mkd)
+
+
+def _dp(scale: Scale, workdir: str) -> Experiment:
+    base = dataclasses.replace(mnist_config(scale, scale.study_peers, workdir),
+                               target_accuracy=1.0, max_iterations=scale.dp_iterations)
+    configs = studies.dp_configs(base, scale.dp_noise_multipliers)
+    return Experiment(
+        name="dp",
+        title="Differential privacy with adaptive clipping",
+        claim=("Decentralized DP-FedAvg with adaptive clipping trades accuracy for privacy: "
+               "more noise, a smaller epsilon, a lower accuracy. The authors bound epsilon with "
+               "a closed-form RDP expression at a fixed order."),
+        setting=(f"MAR-FL, N = {scale.study_peers}, {scale.dp_iterations} iterations, full "
+                 "participation; without DP and with noise multiplier z in "
+                 f"{{{', '.join(f'{z:g}' for z in scale.dp_noise_multipliers)}}} (initial clip "
+                 "0.1, target quantile 0.5, server lr 0.1, server momentum 0.9, delta = "
+                 f"N^-1.1); {describe(base)}. Epsilon from dp-accounting's RDP and PLD "
+                 "accountants, the authors' formula beside them."),
+        configs=configs,
+        make_row=studies.dp_row,
+        columns=(("run", "run"), ("final_accuracy", "final accuracy"),
+                 ("epsilon_rdp", "epsilon (RDP)"), ("epsilon_pld", "epsilon (PLD)"),
+                 ("epsilon_authors", "epsilon (authors' formula)"),
+                 ("cumulative_bytes", "bytes")),
+        draw=lambda rows, curves, path: plotting.plot_accuracy_vs_iteration(curves, path),
+        summarize=_summarize_dp)
+
+
+def _text(scale: Scale, workdir: str, data_dir: str) -> Experiment:
+    bbc = config_from_flagfile(os.path.join(CONFIG_DIR, "bbc_news.cfg"),
+                               max_iterations=scale.text_max_iterations, checkpoint_every=0,
+                               feature_dim=scale.feature_dim,
+                               feature_cache=os.path.join(workdir, "features"),
+                               workdir=os.path.join(workdir, "bbc_news_n16"))
+    configs, not_run = [bbc.validate()], []
+    for n in scale.newsgroups_peer_counts:
+        config = config_from_flagfile(
+            os.path.join(CONFIG_DIR, f"20ng_n{n}.cfg"), data_dir=data_dir,
+            max_iterations=scale.newsgroups_max_iterations, checkpoint_every=0,
+            feature_dim=scale.feature_dim, feature_cache=os.path.join(workdir, "features"),
+            workdir=os.path.join(workdir, f"20newsgroups_n{n}")).validate()
+        configs.append(config)
+    return Experiment(
+        name="text",
+        title="The text task: a head on frozen text features",
+        claim=("On 20 Newsgroups the paper trains a 56,828-parameter head on frozen 768-d "
+               "DistilBERT features and stops at 50 % accuracy; MAR-FL reaches it like the "
+               "baselines with far fewer bytes."),
+        setting=("BBC News (embedded, 5 classes, N = 16 on a 4x4 grid, target 95 %) and 20 "
+                 f"Newsgroups (N in {{{', '.join(map(str, scale.newsgroups_peer_counts))}}}, "
+                 "the settings of launch/configs/20ng_n*.cfg, target 50 %), both through the "
+                 "frozen LSA encoder (TF-IDF + SVD to 768-d; not DistilBERT) and the paper's "
+                 "head, MAR-FL."),
+        configs=configs,
+        make_row=_text_row,
+        columns=(("dataset", "dataset"), ("num_peers", "N"), *RESULT_COLUMNS),
+        draw=lambda rows, curves, path: plotting.plot_accuracy_vs_bytes(curves, path, (0.5,)),
+        summarize=_summarize_text,
+        not_run=not_run)
+
+
+def _text_row(config: Config, result) -> dict:
+    return {"dataset": config.dataset, **studies.result_row(config, result),
+            "target_accuracy": config.target_accuracy}
+
+
+# -- What the rows say -------------------------------------------------------------------------
+
+def _draw_baselines(rows, curves, path):
+    plotting.plot_bytes_per_iteration(rows, path)
+    largest = max(r["num_peers"] for r in rows)
+    plotting.plot_accuracy_vs_bytes(
+        {label: m for label, m in curves.items() if label.startswith(f"n{largest}_")},
+        path.replace(".png", f"_accuracy_n{largest}.png"), (0.5,))
+
+
+def _growth(rows, name) -> float | None:
+    """The exponent k of bytes per iteration ~ N^k between the smallest and largest N."""
+    points = sorted((r["num_peers"], r["bytes_per_iteration"]) for r in rows
+                    if r["algorithm"] == name)
+    if len(points) < 2 or points[0][0] == points[-1][0]:
+        return None
+    (n0, b0), (n1, b1) = points[0], points[-1]
+    return math.log(b1 / b0) / math.log(n1 / n0)
+
+
+def _add_bytes_vs_marfl(rows) -> None:
+    """Each row's bytes to the target over MAR-FL's at the same N ('' where either missed)."""
+    marfl = {r["num_peers"]: r["bytes_to_target"] for r in rows if r["algorithm"] == "marfl"}
+    for r in rows:
+        mine = marfl.get(r["num_peers"], "")
+        r["bytes_vs_marfl"] = ("" if "" in (mine, r["bytes_to_target"]) or not mine
+                               else r["bytes_to_target"] / mine)
+
+
+def _summarize_baselines(rows) -> str:
+    parts = []
+    largest = max(r["num_peers"] for r in rows)
+    at_largest = [r for r in rows if r["num_peers"] == largest]
+    reached = [r for r in at_largest if r["reached_target"]]
+    if at_largest:
+        accuracies = [r["final_accuracy"] for r in at_largest]
+        parts.append(f"At N = {largest}, {len(reached)} of {len(at_largest)} algorithms reached "
+                     f"the target; final accuracies span {_pct(min(accuracies))} to "
+                     f"{_pct(max(accuracies))}.")
+    for r in at_largest:
+        if r["algorithm"] != "marfl" and r.get("bytes_vs_marfl", "") != "":
+            parts.append(f"{r['algorithm']} needed {r['bytes_vs_marfl']:.2f}x MAR-FL's bytes to "
+                         "the target.")
+    growth = {name: _growth(rows, name) for name in sorted({r["algorithm"] for r in rows})}
+    shown = [f"{name} N^{k:.2f}" for name, k in growth.items() if k is not None]
+    if shown:
+        parts.append(f"Bytes per iteration grew as {', '.join(shown)} between N = "
+                     f"{min(r['num_peers'] for r in rows)} and {largest}.")
+    return " ".join(parts)
+
+
+def _summarize_churn(rows) -> str:
+    parts = []
+    for name in sorted({r["algorithm"] for r in rows}):
+        mine = sorted((r for r in rows if r["algorithm"] == name), key=lambda r: r["dropout"])
+        first, last = mine[0], mine[-1]
+        parts.append(f"{name}: {_pct(first['final_accuracy'])} at p = {first['dropout']:g}, "
+                     f"{_pct(last['final_accuracy'])} at p = {last['dropout']:g} "
+                     f"(target {'reached' if last['reached_target'] else 'not reached'} "
+                     f"at p = {last['dropout']:g}).")
+    return " ".join(parts)
+
+
+def _summarize_mkd(rows) -> str:
+    plain = next((r for r in rows if not r["mkd"]), None)
+    parts = []
+    for r in rows:
+        if not r["mkd"]:
+            continue
+        if plain and plain["bytes_to_target"] != "" and r["bytes_to_target"] != "":
+            change = r["bytes_to_target"] / plain["bytes_to_target"] - 1
+            parts.append(f"MKD with rho = {r['mkd_teacher_fraction']:g} reached the target "
+                         f"after {r['iterations_to_target']} iterations instead of "
+                         f"{plain['iterations_to_target']}, with {change:+.1%} bytes.")
+        else:
+            parts.append(f"MKD with rho = {r['mkd_teacher_fraction']:g}: the target was not "
+                         "reached by both runs, so no bytes-to-target comparison.")
+    return " ".join(parts)
+
+
+def _summarize_dp(rows) -> str:
+    plain = next((r for r in rows if not r["dp"]), None)
+    parts = [f"Without DP: {_pct(plain['final_accuracy'])}." if plain else ""]
+    for r in rows:
+        if r["dp"]:
+            parts.append(f"z = {r['noise_multiplier']:g}: {_pct(r['final_accuracy'])}, "
+                         f"epsilon {_num(r['epsilon_rdp'])} (RDP) / {_num(r['epsilon_pld'])} "
+                         f"(PLD) / {_num(r['epsilon_authors'])} (authors' formula).")
+    return " ".join(p for p in parts if p)
+
+
+def _summarize_text(rows) -> str:
+    return " ".join(
+        f"{r['dataset']} (N = {r['num_peers']}): {_pct(r['final_accuracy'])} after "
+        f"{r['iterations']} iterations, target {_pct(r['target_accuracy'])} "
+        + (f"reached at iteration {r['iterations_to_target']} with {_gb(r['bytes_to_target'])}."
+           if r["reached_target"] else "not reached.") for r in rows)
+
+
+# -- Running -----------------------------------------------------------------------------------
+
+def data_missing(config: Config) -> str | None:
+    """Why `config`'s dataset cannot be loaded here (the loader's message), or None."""
+    try:
+        sources.load_dataset(config.dataset, config.data_dir or None, encoder=config.encoder,
+                             features=config.features, feature_dim=config.feature_dim,
+                             feature_cache=config.feature_cache or None)
+    except sources.DataUnavailableError as error:
+        return str(error)
+    return None
+
+
+def run_experiment(experiment: Experiment, figure_dir: str, on_row=None) -> Outcome:
+    """Runs (or reuses) the experiment's runs whose data is present, draws its figure into
+    figure_dir/<name>.png. Runs whose data is missing move to `experiment.not_run`."""
+    missing = {}
+    for config in experiment.configs:
+        key = (config.dataset, config.data_dir)
+        if key not in missing:
+            missing[key] = data_missing(config)
+    runnable = []
+    for config in experiment.configs:
+        reason = missing[(config.dataset, config.data_dir)]
+        if reason is None:
+            runnable.append(config)
+        else:
+            experiment.not_run.append((os.path.basename(config.workdir), reason))
+    curves = {}
+    rows = studies.run_study(
+        runnable, on_row=on_row, make_row=experiment.make_row,
+        on_result=lambda c, r: curves.update({os.path.basename(c.workdir): r.metrics}))
+    figure = None
+    if rows:
+        if experiment.derive is not None:
+            experiment.derive(rows)
+        os.makedirs(figure_dir, exist_ok=True)
+        figure = os.path.join(figure_dir, f"{experiment.name}.png")
+        experiment.draw(rows, curves, figure)
+    return Outcome(experiment, rows, figure, sum(r["wall_seconds"] for r in rows))
+
+
+# -- The report --------------------------------------------------------------------------------
+
+def _pct(value) -> str:
+    return "-" if value in ("", None) else f"{100 * value:.2f} %"
+
+
+def _gb(value) -> str:
+    return "-" if value in ("", None) else f"{value / 1e9:,.2f} GB"
+
+
+def _num(value) -> str:
+    if value in ("", None):
+        return "-"
+    return "inf" if value == math.inf else f"{value:,.4g}"
+
+
+def _cell(key: str, value) -> str:
+    if value in ("", None):
+        return "-"
+    if key in ("bytes_per_iteration", "bytes_to_target", "bytes_to_50", "mkd_bytes",
+               "cumulative_bytes"):
+        return _gb(value)
+    if "accuracy" in key:
+        return _pct(value)
+    if key == "bytes_vs_marfl":
+        return f"{value:.2f}x"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return _num(value)
+    return str(value)
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]]) -> str:
+    lines = ["| " + " | ".join(heading for _, heading in columns) + " |",
+             "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(key, row.get(key, "")) for key, _ in columns) + " |"
+              for row in rows]
+    return "\n".join(lines)
+
+
+def write_report(outcomes: Sequence[Outcome], path: str, *, scale: Scale, command: str,
+                 machine: str, wall_seconds: float) -> None:
+    """Writes the Markdown report to `path` (figures linked relative to it)."""
+    here = os.path.dirname(os.path.abspath(path))
+    lines = [
+        "# Reproducing the MAR-FL paper",
+        "",
+        "Mulitze, Woisetschläger, Jacobsen: \"MAR-FL: A Communication Efficient Peer-to-Peer "
+        "Federated Learning System\", arXiv 2512.05234 (NeurIPS 2025 AI4NextG workshop).",
+        "",
+        f"Written by `{command}` (scale `{scale.name}`) on {machine}, "
+        f"{time.strftime('%Y-%m-%d')}; {_duration(wall_seconds)} of wall time for this "
+        "invocation (runs finished earlier in the same workdir are reused and their own "
+        "times are listed per experiment). One seed per run. Every figure below was measured "
+        "by that command. The paper's claims are paraphrased from its abstract and its "
+        "description of the algorithms; its own tables were not reachable from this offline "
+        "machine, so no number of the paper's is copied here beside ours. Bytes are what "
+        "would cross the network, counted as the authors count them (each peer receives "
+        "|g|-1 messages of weights and momentum per round).",
+        "",
+    ]
+    not_run = [(o.experiment.title, what, why) for o in outcomes
+               for what, why in o.experiment.not_run]
+    for number, outcome in enumerate(outcomes, 1):
+        experiment = outcome.experiment
+        lines += [f"## {number}. {experiment.title}", "",
+                  f"**The paper's claim.** {experiment.claim}", "",
+                  f"**Setting.** {experiment.setting}", ""]
+        if outcome.rows:
+            lines += [f"**Measured** ({len(outcome.rows)} runs, "
+                      f"{_duration(outcome.run_seconds)} of run time). "
+                      f"{experiment.summarize(outcome.rows)}", "",
+                      markdown_table(outcome.rows, experiment.columns), ""]
+        else:
+            lines += ["**Measured.** Nothing: no run of this experiment could start here.", ""]
+        if outcome.figure:
+            figures = [outcome.figure] + sorted(
+                os.path.join(os.path.dirname(outcome.figure), f)
+                for f in os.listdir(os.path.dirname(outcome.figure))
+                if f.startswith(f"{experiment.name}_") and f.endswith(".png"))
+            lines += [f"![{experiment.title}]({os.path.relpath(f, here)})" for f in figures]
+            lines.append("")
+        for what, why in experiment.not_run:
+            lines += [f"*Not run: `{what}`: {why}*", ""]
+    lines += ["## Not run", ""]
+    lines += ([f"- {title}: `{what}`: {why}" for title, what, why in not_run] if not_run else
+              ["Every experiment of this scale ran."])
+    lines.append("")
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    return f"{minutes} min {seconds:02d} s" if minutes else f"{seconds} s"

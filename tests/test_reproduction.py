@@ -1,0 +1,110 @@
+"""The paper reproduction: flagfile settings, every experiment end to end at a tiny scale, the
+report, and the launcher's refusals."""
+
+import dataclasses
+import glob
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from marfl_jax import reproduction
+from marfl_jax.config import Config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY = reproduction.Scale(
+    name="tiny",
+    mnist=Config(model="mlp", dataset="mnist10k", local_batches=1, batch_size=8,
+                 target_accuracy=0.9, max_iterations=2, eval_every=1, eval_peers="2",
+                 checkpoint_every=0),
+    peer_counts=(16,), algorithms=("marfl", "arfl"), study_peers=8, dropouts=(0.5,),
+    churn_algorithms=("marfl",), mkd_fractions=(1.0,), mkd_iterations=1,
+    dp_noise_multipliers=(0.5,), dp_iterations=2, text_max_iterations=1, feature_dim=16,
+    newsgroups_peer_counts=(16,), newsgroups_max_iterations=1)
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "launch/configs/*.cfg"))))
+def test_every_flagfile_reads_into_a_valid_config(path):
+    config = reproduction.config_from_flagfile(path, workdir="x")
+    config.validate()
+    with open(path) as f:
+        for line in f:
+            if line.startswith("--"):
+                name, value = line.strip()[2:].split("=", 1)
+                assert str(getattr(config, name)).lower() == value.lower(), name
+
+
+def test_flagfile_with_an_unknown_flag_is_refused(tmp_path):
+    path = tmp_path / "bad.cfg"
+    path.write_text("# comment\n--num_peers=16\n--num_pears=3\n")
+    with pytest.raises(ValueError, match="--num_pears is not a flag"):
+        reproduction.config_from_flagfile(str(path))
+
+
+def test_full_scale_takes_the_paper_settings():
+    scale = dataclasses.replace(reproduction.SCALES["full"], mnist=dataclasses.replace(
+        reproduction.SCALES["full"].mnist, data_dir="/data/mnist"))
+    config = reproduction.mnist_config(scale, 125, "w")
+    assert (config.num_peers, config.group_size, config.key_dim) == (125, 5, 3)
+    assert (config.model, config.dataset, config.data_dir) == ("cnn", "mnist", "/data/mnist")
+    assert (config.batch_size, config.local_batches, config.max_iterations) == (64, 4, 500)
+    small = reproduction.mnist_config(reproduction.SCALES["small"], 64, "w")
+    assert (small.group_size, small.key_dim, small.model) == (4, 3, "mlp")
+
+
+def test_unknown_experiment_is_refused():
+    with pytest.raises(ValueError, match="unknown churns; allowed: baselines, churn"):
+        reproduction.experiments(TINY, "w", ["baselines", "churns"])
+
+
+def test_tiny_reproduction_writes_the_report(tmp_path):
+    workdir, figures = str(tmp_path / "runs"), str(tmp_path / "figures")
+    outcomes = [reproduction.run_experiment(e, figures)
+                for e in reproduction.experiments(TINY, workdir)]
+    report = str(tmp_path / "REPRODUCTION.md")
+    reproduction.write_report(outcomes, report, scale=TINY, command="test", machine="here",
+                              wall_seconds=12.0)
+    text = open(report).read()
+
+    by_name = {o.experiment.name: o for o in outcomes}
+    assert [len(by_name[n].rows) for n in reproduction.EXPERIMENT_NAMES] == [2, 1, 2, 2, 1]
+    for outcome in outcomes:
+        assert f"## {outcomes.index(outcome) + 1}. {outcome.experiment.title}" in text
+        assert os.path.exists(outcome.figure)
+        assert os.path.relpath(outcome.figure, str(tmp_path)) in text
+    assert os.path.exists(os.path.join(figures, "baselines_accuracy_n16.png"))
+
+    # Every table row is in the report, with its measured numbers.
+    for outcome in outcomes:
+        for row in outcome.rows:
+            assert reproduction._pct(row["final_accuracy"]) in text
+    baselines = by_name["baselines"].rows
+    assert all(r["iterations"] == 2 for r in baselines)
+    # At N=16 an AR-FL peer receives N-1 = 15 messages, a MAR-FL peer on the 4x4 grid
+    # G(M-1) = 6: the paper's ratio (N-1)/(G(M-1)).
+    per_iteration = {(r["num_peers"], r["algorithm"]): r["bytes_per_iteration"]
+                     for r in baselines}
+    assert per_iteration[(16, "arfl")] * 6 == per_iteration[(16, "marfl")] * 15
+
+    # 20 Newsgroups is absent offline: listed as not run, with what to do.
+    assert by_name["text"].experiment.not_run[0][0] == "20newsgroups_n16"
+    assert re.search(r"Not run.*20newsgroups_n16.*--data_dir", text)
+    assert "12 s of wall time" in text
+
+    # A second pass reuses the finished runs.
+    again = reproduction.run_experiment(reproduction.experiments(TINY, workdir, ["dp"])[0],
+                                        figures)
+    for a, b in zip(again.rows, by_name["dp"].rows, strict=True):
+        assert {k: (a[k], b[k]) for k in a if a[k] != b[k]} == {}
+
+
+def test_launcher_refuses_a_bad_experiment_name(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "launch.reproduce", "--experiments=baselines,bogus",
+         f"--workdir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "--experiments: unknown bogus; allowed: baselines, churn, mkd, dp, text" in (
+        result.stderr)

@@ -93,6 +93,8 @@ class Experiment:
       draw: (rows, curves, path) -> None, the figure; curves maps a run's label to its metrics.
       summarize: rows -> the sentence on what was measured.
       derive: rows -> None, adds columns that compare runs (None: nothing to add).
+      data_flag: the launch.reproduce flag that supplies the experiment's data, named in the
+        reason of a run left out for missing data.
       not_run: runs left out, as (what, why) pairs (missing data).
     """
 
@@ -106,6 +108,7 @@ class Experiment:
     draw: Callable[[list[dict], dict[str, list[dict]], str], None]
     summarize: Callable[[list[dict]], str]
     derive: Callable[[list[dict]], None] | None = None
+    data_flag: str = "--data_dir"
     not_run: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
 
@@ -311,6 +314,7 @@ def _text(scale: Scale, workdir: str, data_dir: str) -> Experiment:
         columns=(("dataset", "dataset"), ("num_peers", "N"), *RESULT_COLUMNS),
         draw=lambda rows, curves, path: plotting.plot_accuracy_vs_bytes(curves, path, (0.5,)),
         summarize=_summarize_text,
+        data_flag="--text_data_dir",
         not_run=not_run)
 
 
@@ -354,10 +358,13 @@ def _summarize_baselines(rows) -> str:
     at_largest = [r for r in rows if r["num_peers"] == largest]
     reached = [r for r in at_largest if r["reached_target"]]
     if at_largest:
-        accuracies = [r["final_accuracy"] for r in at_largest]
+        low, high = (f(r["final_accuracy"] for r in at_largest) for f in (min, max))
         parts.append(f"At N = {largest}, {len(reached)} of {len(at_largest)} algorithms reached "
-                     f"the target; final accuracies span {_pct(min(accuracies))} to "
-                     f"{_pct(max(accuracies))}.")
+                     "the target; " + (
+                         f"all ended at the same accuracy, {_pct(low)} (at full participation "
+                         "every one of them averages exactly, so the models are the same and "
+                         "only the bytes differ)." if low == high else
+                         f"final accuracies span {_pct(low)} to {_pct(high)}."))
     for r in at_largest:
         if r["algorithm"] != "marfl" and r.get("bytes_vs_marfl", "") != "":
             parts.append(f"{r['algorithm']} needed {r['bytes_vs_marfl']:.2f}x MAR-FL's bytes to "
@@ -365,8 +372,11 @@ def _summarize_baselines(rows) -> str:
     growth = {name: _growth(rows, name) for name in sorted({r["algorithm"] for r in rows})}
     shown = [f"{name} N^{k:.2f}" for name, k in growth.items() if k is not None]
     if shown:
-        parts.append(f"Bytes per iteration grew as {', '.join(shown)} between N = "
-                     f"{min(r['num_peers'] for r in rows)} and {largest}.")
+        smallest = min(r["num_peers"] for r in rows)
+        n_log_n = (math.log(largest * math.log(largest) / (smallest * math.log(smallest)))
+                   / math.log(largest / smallest))
+        parts.append(f"Bytes per iteration grew as {', '.join(shown)} between N = {smallest} "
+                     f"and {largest} (N log N would be N^{n_log_n:.2f} over this range).")
     return " ".join(parts)
 
 
@@ -445,6 +455,8 @@ def run_experiment(experiment: Experiment, figure_dir: str, on_row=None) -> Outc
         if reason is None:
             runnable.append(config)
         else:
+            if experiment.data_flag != "--data_dir":
+                reason += f"\n(launch.reproduce: give the data with {experiment.data_flag}.)"
             experiment.not_run.append((os.path.basename(config.workdir), reason))
     curves = {}
     rows = studies.run_study(
@@ -522,15 +534,15 @@ def write_report(outcomes: Sequence[Outcome], path: str, *, scale: Scale, comman
         "|g|-1 messages of weights and momentum per round).",
         "",
     ]
-    not_run = [(o.experiment.title, what, why) for o in outcomes
-               for what, why in o.experiment.not_run]
+    not_run = [run for o in outcomes for run in o.experiment.not_run]
     for number, outcome in enumerate(outcomes, 1):
         experiment = outcome.experiment
         lines += [f"## {number}. {experiment.title}", "",
                   f"**The paper's claim.** {experiment.claim}", "",
                   f"**Setting.** {experiment.setting}", ""]
         if outcome.rows:
-            lines += [f"**Measured** ({len(outcome.rows)} runs, "
+            runs = f"{len(outcome.rows)} run{'s' if len(outcome.rows) > 1 else ''}"
+            lines += [f"**Measured** ({runs}, "
                       f"{_duration(outcome.run_seconds)} of run time). "
                       f"{experiment.summarize(outcome.rows)}", "",
                       markdown_table(outcome.rows, experiment.columns), ""]
@@ -543,14 +555,27 @@ def write_report(outcomes: Sequence[Outcome], path: str, *, scale: Scale, comman
                 if f.startswith(f"{experiment.name}_") and f.endswith(".png"))
             lines += [f"![{experiment.title}]({os.path.relpath(f, here)})" for f in figures]
             lines.append("")
-        for what, why in experiment.not_run:
-            lines += [f"*Not run: `{what}`: {why}*", ""]
+        for whats, why in _by_reason(experiment.not_run):
+            lines += [f"**Not run:** {whats}, because:", "", _quoted(why), ""]
     lines += ["## Not run", ""]
-    lines += ([f"- {title}: `{what}`: {why}" for title, what, why in not_run] if not_run else
-              ["Every experiment of this scale ran."])
+    lines += ([f"- {o.experiment.title}: {whats}" for o in outcomes
+               for whats, _ in _by_reason(o.experiment.not_run)] if not_run else
+              ["Every run of this scale ran."])
     lines.append("")
     with open(path, "w") as f:
         f.write("\n".join(lines))
+
+
+def _by_reason(not_run: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """(the runs left out for one reason, as `a`, `b`, ...; that reason), in first-seen order."""
+    grouped: dict[str, list[str]] = {}
+    for what, why in not_run:
+        grouped.setdefault(why, []).append(f"`{what}`")
+    return [(", ".join(whats), why) for why, whats in grouped.items()]
+
+
+def _quoted(text: str) -> str:
+    return "\n".join("> " + line if line else ">" for line in text.splitlines())
 
 
 def _duration(seconds: float) -> str:

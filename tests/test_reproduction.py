@@ -91,7 +91,10 @@ def test_tiny_reproduction_writes_the_report(tmp_path):
 
     # 20 Newsgroups is absent offline: listed as not run, with what to do.
     assert by_name["text"].experiment.not_run[0][0] == "20newsgroups_n16"
-    assert re.search(r"Not run.*20newsgroups_n16.*--data_dir", text)
+    assert "**Not run:** `20newsgroups_n16`, because:" in text
+    assert re.search(r"> .*--data_dir=PATH.*\n> \(launch.reproduce: give the data with "
+                     r"--text_data_dir.\)", text)
+    assert "- The text task: a head on frozen text features: `20newsgroups_n16`" in text
     assert "12 s of wall time" in text
 
     # A second pass reuses the finished runs.

@@ -164,6 +164,10 @@ def describe(config: Config) -> str:
             f"{config.max_iterations} --eval_every={config.eval_every}`")
 
 
+def _set_of(values: Sequence[float]) -> str:
+    return "{" + ", ".join(f"{v:g}" for v in values) + "}"
+
+
 # -- The experiments ---------------------------------------------------------------------------
 
 def experiments(scale: Scale, workdir: str, names: Sequence[str] = EXPERIMENT_NAMES,
@@ -200,7 +204,7 @@ def _baselines(scale: Scale, workdir: str) -> Experiment:
                "authors do, an AR-FL peer receives N-1 models per iteration and a MAR-FL peer "
                "G(M-1) (with momentum), e.g. (N-1)/(G(M-1)) = 10.3x fewer messages at N = 125, "
                "M = 5, G = 3."),
-        setting=(f"N in {{{', '.join(map(str, scale.peer_counts))}}}, algorithms "
+        setting=(f"N in {_set_of(scale.peer_counts)}, algorithms "
                  f"{', '.join(scale.algorithms)}; {describe(first)}; full participation, IID; "
                  "MAR-FL on a perfect Moshpit grid (16 = 4x4, 64 = 4x4x4, 125 = 5x5x5)."),
         configs=configs,
@@ -222,7 +226,7 @@ def _churn(scale: Scale, workdir: str) -> Experiment:
                "aggregation it keeps learning (absent peers keep their models and rejoin), "
                "unlike RDFL, whose relay ring breaks at absent peers."),
         setting=(f"N = {scale.study_peers}; each aggregating peer drops out with probability "
-                 f"p in {{{', '.join(f'{p:g}' for p in scale.dropouts)}}} for the whole "
+                 f"p in {_set_of(scale.dropouts)} for the whole "
                  f"aggregation; {', '.join(scale.churn_algorithms)}; {describe(base)}."),
         configs=configs,
         make_row=studies.result_row,
@@ -243,7 +247,7 @@ def _mkd(scale: Scale, workdir: str) -> Experiment:
                "iteration) but reaches the target accuracy with less communication in total."),
         setting=(f"MAR-FL, N = {scale.study_peers}; without MKD, and with MKD in the first "
                  f"K = {scale.mkd_iterations} iterations keeping the fraction rho in "
-                 f"{{{', '.join(f'{r:g}' for r in scale.mkd_fractions)}}} of the mates as "
+                 f"{_set_of(scale.mkd_fractions)} of the mates as "
                  f"teachers (tau = 3, 8 distillation batches); {describe(base)}, evaluated "
                  "every iteration."),
         configs=configs,
@@ -270,7 +274,7 @@ def _dp(scale: Scale, workdir: str) -> Experiment:
                "a closed-form RDP expression at a fixed order."),
         setting=(f"MAR-FL, N = {scale.study_peers}, {scale.dp_iterations} iterations, full "
                  "participation; without DP and with noise multiplier z in "
-                 f"{{{', '.join(f'{z:g}' for z in scale.dp_noise_multipliers)}}} (initial clip "
+                 f"{_set_of(scale.dp_noise_multipliers)} (initial clip "
                  "0.1, target quantile 0.5, server lr 0.1, server momentum 0.9, delta = "
                  f"N^-1.1); {describe(base)}. Epsilon from dp-accounting's RDP and PLD "
                  "accountants, the authors' formula beside them."),
@@ -305,7 +309,7 @@ def _text(scale: Scale, workdir: str, data_dir: str) -> Experiment:
                "DistilBERT features and stops at 50 % accuracy; MAR-FL reaches it like the "
                "baselines with far fewer bytes."),
         setting=("BBC News (embedded, 5 classes, N = 16 on a 4x4 grid, target 95 %) and 20 "
-                 f"Newsgroups (N in {{{', '.join(map(str, scale.newsgroups_peer_counts))}}}, "
+                 f"Newsgroups (N in {_set_of(scale.newsgroups_peer_counts)}, "
                  "the settings of launch/configs/20ng_n*.cfg, target 50 %), both through the "
                  "frozen LSA encoder (TF-IDF + SVD to 768-d; not DistilBERT) and the paper's "
                  "head, MAR-FL."),

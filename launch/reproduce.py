@@ -14,6 +14,7 @@ experiment. A run whose dataset is missing is listed in the report as not run, w
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import sys
@@ -45,8 +46,6 @@ def machine() -> str:
 
 def main(argv: list[str]) -> None:
     del argv
-    import dataclasses
-
     from marfl_jax import reproduction
 
     scale = reproduction.SCALES[FLAGS.scale]

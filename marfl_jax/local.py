@@ -81,9 +81,10 @@ def peers_local_sgd(params, opt_state, images, labels, active, keys=None, *, app
     """`local_sgd` for every peer at once; inactive peers keep their state.
 
     With `peer_chunk` = C > 0 the peers are trained C at a time in a `fori_loop` that updates the
-    (donated) state in place, chunk after chunk, then the remainder: memory beyond the state is
-    one chunk's gradients and activations, and a chunk's parameters stay in cache through all of
-    its fused local steps. The results equal the all-at-once path's.
+    (donated) state in place, chunk after chunk (the last one overlapping the one before when C
+    does not divide N): memory beyond the state is one chunk's gradients and activations, and a
+    chunk's parameters stay in cache through all of its fused local steps. The results equal the
+    all-at-once path's.
 
     Args:
       params, opt_state: pytrees with leading peer axis N.

@@ -294,7 +294,7 @@ def _text(scale: Scale, workdir: str, data_dir: str) -> Experiment:
                                feature_dim=scale.feature_dim,
                                feature_cache=os.path.join(workdir, "features"),
                                workdir=os.path.join(workdir, "bbc_news_n16"))
-    configs, not_run = [bbc.validate()], []
+    configs = [bbc.validate()]
     for n in scale.newsgroups_peer_counts:
         config = config_from_flagfile(
             os.path.join(CONFIG_DIR, f"20ng_n{n}.cfg"), data_dir=data_dir,
@@ -318,8 +318,7 @@ def _text(scale: Scale, workdir: str, data_dir: str) -> Experiment:
         columns=(("dataset", "dataset"), ("num_peers", "N"), *RESULT_COLUMNS),
         draw=lambda rows, curves, path: plotting.plot_accuracy_vs_bytes(curves, path, (0.5,)),
         summarize=_summarize_text,
-        data_flag="--text_data_dir",
-        not_run=not_run)
+        data_flag="--text_data_dir")
 
 
 def _text_row(config: Config, result) -> dict:

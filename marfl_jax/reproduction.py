@@ -19,6 +19,7 @@ reproduction picks up where it stopped) and `write_report` writes the Markdown r
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import time
@@ -434,11 +435,17 @@ def _summarize_text(rows) -> str:
 # -- Running -----------------------------------------------------------------------------------
 
 def data_missing(config: Config) -> str | None:
-    """Why `config`'s dataset cannot be loaded here (the loader's message), or None."""
+    """Why `config`'s dataset cannot be loaded here (the loader's message), or None. Probed once
+    per dataset setting in a process, however many experiments use it."""
+    return _probe(config.dataset, config.data_dir, config.encoder, config.features,
+                  config.feature_dim, config.feature_cache)
+
+
+@functools.cache
+def _probe(dataset, data_dir, encoder, features, feature_dim, feature_cache) -> str | None:
     try:
-        sources.load_dataset(config.dataset, config.data_dir or None, encoder=config.encoder,
-                             features=config.features, feature_dim=config.feature_dim,
-                             feature_cache=config.feature_cache or None)
+        sources.load_dataset(dataset, data_dir or None, encoder=encoder, features=features,
+                             feature_dim=feature_dim, feature_cache=feature_cache or None)
     except sources.DataUnavailableError as error:
         return str(error)
     return None

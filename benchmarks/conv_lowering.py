@@ -2,12 +2,13 @@ r"""Which convolution lowering makes the vmapped CNN step fastest on this CPU?
 
 Times one jitted, vmapped SGD step (forward + backward + parameter update) of the paper's MNIST
 CNN over N peers (each with its own parameters and its own batch of B examples) for every
-`marfl_jax.models.CNN.conv_impl`, and prints, per formulation: the median seconds per step over
-the repeats (after compile and one warm-up step), the minimum, examples/s, the achieved GFLOP/s
-(model FLOPs counted analytically: forward = 2 x MACs, training step = 3 x forward), that as a
-percentage of this machine's float32 matmul peak measured in the same run (median of a jitted
-2048x2048 jnp.dot), and the speed ratio against flax `nn.Conv` (the `flax` row: nn.Conv layers,
-same pooling as the others; `flax:reduce_window` is the fully stock network with nn.max_pool).
+lowering of `benchmarks.conv_variants.VariantCNN` (the CNN's `conv_impl`s and those not kept),
+and prints, per formulation: the median seconds per step over the repeats (after compile and one
+warm-up step), the minimum, examples/s, the achieved GFLOP/s (model FLOPs counted analytically:
+forward = 2 x MACs, training step = 3 x forward), that as a percentage of this machine's float32
+matmul peak measured in the same run (median of a jitted 2048x2048 jnp.dot), and the speed ratio
+against flax `nn.Conv` (the `flax` row: nn.Conv layers, same pooling as the others;
+`flax:reduce_window` is the fully stock network with nn.max_pool).
 
 Repeats are interleaved round-robin over the formulations, so a burst of load from another
 process hits all of them alike; the header reports the CPU time other processes used while the
@@ -37,8 +38,8 @@ import subprocess
 import sys
 import time
 
-# Spec = conv_impl[:pool_impl] (pool defaults to models.DEFAULT_POOL_IMPL). The `flax` row is
-# the baseline of the ratios. One spec per conv_impl keeps a default run near 3 minutes here.
+# Spec = conv_impl[:pool_impl] (pool defaults to conv_variants.DEFAULT_POOL_IMPL). The `flax` row
+# is the baseline of the ratios. One spec per conv_impl keeps a default run near 3 minutes here.
 DEFAULT_SPECS = (
     "flax",
     "lax",
@@ -160,7 +161,7 @@ def _run_specs(args, specs):
     import jax.numpy as jnp
     import optax
 
-    from marfl_jax.models import CNN, DEFAULT_POOL_IMPL
+    from benchmarks.conv_variants import DEFAULT_POOL_IMPL, VariantCNN
 
     n, b = args.num_peers, args.batch_size
     x = jax.random.uniform(jax.random.key(1), (n, b, 28, 28, 1), jnp.float32)
@@ -170,7 +171,8 @@ def _run_specs(args, specs):
     entries = []
     for spec in specs:
         conv_impl, _, pool_impl = spec.partition(":")
-        model = CNN(num_classes=10, conv_impl=conv_impl, pool_impl=pool_impl or DEFAULT_POOL_IMPL)
+        model = VariantCNN(num_classes=10, conv_impl=conv_impl,
+                           pool_impl=pool_impl or DEFAULT_POOL_IMPL)
         params = jax.vmap(lambda k, m=model: m.init(k, jnp.zeros((1, 28, 28, 1))))(keys)
 
         def one_peer(p, xb, yb, m=model):

@@ -1,32 +1,20 @@
-"""Tests for marfl_jax.models: parameter counts, every conv / pool formulation against XLA's
-convolution and flax's stock layers (outputs and gradients), shapes, vmap over a peer axis."""
+"""Tests for marfl_jax.models: parameter counts, the CNN with every conv / pool lowering (the
+package's and benchmarks.conv_variants') against flax's stock layers (outputs and gradients),
+shapes, vmap over a peer axis, the model registry."""
 
 import chex
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl.testing import parameterized
-from jax import lax
 
-from marfl_jax import models
-from marfl_jax.models import (
-    CNN,
-    CONV_IMPLS,
-    DEFAULT_CONV_IMPL,
-    MLP,
-    POOL_IMPLS,
-    conv_valid,
-    count_params,
-    get_model,
-    max_pool_2x2,
-)
+from benchmarks.conv_variants import POOL_IMPLS, VARIANT_CONV_IMPLS, VariantCNN
+from marfl_jax.models import CNN, CONV_IMPLS, DEFAULT_CONV_IMPL, MLP, count_params, get_model
 
 # float32 tolerances: outputs are O(1); gradients are sums of up to ~10^4 float32 products.
 RTOL, ATOL = 1e-5, 1e-5
 GRAD_RTOL, GRAD_ATOL = 1e-4, 1e-5
-CONV_FNS = [c for c in CONV_IMPLS if c != "fused"]  # 'fused' is a whole-network formulation
 
 
 def _normal(seed, shape):
@@ -116,70 +104,16 @@ def test_mlp_param_count():
 
 def test_param_tree_and_init_identical_for_every_conv_impl(cnn_params):
     x = jnp.zeros((1, 28, 28, 1))
-    ref = jax.eval_shape(CNN(conv_impl="flax").init, jax.random.key(7), x)
-    for impl in CONV_IMPLS:
-        got = jax.eval_shape(CNN(conv_impl=impl).init, jax.random.key(7), x)
+    ref = jax.eval_shape(VariantCNN(conv_impl="flax").init, jax.random.key(7), x)
+    for model in [CNN(conv_impl=c) for c in CONV_IMPLS] + [
+        VariantCNN(conv_impl=c) for c in VARIANT_CONV_IMPLS
+    ]:
+        got = jax.eval_shape(model.init, jax.random.key(7), x)
         chex.assert_trees_all_equal_shapes_and_dtypes(got, ref)
         assert jax.tree.structure(got) == jax.tree.structure(ref)
     # Same values too: nn.Conv and ConvParams draw from the same named RNG streams.
-    flax_params = jax.jit(CNN(conv_impl="flax").init)(jax.random.key(7), x)
+    flax_params = jax.jit(VariantCNN(conv_impl="flax").init)(jax.random.key(7), x)
     chex.assert_trees_all_equal(cnn_params, flax_params)
-
-
-# ---------------------------------------------------------------------- convolution primitive
-
-
-def _jit_vjp(fn, primals, cotangent):
-    """(fn(*primals), vjp(cotangent)) computed in one jitted call (eager autodiff is slow)."""
-
-    def run(primals, cotangent):
-        y, vjp = jax.vjp(fn, *primals)
-        return y, vjp(cotangent)
-
-    return jax.jit(run)(primals, cotangent)
-
-
-def _lax_conv(x, k):
-    dnums = ("NHWC", "HWIO", "NHWC")
-    return lax.conv_general_dilated(x, k, (1, 1), "VALID", dimension_numbers=dnums)
-
-
-@pytest.mark.parametrize("impl", CONV_FNS)
-@pytest.mark.parametrize("cin,cout,kh,kw", [(1, 4, 3, 3), (3, 5, 3, 3), (2, 3, 2, 3)])
-def test_conv_valid_matches_lax_conv(impl, cin, cout, kh, kw):
-    x = _normal(1, (2, 7, 6, cin))
-    k = _normal(2, (kh, kw, cin, cout))
-    g = _normal(3, (2, 7 - kh + 1, 6 - kw + 1, cout))
-    y_ref, d_ref = _jit_vjp(_lax_conv, (x, k), g)
-    y, d = _jit_vjp(lambda a, b: conv_valid(a, b, impl), (x, k), g)
-    chex.assert_shape(y, y_ref.shape)
-    chex.assert_trees_all_close(y, y_ref, rtol=RTOL, atol=ATOL)
-    chex.assert_trees_all_close(d, d_ref, rtol=GRAD_RTOL, atol=GRAD_ATOL)
-
-
-def test_im2col_gather_vjp_is_col2im():
-    x = _normal(4, (2, 6, 5, 3))
-    g = _normal(5, (2, 4, 3, 27))
-    p, d = _jit_vjp(lambda a: models.im2col_gather(a, 3, 3), (x,), g)
-    p_ref, d_ref = _jit_vjp(lambda a: models._im2col_slices(a, 3, 3), (x,), g)
-    chex.assert_trees_all_equal(p, p_ref)
-    chex.assert_trees_all_close(d, d_ref, rtol=RTOL, atol=ATOL)
-
-
-@pytest.mark.parametrize("impl", POOL_IMPLS)
-def test_max_pool_matches_flax(impl):
-    # Integer-valued inputs: many exact ties inside windows.
-    x = jnp.round(2 * _normal(6, (2, 8, 6, 3)))
-    g = _normal(7, (2, 4, 3, 3))
-    ref = lambda a: nn.max_pool(a, (2, 2), strides=(2, 2))  # noqa: E731
-    y_ref, (d_ref,) = _jit_vjp(ref, (x,), g)
-    y, (d,) = _jit_vjp(lambda a: max_pool_2x2(a, impl), (x,), g)
-    chex.assert_trees_all_equal(y, y_ref)
-    if impl in ("first_max", "reduce_window"):  # same tie rule as select_and_scatter
-        chex.assert_trees_all_equal(d, d_ref)
-    else:  # ties split: same total per window
-        sums = lambda d: d.reshape(2, 4, 2, 3, 2, 3).sum(axis=(2, 4))  # noqa: E731
-        chex.assert_trees_all_close(sums(d), sums(d_ref), rtol=RTOL, atol=ATOL)
 
 
 # ----------------------------------------------------------------------------- whole network
@@ -188,7 +122,7 @@ def test_max_pool_matches_flax(impl):
 @pytest.fixture(scope="module")
 def reference(cnn_params):
     """Stock flax network (nn.Conv, nn.max_pool), its params (positive biases), data, outputs."""
-    model = CNN(conv_impl="flax", pool_impl="reduce_window")
+    model = VariantCNN(conv_impl="flax", pool_impl="reduce_window")
     x = _mnist_like(10, 3)
     labels = jnp.array([1, 7, 3])
     params = _params_with_positive_biases(cnn_params)
@@ -196,9 +130,12 @@ def reference(cnn_params):
     return dict(params=params, x=x, labels=labels, logits=logits, grads=grads)
 
 
-@pytest.mark.parametrize("impl", CONV_IMPLS)
-def test_cnn_matches_stock_flax_outputs_and_grads(impl, reference):
-    model = CNN(conv_impl=impl)  # default pool_impl
+@pytest.mark.parametrize(
+    "model",
+    [CNN(conv_impl=c) for c in CONV_IMPLS] + [VariantCNN(conv_impl=c) for c in VARIANT_CONV_IMPLS],
+    ids=lambda m: f"{type(m).__name__}-{m.conv_impl}",
+)
+def test_cnn_matches_stock_flax_outputs_and_grads(model, reference):
     r = reference
     logits, grads = _logits_and_grads(model, r["params"], r["x"], r["labels"])
     chex.assert_shape(logits, (3, 10))
@@ -209,7 +146,7 @@ def test_cnn_matches_stock_flax_outputs_and_grads(impl, reference):
 
 @pytest.mark.parametrize("pool_impl", POOL_IMPLS)
 def test_cnn_pool_impls_match(pool_impl, reference):
-    model = CNN(conv_impl=DEFAULT_CONV_IMPL, pool_impl=pool_impl)
+    model = VariantCNN(conv_impl=DEFAULT_CONV_IMPL, pool_impl=pool_impl)
     r = reference
     logits, grads = _logits_and_grads(model, r["params"], r["x"], r["labels"])
     chex.assert_trees_all_close(logits, r["logits"], rtol=RTOL, atol=ATOL)
@@ -233,7 +170,7 @@ def test_output_shapes(model, x, out):
     chex.assert_type(y, jnp.float32)
 
 
-@pytest.mark.parametrize("impl", [DEFAULT_CONV_IMPL, "flax"])
+@pytest.mark.parametrize("impl", [DEFAULT_CONV_IMPL, "lax"])
 def test_vmap_over_peer_axis_of_stacked_params(impl, cnn_params):
     """The simulator's use: different params and data per peer, vmapped apply and grad."""
     model = CNN(conv_impl=impl)
@@ -280,7 +217,7 @@ class ApplyVariantsTest(chex.TestCase):
 def test_get_model():
     assert isinstance(get_model("cnn", 10), CNN)
     assert get_model("cnn", 10).conv_impl == DEFAULT_CONV_IMPL
-    assert get_model("cnn", 10, conv_impl="flax").conv_impl == "flax"
+    assert get_model("cnn", 10, conv_impl="lax").conv_impl == "lax"
     mlp = get_model("mlp", 20, hidden=[64, 32])
     assert isinstance(mlp, MLP) and mlp.hidden == (64, 32) and mlp.num_classes == 20
 
@@ -290,8 +227,9 @@ def test_get_model():
     [
         ("resnet", {}, r"--model.*'cnn'.*'mlp'.*'resnet'"),
         ("cnn", {"conv_impl": "winograd"}, r"conv_impl.*'gather'.*'winograd'"),
-        ("cnn", {"pool_impl": "avg"}, r"pool_impl.*'avg'"),
-        ("cnn", {"hidden": (3,)}, r"--model=cnn.*hidden"),
+        ("cnn", {"conv_impl": "flax"}, r"conv_impl.*'lax'.*'flax'"),  # benchmarks only
+        ("cnn", {"hidden": (3,)}, r"--model=cnn takes keywords conv_impl; got unknown hidden"),
+        ("mlp", {"dropout": 0.1}, r"--model=mlp.*unknown dropout"),
         ("mlp", {"hidden": (0,)}, r"hidden sizes"),
     ],
 )
@@ -301,10 +239,16 @@ def test_get_model_errors(name, kwargs, match):
 
 
 def test_bad_conv_impl_on_module_raises():
+    x = jnp.zeros((1, 28, 28, 1))
     with pytest.raises(ValueError, match="conv_impl"):
-        jax.eval_shape(CNN(conv_impl="nope").init, jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+        jax.eval_shape(CNN(conv_impl="nope").init, jax.random.key(0), x)
+    with pytest.raises(ValueError, match="conv_impl"):
+        jax.eval_shape(CNN(conv_impl="fused").init, jax.random.key(0), x)  # benchmarks only
+    with pytest.raises(ValueError, match="pool_impl"):
+        jax.eval_shape(VariantCNN(pool_impl="avg").init, jax.random.key(0), x)
     with pytest.raises(ValueError, match="1 input channel"):
-        jax.eval_shape(CNN(conv_impl="fused").init, jax.random.key(0), jnp.zeros((1, 28, 28, 3)))
+        jax.eval_shape(VariantCNN(conv_impl="fused").init, jax.random.key(0),
+                       jnp.zeros((1, 28, 28, 3)))
 
 
 def test_count_params_on_arrays_and_shapes():

@@ -1,4 +1,4 @@
-"""Flax models of MAR-FL: the paper's MNIST CNN, an MLP and the text head.
+"""Flax models of MAR-FL: the paper's MNIST CNN, an MLP and the text head, by `--model` name.
 
 Every model is a plain flax.linen module: `params = model.init(key, x)`, `model.apply(params, x)`.
 The simulator stacks N peers' params on a leading peer axis and trains them with
@@ -10,10 +10,14 @@ The CNN's convolutions (`CNN.conv_impl`, lowered by `marfl_jax.layers`, one para
 GPUs). Conv2's bias and ReLU follow the 2x2 max pool, whose custom VJP is nn.max_pool's gradient.
 Measurements, and the lowerings tried and dropped: benchmarks/RESULTS.md, "CNN convolution
 lowering".
+
+`MODELS` maps each `--model` name to a factory `factory(num_classes, **kwargs) -> nn.Module`;
+registering one makes `get_model` build it.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,8 +28,7 @@ import numpy as np
 
 from marfl_jax import layers
 from marfl_jax.layers import CONV_IMPLS, DEFAULT_CONV_IMPL, ConvParams
-
-MODEL_NAMES = ("cnn", "mlp", "text_head")
+from marfl_jax.registry import Registry
 
 
 def _as_images(x: jax.Array) -> jax.Array:
@@ -121,40 +124,68 @@ def uses_dropout(model: nn.Module) -> bool:
     return isinstance(model, TextHead) and model.dropout > 0
 
 
-def get_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
-    """Builds a model by flag name.
-
-    Args:
-      name: the --model value: 'cnn', 'mlp' or 'text_head'.
-      num_classes: size of the logits.
-      **kwargs: module attributes: CNN(conv_impl=...), MLP(hidden=...),
-        TextHead(hidden=..., dropout=...).
-    Raises:
-      ValueError: unknown name, unknown keyword, or a bad conv_impl / hidden.
-    """
-    if name not in MODEL_NAMES:
-        raise ValueError(
-            f"--model must be one of {', '.join(map(repr, MODEL_NAMES))}; got {name!r}"
-        )
-    if int(num_classes) < 1:
-        raise ValueError(f"num_classes must be >= 1; got {num_classes}")
-    cls = {"cnn": CNN, "mlp": MLP, "text_head": TextHead}[name]
-    allowed = {"cnn": ("conv_impl",), "mlp": ("hidden",), "text_head": ("hidden", "dropout")}[name]
-    unknown = sorted(set(kwargs) - set(allowed))
-    if unknown:
-        raise ValueError(
-            f"--model={name} takes keywords {', '.join(allowed)}; got unknown {', '.join(unknown)}"
-        )
-    if name == "cnn":
-        layers.check_choice(kwargs.get("conv_impl", DEFAULT_CONV_IMPL), CONV_IMPLS, "conv_impl")
-    elif name == "mlp":
-        hidden = tuple(int(h) for h in kwargs.get("hidden", (200,)))
-        if any(h < 1 for h in hidden):
-            raise ValueError(f"hidden sizes must be >= 1; got {hidden}")
-        kwargs["hidden"] = hidden
-    return cls(num_classes=int(num_classes), **kwargs)
-
-
 def count_params(params: Any) -> int:
     """Total number of scalars in a (single-peer) params pytree; works on ShapeDtypeStructs."""
     return int(sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(params)))
+
+
+# --------------------------------------------------------------------------------------------
+# The registry: --model name -> factory(num_classes, **kwargs) -> nn.Module.
+# --------------------------------------------------------------------------------------------
+
+MODELS: Registry = Registry("model")
+
+
+@MODELS.register("cnn")
+def _cnn(num_classes: int, *, conv_impl: str = DEFAULT_CONV_IMPL) -> nn.Module:
+    layers.check_choice(conv_impl, CONV_IMPLS, "conv_impl")
+    return CNN(num_classes=num_classes, conv_impl=conv_impl)
+
+
+@MODELS.register("mlp")
+def _mlp(num_classes: int, *, hidden: Sequence[int] = MLP.hidden) -> nn.Module:
+    hidden = tuple(int(h) for h in hidden)
+    if any(h < 1 for h in hidden):
+        raise ValueError(f"hidden sizes must be >= 1; got {hidden}")
+    return MLP(num_classes=num_classes, hidden=hidden)
+
+
+@MODELS.register("text_head")
+def _text_head(num_classes: int, *, hidden: int = TextHead.hidden,
+               dropout: float = TextHead.dropout) -> nn.Module:
+    return TextHead(num_classes=num_classes, hidden=hidden, dropout=dropout)
+
+
+# The built-in names, for compatibility; MODELS.names() also lists models registered later.
+MODEL_NAMES = MODELS.names()
+
+
+def _check_keywords(name: str, factory: Any, kwargs: dict[str, Any]) -> None:
+    """ValueError naming the unknown keywords unless `factory` accepts all of kwargs."""
+    params = list(inspect.signature(factory).parameters.values())[1:]  # after num_classes
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return
+    allowed = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        takes = f"keywords {', '.join(allowed)}" if allowed else "no keywords"
+        raise ValueError(f"--model={name} takes {takes}; got unknown {', '.join(unknown)}")
+
+
+def get_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
+    """Builds a model by flag name: `MODELS.get(name)(num_classes, **kwargs)`.
+
+    Args:
+      name: the --model value: 'cnn', 'mlp', 'text_head' or a name registered in MODELS.
+      num_classes: size of the logits.
+      **kwargs: the factory's keywords: cnn(conv_impl=...), mlp(hidden=...),
+        text_head(hidden=..., dropout=...).
+    Raises:
+      ValueError: unknown name (a registry ConfigError), num_classes < 1, unknown keyword, or a
+        bad conv_impl / hidden.
+    """
+    factory = MODELS.get(name)
+    if int(num_classes) < 1:
+        raise ValueError(f"num_classes must be >= 1; got {num_classes}")
+    _check_keywords(name, factory, kwargs)
+    return factory(int(num_classes), **kwargs)

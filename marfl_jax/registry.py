@@ -7,8 +7,8 @@ launcher's flags, `Config.validate()`, the studies) without editing any list:
     from marfl_jax import models
 
     @models.MODELS.register("tiny_mlp")
-    def tiny_mlp(num_classes, config):
-        return MyFlaxModule(num_classes)
+    def tiny_mlp(num_classes, *, width=32):
+        return MyFlaxModule(num_classes, width)
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@ package's and benchmarks.conv_variants') against flax's stock layers (outputs an
 shapes, vmap over a peer axis, the model registry."""
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 from absl.testing import parameterized
 
 from benchmarks.conv_variants import POOL_IMPLS, VARIANT_CONV_IMPLS, VariantCNN
+from marfl_jax import models
 from marfl_jax.models import CNN, CONV_IMPLS, DEFAULT_CONV_IMPL, MLP, count_params, get_model
 
 # float32 tolerances: outputs are O(1); gradients are sums of up to ~10^4 float32 products.
@@ -225,7 +227,7 @@ def test_get_model():
 @pytest.mark.parametrize(
     "name,kwargs,match",
     [
-        ("resnet", {}, r"--model.*'cnn'.*'mlp'.*'resnet'"),
+        ("resnet", {}, r"--model='resnet'.*cnn, mlp, text_head"),
         ("cnn", {"conv_impl": "winograd"}, r"conv_impl.*'gather'.*'winograd'"),
         ("cnn", {"conv_impl": "flax"}, r"conv_impl.*'lax'.*'flax'"),  # benchmarks only
         ("cnn", {"hidden": (3,)}, r"--model=cnn takes keywords conv_impl; got unknown hidden"),
@@ -249,6 +251,42 @@ def test_bad_conv_impl_on_module_raises():
     with pytest.raises(ValueError, match="1 input channel"):
         jax.eval_shape(VariantCNN(conv_impl="fused").init, jax.random.key(0),
                        jnp.zeros((1, 28, 28, 3)))
+
+
+def test_registry_lists_the_builtin_models():
+    assert models.MODELS.names() == ("cnn", "mlp", "text_head")
+    assert models.MODEL_NAMES == models.MODELS.names()
+    assert isinstance(get_model("text_head", 20), models.TextHead)
+
+
+def test_registered_model_is_built_by_get_model():
+    class Tiny(nn.Module):
+        num_classes: int
+        width: int = 3
+
+        @nn.compact
+        def __call__(self, x):
+            x = jnp.asarray(x, jnp.float32).reshape(x.shape[0], -1)
+            return nn.Dense(self.num_classes)(nn.relu(nn.Dense(self.width)(x)))
+
+    @models.MODELS.register("tiny_test_model")
+    def tiny(num_classes, *, width=3):
+        return Tiny(num_classes=num_classes, width=width)
+
+    try:
+        model = get_model("tiny_test_model", 4, width=5)
+        assert isinstance(model, Tiny) and model.width == 5 and model.num_classes == 4
+        params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((2, 6)))
+        assert count_params(params) == 6 * 5 + 5 + 5 * 4 + 4
+        with pytest.raises(ValueError, match="--model=tiny_test_model takes keywords width"):
+            get_model("tiny_test_model", 4, depth=2)
+        with pytest.raises(ValueError, match="already registered"):
+            models.MODELS.register("tiny_test_model", tiny)
+    finally:
+        models.MODELS.unregister("tiny_test_model")
+    assert "tiny_test_model" not in models.MODELS
+    with pytest.raises(ValueError, match="--model='tiny_test_model'"):
+        get_model("tiny_test_model", 4)
 
 
 def test_count_params_on_arrays_and_shapes():

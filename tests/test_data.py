@@ -1,5 +1,5 @@
-"""Tests of marfl_jax.data: sources, the dataset registry, partitioning, sampling, and the
-package's import structure."""
+"""Tests of marfl_jax.data: sources, the dataset and partition registries, partitioning,
+sampling, and the package's import structure."""
 
 import ast
 import gzip
@@ -344,6 +344,27 @@ def test_dirichlet_small_alpha_is_more_skewed():
     assert _mean_label_entropy(labels, balanced) > 0.95 * np.log(10)
     again = data.partition(labels, 20, 'dirichlet', alpha=0.05, seed=0)
     np.testing.assert_array_equal(skewed.table, again.table)
+
+
+def test_partition_registry():
+    assert data.PARTITIONS.names() == ('iid', 'iid_shuffled', 'dirichlet')
+
+    @data.PARTITIONS.register('round_robin_test')
+    def round_robin(labels, num_peers, *, alpha, seed):
+        del alpha, seed
+        shards = [np.arange(p, len(labels), num_peers) for p in range(num_peers)]
+        counts = np.array([len(s) for s in shards], np.int32)
+        table = np.zeros((num_peers, counts.max()), np.int32)
+        for p, shard in enumerate(shards):
+            table[p, :len(shard)] = shard
+        return data.PeerIndex(table, counts)
+
+    try:
+        index = data.partition(_labels(10), 3, 'round_robin_test')
+        np.testing.assert_array_equal(index.counts, [4, 3, 3])
+        np.testing.assert_array_equal(index.table[0], [0, 3, 6, 9])
+    finally:
+        data.PARTITIONS.unregister('round_robin_test')
 
 
 @pytest.mark.parametrize('kwargs, flag', [

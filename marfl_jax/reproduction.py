@@ -25,9 +25,8 @@ import os
 import time
 from collections.abc import Callable, Sequence
 
-from marfl_jax import plotting, studies
+from marfl_jax import data, plotting, studies
 from marfl_jax.config import Config
-from marfl_jax.data import sources
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(ROOT, "launch", "configs")
@@ -444,9 +443,9 @@ def data_missing(config: Config) -> str | None:
 @functools.cache
 def _probe(dataset, data_dir, encoder, features, feature_dim, feature_cache) -> str | None:
     try:
-        sources.load_dataset(dataset, data_dir or None, encoder=encoder, features=features,
-                             feature_dim=feature_dim, feature_cache=feature_cache or None)
-    except sources.DataUnavailableError as error:
+        data.load_dataset(dataset, data_dir or None, encoder=encoder, features=features,
+                          feature_dim=feature_dim, feature_cache=feature_cache or None)
+    except data.DataUnavailableError as error:
         return str(error)
     return None
 

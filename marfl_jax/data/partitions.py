@@ -1,7 +1,9 @@
 """Splitting a training set among peers.
 
 Peers never hold copies of the data: each holds a row of example indices into the one shared
-training array, so a peer's batch is a gather `x_train[table[p, i]]`.
+training array, so a peer's batch is a gather `x_train[table[p, i]]`. `PARTITIONS` maps each
+`--partition` name to `fn(labels, num_peers, *, alpha, seed) -> PeerIndex`; registering one
+makes `partition` use it.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-PARTITION_METHODS = ('iid', 'iid_shuffled', 'dirichlet')
+from marfl_jax.registry import Registry
 
 
 class PeerIndex(NamedTuple):
@@ -26,9 +28,12 @@ class PeerIndex(NamedTuple):
     counts: np.ndarray
 
 
+PARTITIONS: Registry = Registry('partition')
+
+
 def partition(labels: np.ndarray, num_peers: int, method: str, alpha: float = 1.0,
               seed: int = 0) -> PeerIndex:
-    """Assigns every training example to exactly one peer.
+    """Assigns every training example to exactly one peer: `PARTITIONS.get(method)(...)`.
 
     Args:
       labels: (n,) integer class labels of the shared training array.
@@ -36,7 +41,7 @@ def partition(labels: np.ndarray, num_peers: int, method: str, alpha: float = 1.
       method: 'iid': contiguous slices of floor(n/N) examples, the remainder to the last peer (as
         the paper's authors do); 'iid_shuffled': the same slices of a seeded permutation;
         'dirichlet': per class, proportions ~ Dirichlet(alpha·1_N) cut the class's shuffled
-        examples among the peers (peers may get none).
+        examples among the peers (peers may get none); or a name registered in PARTITIONS.
       alpha: Dirichlet concentration (> 0; checked only for 'dirichlet'); small = skewed.
       seed: seed of the numpy generator ('iid_shuffled', 'dirichlet').
 
@@ -44,25 +49,36 @@ def partition(labels: np.ndarray, num_peers: int, method: str, alpha: float = 1.
       A `PeerIndex` with table (N, L) int32 and counts (N,) int32; each peer's indices are sorted.
     """
     labels = np.asarray(labels)
-    if method not in PARTITION_METHODS:
-        raise ValueError(
-            f'--partition={method!r} is not supported; use one of {PARTITION_METHODS}.')
+    fn = PARTITIONS.get(method)
     num_examples = labels.shape[0]
     if not 1 <= num_peers <= num_examples:
         raise ValueError(
             f'--num_peers={num_peers} must be between 1 and the number of training examples '
             f'({num_examples}).')
-    if method == 'dirichlet' and not (np.isfinite(alpha) and alpha > 0):
-        raise ValueError(f'--dirichlet_alpha={alpha} must be a finite number > 0.')
+    return fn(labels, num_peers, alpha=alpha, seed=seed)
 
-    rng = np.random.default_rng(seed)
-    if method == 'iid':
-        shards = _contiguous_slices(np.arange(num_examples), num_peers)
-    elif method == 'iid_shuffled':
-        shards = _contiguous_slices(rng.permutation(num_examples), num_peers)
-    else:
-        shards = _dirichlet_shards(labels, num_peers, alpha, rng)
-    return _pack([np.sort(shard) for shard in shards])
+
+@PARTITIONS.register('iid')
+def iid(labels: np.ndarray, num_peers: int, *, alpha: float, seed: int) -> PeerIndex:
+    """Contiguous slices of floor(n/N) examples, the remainder to the last peer."""
+    del alpha, seed
+    return _pack(_contiguous_slices(np.arange(labels.shape[0]), num_peers))
+
+
+@PARTITIONS.register('iid_shuffled')
+def iid_shuffled(labels: np.ndarray, num_peers: int, *, alpha: float, seed: int) -> PeerIndex:
+    """The `iid` slices of a permutation drawn with `np.random.default_rng(seed)`."""
+    del alpha
+    order = np.random.default_rng(seed).permutation(labels.shape[0])
+    return _pack(_contiguous_slices(order, num_peers))
+
+
+@PARTITIONS.register('dirichlet')
+def dirichlet(labels: np.ndarray, num_peers: int, *, alpha: float, seed: int) -> PeerIndex:
+    """Per class, Dirichlet(alpha·1_N) proportions of its shuffled examples to the peers."""
+    if not (np.isfinite(alpha) and alpha > 0):
+        raise ValueError(f'--dirichlet_alpha={alpha} must be a finite number > 0.')
+    return _pack(_dirichlet_shards(labels, num_peers, alpha, np.random.default_rng(seed)))
 
 
 def _contiguous_slices(order: np.ndarray, num_peers: int) -> list[np.ndarray]:
@@ -87,9 +103,9 @@ def _dirichlet_shards(labels: np.ndarray, num_peers: int, alpha: float,
 
 
 def _pack(shards: list[np.ndarray]) -> PeerIndex:
-    """Ragged per-peer index lists -> zero-padded (N, L) int32 table and (N,) counts."""
+    """Ragged per-peer index lists -> zero-padded (N, L) int32 table (rows sorted), (N,) counts."""
     counts = np.array([len(shard) for shard in shards], dtype=np.int32)
     table = np.zeros((len(shards), max(1, int(counts.max()))), dtype=np.int32)
     for peer, shard in enumerate(shards):
-        table[peer, :len(shard)] = shard
+        table[peer, :len(shard)] = np.sort(shard)
     return PeerIndex(table=table, counts=counts)

@@ -1,7 +1,8 @@
 """Where the images come from: the embedded MNIST subset, local IDX files, or TFDS.
 
-Every loader returns a `Dataset` of raw uint8 pixels and int32 labels; `preprocess_images` turns
-pixels into the float32 model input (it runs on the accelerator, inside jit).
+Every loader returns a `Dataset` of raw uint8 pixels and int32 labels; `common.preprocess_images`
+turns pixels into the float32 model input (it runs on the accelerator, inside jit). The registry
+of `--dataset` names is `marfl_jax.data.datasets`.
 
 Nothing here may hang on a machine without network access: the TFDS path checks for the network
 (`network_available`) before it would download, and fails within seconds with a message naming the
@@ -10,25 +11,23 @@ offline alternatives.
 
 from __future__ import annotations
 
-import dataclasses
 import gzip
 import importlib.resources
 import os
-import socket
 import struct
-import threading
 import zlib
 from collections.abc import Sequence
 
-import jax.numpy as jnp
 import numpy as np
 
-IMAGE_DATASETS = ('mnist10k', 'mnist', 'fashion_mnist')
-DATASET_NAMES = IMAGE_DATASETS + ('bbc_news', '20newsgroups')
-NUM_CLASSES = 10
+from marfl_jax.data.common import (
+    Dataset,
+    DataUnavailableError,
+    network_available,
+    stratified_split,
+)
 
-MNIST_MEAN = 0.1307
-MNIST_STD = 0.3081
+NUM_CLASSES = 10
 
 # Seed of the embedded subset's train/test split. It is a constant of the project, independent of
 # any run's --seed, so every run (and every paper-reproduction number) sees the same split.
@@ -52,99 +51,26 @@ _IDX_STEMS = {
 _IDX_UBYTE = 0x08
 
 
-class DataUnavailableError(RuntimeError):
-    """The requested data is not on this machine and cannot be fetched now."""
-
-
-@dataclasses.dataclass(frozen=True, eq=False)  # eq=False: arrays have no truth value.
-class Dataset:
-    """A labelled image-classification dataset held in host memory.
-
-    Attributes:
-      name: the `--dataset` value it was loaded for.
-      x_train: (n_train, H, W) uint8 pixels (H = W = 28 for every image dataset here), or
-        (n_train, D) float32 features (text corpora through a frozen encoder).
-      y_train: (n_train,) int32 labels in [0, num_classes).
-      x_test: (n_test, H, W) uint8, or (n_test, D) float32.
-      y_test: (n_test,) int32.
-      num_classes: number of classes.
-      source: human-readable provenance (file or TFDS directory it was read from).
-    """
-
-    name: str
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
-    num_classes: int
-    source: str
-
-    def __post_init__(self):
-        for split, x, y in (('train', self.x_train, self.y_train),
-                            ('test', self.x_test, self.y_test)):
-            if not ((x.dtype == np.uint8 and x.ndim == 3) or (x.dtype == np.float32
-                                                               and x.ndim == 2)):
-                raise ValueError(f'x_{split} must be (n, H, W) uint8 or (n, D) float32, got '
-                                 f'{x.shape} {x.dtype}')
-            if y.dtype != np.int32 or y.shape != x.shape[:1]:
-                raise ValueError(
-                    f'y_{split} must be ({x.shape[0]},) int32, got {y.shape} {y.dtype}')
-
-
-def load_dataset(name: str, data_dir: str | None = None, *, encoder: str = 'lsa',
-                 features: str = '', feature_dim: int = 768,
-                 feature_cache: str | None = None) -> Dataset:
-    """Loads a dataset by its `--dataset` name.
+def load_image_dataset(name: str, data_dir: str | None = None) -> Dataset:
+    """'mnist' or 'fashion_mnist' from local IDX files, else from TFDS.
 
     Args:
-      name: 'mnist10k' (embedded, always offline), 'mnist' or 'fashion_mnist'; or a text corpus,
-        'bbc_news' (embedded) or '20newsgroups', turned into features by `encoder` ('lsa' with
-        `feature_dim` components, cached under `feature_cache`; or 'npz', the precomputed
-        `features` file). See `marfl_jax.data.text` and `marfl_jax.data.encoders`.
-      data_dir: for 'mnist' / 'fashion_mnist': a folder holding the four standard IDX files
-        (`train-images-idx3-ubyte`, `train-labels-idx1-ubyte`, `t10k-images-idx3-ubyte`,
-        `t10k-labels-idx1-ubyte`, each optionally `.gz`), or else the TFDS data directory (None:
-        TFDS's default). Ignored for 'mnist10k'. With no data_dir, 'fashion_mnist' first looks in
-        `/usr/share/datasets/fashion-mnist` (Debian's `dataset-fashion-mnist`).
-
-    Returns:
-      The `Dataset`.
+      name: 'mnist' or 'fashion_mnist'.
+      data_dir: a folder holding the four standard IDX files (`train-images-idx3-ubyte`,
+        `train-labels-idx1-ubyte`, `t10k-images-idx3-ubyte`, `t10k-labels-idx1-ubyte`, each
+        optionally `.gz`), or else the TFDS data directory (None: TFDS's default). With no
+        data_dir, 'fashion_mnist' first looks in `/usr/share/datasets/fashion-mnist` (Debian's
+        `dataset-fashion-mnist`).
 
     Raises:
-      ValueError: unknown name, or a malformed IDX file.
+      ValueError: a malformed IDX file.
       DataUnavailableError: the data is neither on disk nor downloadable (offline).
     """
-    if name == 'mnist10k':
-        return load_mnist10k()
-    if name not in IMAGE_DATASETS and name in DATASET_NAMES:
-        return load_text_dataset(name, data_dir, encoder=encoder, features=features,
-                                 feature_dim=feature_dim, feature_cache=feature_cache)
-    if name not in DATASET_NAMES:
-        raise ValueError(f'--dataset={name!r} is not supported; use one of {DATASET_NAMES}.')
     if data_dir is None and name == 'fashion_mnist' and _find_idx_files(DEBIAN_FASHION_MNIST_DIR):
         data_dir = DEBIAN_FASHION_MNIST_DIR
     if data_dir is not None and _find_idx_files(data_dir):
         return load_idx_dataset(name, data_dir)
     return load_tfds_dataset(name, data_dir)
-
-
-def load_text_dataset(name: str, data_dir: str | None = None, *, encoder: str = 'lsa',
-                      features: str = '', feature_dim: int = 768,
-                      feature_cache: str | None = None) -> Dataset:
-    """A text corpus as (n, D) float32 features from a frozen encoder."""
-    from marfl_jax.data import encoders, text  # Deferred: they import this module.
-
-    if encoder == 'npz':
-        x_train, y_train, x_test, y_test = encoders.npz_features(features)
-        num_classes = int(max(y_train.max(initial=0), y_test.max(initial=0))) + 1
-        return Dataset(name, x_train, y_train, x_test, y_test, num_classes,
-                       f'precomputed features {features}')
-    corpus = text.load_corpus(name, data_dir)
-    x_train, x_test, info = encoders.lsa_features(corpus, feature_dim, feature_cache)
-    how = 'cached' if info['cache_hit'] else 'fitted'
-    return Dataset(name, x_train, corpus.y_train, x_test, corpus.y_test, len(corpus.class_names),
-                   f'{corpus.source}; LSA {feature_dim}-d features {how} ({info["cache"]}, fit '
-                   f'{info["fit_seconds"]:.1f} s)')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,33 +99,6 @@ def load_mnist10k() -> Dataset:
         source=f'embedded marfl_jax/data/mnist10k.npz (MNIST subset, CC BY-SA 3.0), '
                f'fixed stratified split seed {MNIST10K_SPLIT_SEED}',
     )
-
-
-def stratified_split(labels: np.ndarray, num_test: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Splits example indices into train and test, stratified by label.
-
-    Args:
-      labels: (n,) integer labels.
-      num_test: exact size of the test split; each class contributes its share, rounded by
-        largest remainder.
-      seed: seed of the numpy generator that picks and orders the examples.
-
-    Returns:
-      (train_indices (n - num_test,), test_indices (num_test,)) int64, each in shuffled order,
-      disjoint, together covering range(n).
-    """
-    rng = np.random.default_rng(seed)
-    classes, class_counts = np.unique(labels, return_counts=True)
-    quota = class_counts * num_test / len(labels)
-    test_counts = np.floor(quota).astype(np.int64)
-    shortfall = num_test - test_counts.sum()
-    test_counts[np.argsort(-(quota - test_counts), kind='stable')[:shortfall]] += 1
-    train_parts, test_parts = [], []
-    for cls, n_test in zip(classes, test_counts, strict=True):
-        members = rng.permutation(np.flatnonzero(labels == cls))
-        test_parts.append(members[:n_test])
-        train_parts.append(members[n_test:])
-    return rng.permutation(np.concatenate(train_parts)), rng.permutation(np.concatenate(test_parts))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -267,7 +166,7 @@ def read_idx(path: str, expected_ndim: int) -> np.ndarray:
 
 
 def load_idx_dataset(name: str, data_dir: str) -> Dataset:
-    """Loads train and test splits from the four IDX files in data_dir (see `load_dataset`)."""
+    """The train and test splits in the four IDX files of data_dir (see `load_image_dataset`)."""
     paths = _find_idx_files(data_dir)
     if not paths:
         raise DataUnavailableError(f'no IDX files in --data_dir={data_dir}.')
@@ -296,28 +195,6 @@ def _checked_labels(labels: np.ndarray, where: str) -> np.ndarray:
 
 # ----------------------------------------------------------------------------------------------
 # TensorFlow Datasets (array_record format, read without TensorFlow).
-
-
-def network_available(host: str = 'storage.googleapis.com', timeout_s: float = 2.0) -> bool:
-    """Whether `host` resolves within timeout_s; False at once when MARFL_OFFLINE=1.
-
-    `socket.getaddrinfo` takes no timeout, so the lookup runs in a daemon thread that is
-    abandoned if it does not answer in time.
-    """
-    if os.environ.get('MARFL_OFFLINE', '') == '1':
-        return False
-    resolved = []
-
-    def lookup():
-        try:
-            resolved.append(bool(socket.getaddrinfo(host, 443)))
-        except OSError:
-            resolved.append(False)
-
-    thread = threading.Thread(target=lookup, daemon=True)
-    thread.start()
-    thread.join(timeout_s)
-    return bool(resolved and resolved[0])
 
 
 def _offline_alternatives(name: str) -> str:
@@ -457,24 +334,3 @@ def _parse_gray_png(blob: bytes, index: int) -> tuple[int, int, bytes]:
             f'PNG {index}: only 8-bit grayscale non-interlaced PNGs are supported, got bit depth '
             f'{bit_depth}, color type {color_type}, interlace {interlace}.')
     return height, width, b''.join(idat)
-
-
-# ----------------------------------------------------------------------------------------------
-# Model input.
-
-
-def preprocess(x):
-    """Model input from stored examples: images via `preprocess_images`, features as float32."""
-    if x.dtype == jnp.uint8:
-        return preprocess_images(x)
-    return jnp.asarray(x, jnp.float32)
-
-
-def preprocess_images(x):
-    """uint8 pixels (..., H, W) -> float32 (..., H, W, 1), scaled to [0, 1] then standardized.
-
-    Standardization uses the MNIST mean 0.1307 and std 0.3081 for every dataset here (Fashion-MNIST
-    included). Pure jnp: use it inside jit on gathered batches.
-    """
-    scaled = jnp.asarray(x, jnp.float32) / 255.0
-    return ((scaled - MNIST_MEAN) / MNIST_STD)[..., None]

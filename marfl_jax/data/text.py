@@ -22,7 +22,7 @@ import tarfile
 
 import numpy as np
 
-from marfl_jax.data.sources import DataUnavailableError, network_available, stratified_split
+from marfl_jax.data.common import DataUnavailableError, network_available, stratified_split
 
 TEXT_DATASETS = ("bbc_news", "20newsgroups")
 BBC_SPLIT_SEED = 20260101

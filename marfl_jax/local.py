@@ -1,6 +1,6 @@
 """Local training and evaluation, written for one peer and vmapped over the peer axis.
 
-Momentum SGD exactly as the paper's authors implement it (DESIGN.md section 3.1):
+Momentum SGD exactly as the paper's authors implement it (docs/design.md §3.1):
 `m <- beta*m + (1-beta)*g; theta <- theta - eta*m`, i.e. optax
 `chain(ema(beta, debias=False), scale(-eta))`. Its state (the EMA) is what MAR-FL averages as
 "momentum" next to the weights.

@@ -1,6 +1,6 @@
 """Moshpit Knowledge Distillation (MKD): peers learn from their group mates' predictions.
 
-As the MAR-FL authors implement it (DESIGN.md section 3, "MKD"): in iterations t < K, before the
+As the MAR-FL authors implement it (docs/design.md, "MKD"): in iterations t < K, before the
 ordinary averaging, every peer walks the same G rounds of groups once more. In each round it
 receives its group mates' weights (weights only: one payload per message), scores every mate as a
 teacher by KL(teacher || student) at temperature tau on `batches` fresh mini-batches of its own

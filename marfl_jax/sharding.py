@@ -6,7 +6,7 @@ by their number, every array with a leading peer axis is split along it (`Partit
 and the shared training array and test set are replicated. The jitted iteration then runs each
 device's peers where they live; group means need cross-device sums, which XLA inserts. The mesh
 axis is `Auto`, and the iteration constrains its returned state to the same sharding, so no step
-silently gathers the state onto one device (DESIGN.md section 4).
+silently gathers the state onto one device.
 
 Several processes (hosts) join through `jax.distributed` (`initialize_distributed`, called by the
 launcher from `--coordinator_address`, `--num_processes`, `--process_id`): the mesh then spans

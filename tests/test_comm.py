@@ -25,7 +25,7 @@ class WireModelTest(chex.TestCase, parameterized.TestCase):
         num_peers = group_size**key_dim
         ledger = comm.Ledger(payload_bytes=CNN_BYTES, payloads_per_message=2)
         row = ledger.record(_full_grid_sizes(group_size, key_dim))
-        # N * G * (M - 1) * 2S at full participation (DESIGN.md section 3.6).
+        # N * G * (M - 1) * 2S at full participation (docs/design.md §3.6).
         expected = num_peers * key_dim * (group_size - 1) * 2 * CNN_BYTES
         self.assertEqual(row["bytes"], expected)
         self.assertEqual(row["payloads"], num_peers * key_dim * (group_size - 1) * 2)

@@ -59,7 +59,7 @@ class GridScheduleTest(chex.TestCase, parameterized.TestCase):
 class BucketScheduleTest(chex.TestCase):
 
     def test_residual_at_100_peers_is_a_few_percent(self):
-        # DESIGN.md section 3.3 measured 3.4e-2 of the initial disagreement (N=100, M=4, 3 rounds).
+        # The authors report 3.4e-2 of the initial disagreement (N=100, M=4, 3 rounds).
         rule = marfl.authors_key_rule(100, 4, 3)
         self.assertIsNone(rule.exact_rounds)
         self.assertEqual(rule.num_groups, 25)

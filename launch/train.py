@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 
+from launch import logs
 from launch.flags import config_from_flags, define_config_flags
 from marfl_jax.config import ConfigError
 
@@ -45,11 +46,11 @@ def main(argv: list[str]) -> None:
 
         sharding.initialize_distributed(flags.FLAGS.coordinator_address,
                                         flags.FLAGS.num_processes, flags.FLAGS.process_id)
-    from marfl_jax import data, experiment  # Deferred: imports jax.
+    from marfl_jax import data, runner  # Deferred: imports jax.
 
-    logging.set_verbosity(logging.INFO)
+    logs.setup()
     try:
-        experiment.run(config)
+        runner.run(config)
     except (ConfigError, data.DataUnavailableError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -1,8 +1,50 @@
 """marfl-jax: a vectorized simulator of peer-to-peer federated learning with Moshpit All-Reduce.
 
 Peers are stacked on a leading, vmapped axis; aggregation is a schedule of group means over that
-axis; every byte that would cross the network is counted exactly. Entry point:
-`marfl_jax.experiment.run(config, workdir)`.
+axis; every byte that would cross the network is counted exactly.
+
+    from marfl_jax import Config, run
+    result = run(Config(num_peers=16, group_size=4, key_dim=2), workdir="runs/n16")
+
+Extension points (each a registry: register a name, then use it as the flag's value):
+`ALGORITHMS` (group schedule + wire model), `WIRE_MODELS`, `MODELS`, `DATASETS`, `PARTITIONS`.
+The simulation itself is `marfl_jax.core`: the iteration as a chain of stages.
 """
 
+from marfl_jax.algorithms import ALGORITHMS, Algorithm, make_algorithm
+from marfl_jax.comm import WIRE_MODELS, Ledger, WireCost
+from marfl_jax.config import Config, ConfigError
+from marfl_jax.core import Context, FLState, Simulation, Stage, Step, build_chain, make_iteration
+from marfl_jax.data import DATASETS, PARTITIONS, Dataset, DataUnavailableError, PeerIndex
+from marfl_jax.models import MODELS
+from marfl_jax.registry import Registry
+from marfl_jax.runner import RunResult, run
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "ALGORITHMS",
+    "Algorithm",
+    "Config",
+    "ConfigError",
+    "Context",
+    "DATASETS",
+    "Dataset",
+    "DataUnavailableError",
+    "FLState",
+    "Ledger",
+    "MODELS",
+    "PARTITIONS",
+    "PeerIndex",
+    "Registry",
+    "RunResult",
+    "Simulation",
+    "Stage",
+    "Step",
+    "WIRE_MODELS",
+    "WireCost",
+    "build_chain",
+    "make_algorithm",
+    "make_iteration",
+    "run",
+]

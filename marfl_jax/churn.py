@@ -1,9 +1,10 @@
 """Who takes part in an iteration: partial participation, dropout and availability.
 
-As the MAR-FL authors define it (DESIGN.md section 3.2): a fraction `update_fraction` of the peers
-is drawn to train and a fraction `aggregate_fraction` to aggregate (the same set when the two are
-equal: both are prefixes of one random permutation); each aggregating peer then drops out with
-probability `dropout` for the whole aggregation. Absent peers keep their model and momentum.
+As the MAR-FL authors define it: floor(`update_fraction` * N) peers (in exact decimal arithmetic,
+`peer_count`) are drawn to train and floor(`aggregate_fraction` * N) to aggregate (the same
+set when the two are equal: both are prefixes of one random permutation); each aggregating peer
+then drops out with probability `dropout` for the whole aggregation. Absent peers keep their model
+and momentum.
 
 Two churn models beyond the authors':
 * `dropout_timing="mid"`: a dropping peer leaves after a uniformly random round r in [0, G): it
@@ -16,10 +17,21 @@ All draws come from the iteration's key, so a run is a function of its seed.
 
 from __future__ import annotations
 
+import fractions
+import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+DROPOUT_TIMINGS = ("before", "mid")
+AVAILABILITY_MODELS = ("always", "markov")
+
+
+def peer_count(fraction: float, num_peers: int) -> int:
+    """floor(fraction * N) in exact decimal arithmetic: the authors' int(N * percent / 100), so
+    0.29 of 100 peers is 29 (float int(0.29 * 100) would give 28)."""
+    return math.floor(fractions.Fraction(repr(float(fraction))) * num_peers)
 
 
 class ChurnModel(NamedTuple):
@@ -67,8 +79,8 @@ def draw_participation(key: jax.Array, available: jax.Array, num_rounds: int,
     order_key, drop_key, round_key = jax.random.split(key, 3)
     # Rank of each peer in one random permutation: the first k are drawn.
     rank = jnp.argsort(jax.random.permutation(order_key, num_peers))
-    updating = available & (rank < int(model.update_fraction * num_peers))
-    aggregating = available & (rank < int(model.aggregate_fraction * num_peers))
+    updating = available & (rank < peer_count(model.update_fraction, num_peers))
+    aggregating = available & (rank < peer_count(model.aggregate_fraction, num_peers))
     drops = aggregating & (jax.random.uniform(drop_key, (num_peers,)) < model.dropout)
     if model.dropout_timing == "before":
         leaves_at = jnp.where(drops, 0, num_rounds)

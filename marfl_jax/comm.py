@@ -6,12 +6,12 @@ int64 / Python ints: messages, bytes and the busiest peer's bytes. A *message* i
 receives from another in one round; it carries `payloads_per_message` model-sized tensors
 (MAR-FL and every baseline here: weights + momentum = 2), `S = payload_bytes` each.
 
-Wire models (DESIGN.md section 1):
+Wire models (`WIRE_MODELS`, a registry: `cost(sizes (G, N), S, payloads_per_message) -> WireCost`):
 * `allgather`: every member receives the other members' payloads: (|g| - 1) messages per member
   per round, as the MAR-FL authors count. Also AR-FL (one group), RDFL (ring arcs), gossip (pairs).
 * `butterfly`: reduce-scatter + all-gather inside each group: a group of g moves exactly
   2(g - 1) payloads in total, 2(g - 1)/g per member.
-* `star`: a server: each present peer uploads once and downloads once.
+* `star`: a server: each present peer uploads once and downloads once per round (FedAvg).
 
 MKD (`marfl_jax.mkd`) adds, in its iterations, a pass over the same groups in which members
 receive each other's weights only: (|g| - 1) single-payload messages per member per round, whatever
@@ -30,12 +30,14 @@ value); the other algorithms form their groups without a DHT (`metadata_record_b
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import numpy as np
 
 from marfl_jax import mixing
+from marfl_jax.registry import Registry
 
 
 def member_sizes(schedule: jax.Array, num_groups: int) -> jax.Array:
@@ -80,12 +82,14 @@ def butterfly_cost(sizes: np.ndarray, payload_bytes: int, payloads_per_message: 
 
 
 def star_cost(sizes: np.ndarray, payload_bytes: int, payloads_per_message: int) -> WireCost:
-    """A server: every present peer uploads its payloads and downloads the average."""
-    present = int((np.asarray(sizes)[0] > 0).sum()) if len(sizes) else 0
-    messages = 2 * present
+    """A server per group: every present member uploads its payloads and downloads the average,
+    in every round (FedAvg: one round, one group of all present peers). The busiest party is the
+    server of the largest group."""
+    sizes = np.asarray(sizes, np.int64)
+    messages = 2 * int((sizes > 0).sum())
     per_message = payloads_per_message * payload_bytes
     return WireCost(messages, messages * payloads_per_message, messages * per_message,
-                    present * per_message)
+                    int(sizes.max(initial=0)) * per_message)
 
 
 def mean_group_size(sizes: np.ndarray) -> float:
@@ -102,7 +106,11 @@ def mean_group_size(sizes: np.ndarray) -> float:
 DHT_RECORD_BYTES = 64
 
 
-WIRE_MODELS = {"allgather": allgather_cost, "butterfly": butterfly_cost, "star": star_cost}
+WireModel = Callable[[np.ndarray, int, int], WireCost]
+WIRE_MODELS: Registry[WireModel] = Registry("wire")
+WIRE_MODELS.register("allgather", allgather_cost)
+WIRE_MODELS.register("butterfly", butterfly_cost)
+WIRE_MODELS.register("star", star_cost)
 
 
 def tree_bytes(tree) -> int:
@@ -127,9 +135,9 @@ class Ledger:
     def record(self, sizes: np.ndarray, distilled: bool = False) -> dict[str, int]:
         """sizes: (G, N) member group sizes of one iteration; distilled: an MKD iteration, whose
         weight exchange over the same groups is added (and reported as `mkd_bytes`)."""
-        cost = WIRE_MODELS[self.wire](sizes, self.payload_bytes, self.payloads_per_message)
+        cost = WIRE_MODELS.get(self.wire)(sizes, self.payload_bytes, self.payloads_per_message)
         extra = allgather_cost(sizes, self.payload_bytes, 1) if distilled else WireCost(0, 0, 0, 0)
-        scalars = (WIRE_MODELS[self.wire](sizes, self.scalar_bytes, 1).bytes
+        scalars = (WIRE_MODELS.get(self.wire)(sizes, self.scalar_bytes, 1).bytes
                    if self.scalar_bytes else 0)
         total = int(cost.bytes) + int(extra.bytes) + int(scalars)
         self.cumulative_messages += cost.messages + extra.messages

@@ -1,28 +1,34 @@
 """Decentralized DP-FedAvg with adaptive clipping (Andrew et al., 2021), as MAR-FL runs it.
 
-Per iteration (DESIGN.md section 3, "DP"), for every peer that aggregates (vmapped: every
-operation here is elementwise over the leading peer axis N, or a per-peer reduction):
+Per iteration, for every peer that aggregates (vmapped: every operation here is elementwise over
+the leading peer axis N, or a per-peer reduction):
 
 1. Clip the update since the last aggregate, Delta = theta - theta_ref, to norm S (the peer's
    clip threshold), note the indicator b = [||Delta|| <= S], and add Gaussian noise of std
-   z_Delta * S / sqrt(n) per coordinate, n = the peers aggregating this iteration, so that the sum
-   of the n noised updates carries noise of std z_Delta * S: the central noise level.
-   z_Delta = (z^-2 - (2 sigma_b)^-2)^(-1/2) with sigma_b = n_0 / 20 (Andrew et al.'s split of the
-   noise multiplier z between the updates and the clip-indicator count; n_0 = the peers drawn
-   to aggregate, fixed per run so z_Delta is a constant checked up front).
+   z_Delta * S_max / sqrt(n) per coordinate, n = the peers aggregating this iteration and S_max
+   the largest of their thresholds, so that the sum of the n noised updates carries noise of
+   std z_Delta * S_max, the central level for a sum whose sensitivity is S_max (with equal
+   thresholds, as exact averaging keeps them, S_max = S: the authors' noise).
+   z_Delta = (z^-2 - (2 sigma_b)^-2)^(-1/2) with sigma_b = n / 20 (Andrew et al.'s split of the
+   noise multiplier z between the updates and the clip-indicator count). As the authors, n is
+   the count actually aggregating, after dropout (`split_on_aggregating`; else n_0, the peers
+   drawn, constant per run); an iteration whose n leaves z_Delta unreal (z >= n/10; the authors'
+   code then fails) uses n_0's split, which the config checks up front.
 2. Smooth: s <- beta_s * s + Delta~ (server momentum, beta_s = 0.9), and share the model
    theta_ref + eta_s * s (eta_s = 0.1).
 3. The algorithm's rounds average the shared models, momentum, s and b over the groups.
-4. Each peer draws noise for the averaged indicator, b~ = clip(mean b + N(0, sigma_b^2) / n,
-   0, 1), and moves its threshold geometrically toward the target quantile gamma:
-   S <- S * exp(-eta_c * (b~ - gamma)). The averaged model becomes the new reference.
+4. The averaged indicator is noised with ONE draw per iteration shared by every peer (what the
+   authors' identically seeded processes amount to), b~ = clip(mean b + N(0, sigma_b^2) / n, 0,
+   1), and each peer moves its threshold geometrically toward the target quantile gamma:
+   S <- S * exp(-eta_c * (b~ - gamma)). Peers with equal averaged indicators therefore keep
+   equal thresholds. The averaged model becomes the new reference.
 Peers that do not aggregate keep everything (their local training carries over into their next
 Delta).
 
 With MKD in the same iteration the authors apply the noised update to the model before
 distilling (theta = theta_ref + eta_s * Delta~), distil on the KL term only, and then smooth the
 post-distillation difference theta - theta_ref without clipping or noising it again; see
-`experiment.fl_iteration`.
+`marfl_jax.core.privacy`.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ class Privacy(NamedTuple):
     server_lr: float = 0.1  # eta_s.
     server_momentum: float = 0.9  # beta_s.
     nominal_peers: int = 1  # n_0: peers drawn to aggregate per iteration.
+    split_on_aggregating: bool = True  # n of z_Delta, sigma_b: aggregating (True) or n_0.
 
     @property
     def indicator_noise_std(self) -> float:
@@ -55,6 +62,22 @@ class Privacy(NamedTuple):
         """z_Delta = (z^-2 - (2 sigma_b)^-2)^(-1/2); 0 when z = 0. Raises ValueError when not
         real (z >= 2 sigma_b = n_0 / 10)."""
         return update_noise_multiplier(self.noise_multiplier, self.nominal_peers)
+
+
+def noise_split(settings: Privacy, num_aggregating: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """This iteration's (z_Delta, sigma_b) and the n they were computed from (see the module
+    docstring, step 1). num_aggregating: () int. Returns three float32 scalars."""
+    nominal = jnp.float32(settings.nominal_peers)
+    if settings.split_on_aggregating:
+        n = num_aggregating.astype(jnp.float32)
+        n = jnp.where(n / 10.0 > settings.noise_multiplier, n, nominal)
+    else:
+        n = nominal
+    if settings.noise_multiplier == 0:
+        z_delta = jnp.float32(0.0)
+    else:
+        z_delta = (settings.noise_multiplier**-2 - (n / 10.0) ** -2) ** -0.5
+    return z_delta, n / 20.0, n
 
 
 def update_noise_multiplier(noise_multiplier: float, nominal_peers: int) -> float:
@@ -116,20 +139,23 @@ def clip_and_noise(key: jax.Array, delta, clip: jax.Array, noise_std: jax.Array)
     return (jax.tree.unflatten(treedef, noised), (norms <= clip).astype(jnp.float32), norms)
 
 
-def privatize(key: jax.Array, params, state: PrivacyState, num_aggregating: jax.Array,
+def privatize(key: jax.Array, params, state: PrivacyState, aggregating: jax.Array,
               settings: Privacy):
     """Step 1 for every peer: the clipped, noised update since the reference.
 
     Args:
       params: the peers' models after local training, leaves (N, ...).
-      num_aggregating: () the n peers aggregating this iteration (>= 1 where it matters).
+      aggregating: (N,) bool, the n peers aggregating this iteration: their largest threshold
+        sets the noise.
     Returns:
       (noised delta tree, indicator (N,), norms (N,)).
     """
     delta = jax.tree.map(jnp.subtract, params, state.reference)
-    z_delta = settings.update_noise_multiplier
-    noise_std = z_delta * state.clip / jnp.sqrt(jnp.maximum(num_aggregating, 1)
-                                                .astype(jnp.float32))
+    num_aggregating = aggregating.sum()
+    z_delta, _, _ = noise_split(settings, num_aggregating)
+    largest_clip = jnp.where(aggregating, state.clip, 0.0).max()
+    noise_std = z_delta * largest_clip / jnp.sqrt(jnp.maximum(num_aggregating, 1)
+                                                  .astype(jnp.float32))
     return clip_and_noise(key, delta, state.clip, noise_std)
 
 
@@ -145,10 +171,11 @@ def smooth(smoothed, delta, server_momentum: float):
 
 def update_clip(key: jax.Array, clip: jax.Array, mean_indicator: jax.Array,
                 num_aggregating: jax.Array, settings: Privacy) -> jax.Array:
-    """Step 4: each peer noises the averaged indicator with its own draw and moves S.
-    clip, mean_indicator: (N,). Returns (N,) new thresholds."""
+    """Step 4: the averaged indicator plus one shared draw of N(0, sigma_b^2) / n; each peer
+    moves its S. clip, mean_indicator: (N,). Returns (N,) new thresholds."""
     n = jnp.maximum(num_aggregating, 1).astype(jnp.float32)
-    noise = jax.random.normal(key, clip.shape) * settings.indicator_noise_std / n
+    _, sigma_b, _ = noise_split(settings, num_aggregating)
+    noise = jax.random.normal(key, ()) * sigma_b / n
     noisy = jnp.clip(mean_indicator + noise, 0.0, 1.0)
     return clip * jnp.exp(-settings.clip_lr * (noisy - settings.target_quantile))
 

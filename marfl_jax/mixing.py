@@ -7,7 +7,7 @@ whose value is left as it is. An aggregation algorithm is a schedule of such rou
 (G, N) (see `marfl_jax.algorithms`).
 
 The mean is a gather / segment-sum / gather-back: O(N * params) work and memory, never an N x N
-mixing matrix (measured slower by 4x at N=1024, see DESIGN.md section 1).
+mixing matrix (measured slower by 4x at N=1024; docs/design.md).
 """
 
 from __future__ import annotations
@@ -106,12 +106,18 @@ def rank_in_group(group_ids: jax.Array, num_groups: int) -> jax.Array:
 def consensus_distance(tree, present: jax.Array, block_bytes: int = BLOCK_BYTES) -> jax.Array:
     """Mean over present peers of the squared distance of their parameters from the present peers'
     mean. tree leaves (N, ...); present (N,) bool. Returns a scalar float32 (0 if nobody).
-    Leaves larger than `block_bytes` are reduced in column blocks (no full-size temporaries)."""
+
+    Distances are taken after subtracting the first present peer's values (a shift that leaves
+    them unchanged in exact arithmetic), so identical models give exactly 0 rather than the
+    rounding error of their mean. Leaves larger than `block_bytes` are reduced in column blocks
+    (no full-size temporaries)."""
     num_peers = present.shape[0]
     weights = present.astype(jnp.float32)
     count = jnp.maximum(weights.sum(), 1.0)
+    reference = jnp.argmax(present)  # The first present peer (peer 0 if none).
 
     def spread(x):  # x: (N, P) -> sum over present peers and columns of (x - column mean)^2.
+        x = x - x[reference]
         mean = (x * weights[:, None]).sum(axis=0) / count
         return (((x - mean) ** 2) * weights[:, None]).sum()
 

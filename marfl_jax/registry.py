@@ -55,6 +55,8 @@ class Registry(Generic[T]):
                               + ", ".join(self._entries))
         return self._entries[name]
 
+    __getitem__ = get
+
     def names(self) -> tuple[str, ...]:
         return tuple(self._entries)
 

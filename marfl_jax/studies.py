@@ -2,7 +2,7 @@
 studies.
 
 A study is a list of Configs (each with its own workdir) and one row of results per run.
-`run_study` reuses runs already finished in their workdirs (`experiment.run` resumes or returns
+`run_study` reuses runs already finished in their workdirs (`runner.run` resumes or returns
 them), so an interrupted sweep continues where it stopped.
 """
 
@@ -14,7 +14,7 @@ import math
 import os
 from collections.abc import Iterable, Sequence
 
-from marfl_jax import algorithms, experiment
+from marfl_jax import algorithms, runner
 from marfl_jax.config import Config
 
 ROW_FIELDS = ("num_peers", "algorithm", "schedule", "group_size", "rounds", "dropout",
@@ -88,7 +88,7 @@ def dp_configs(base: Config, noise_multipliers: Iterable[float]) -> list[Config]
     return [c.validate() for c in configs]
 
 
-def dp_row(config: Config, result: experiment.RunResult) -> dict:
+def dp_row(config: Config, result: runner.RunResult) -> dict:
     """Final accuracy and epsilon (both accountants and the authors' formula) of one run."""
     summary, metrics = result.summary, result.metrics
     clips = [r["dp_clip"] for r in metrics if "dp_clip" in r]
@@ -113,7 +113,7 @@ def first_reaching(metrics: Sequence[dict], accuracy: float) -> dict | None:
     return next((r for r in metrics if r.get("accuracy", -1.0) >= accuracy), None)
 
 
-def mkd_row(config: Config, result: experiment.RunResult) -> dict:
+def mkd_row(config: Config, result: runner.RunResult) -> dict:
     """Bytes and iterations to 50 % and to the target accuracy (iterations counted as done)."""
     summary, metrics = result.summary, result.metrics
     half, target = first_reaching(metrics, 0.5), first_reaching(metrics, config.target_accuracy)
@@ -134,7 +134,7 @@ def mkd_row(config: Config, result: experiment.RunResult) -> dict:
     }
 
 
-def result_row(config: Config, result: experiment.RunResult) -> dict:
+def result_row(config: Config, result: runner.RunResult) -> dict:
     summary, metrics = result.summary, result.metrics
     reached = summary["iteration_reached_target"]
     is_marfl = config.algorithm == "marfl"
@@ -162,7 +162,7 @@ def run_study(configs: Sequence[Config], on_row=None, make_row=result_row,
     on_row(row) / on_result(config, result) are called as each finishes."""
     rows = []
     for config in configs:
-        result = experiment.run(config)
+        result = runner.run(config)
         rows.append(make_row(config, result))
         if on_result is not None:
             on_result(config, result)

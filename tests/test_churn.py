@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from marfl_jax import churn, experiment
+from marfl_jax import churn, runner
 from marfl_jax.config import Config
 
 
@@ -93,7 +93,7 @@ TINY = Config(model="mlp", num_peers=8, group_size=2, key_dim=3, local_batches=2
 ])
 def test_runs_under_churn(changes, tmp_path):
     config = dataclasses.replace(TINY, **changes)
-    rows = experiment.run(config, str(tmp_path)).metrics
+    rows = runner.run(config, str(tmp_path)).metrics
     assert len(rows) == 3
     for row in rows:
         assert 0 <= row["present_peers"] <= config.num_peers
@@ -106,7 +106,7 @@ def test_everyone_absent_is_skipped_not_crashed(tmp_path):
     config = dataclasses.replace(TINY, dropout=1.0, update_fraction=0.125,
                                  aggregate_fraction=0.125, availability="markov",
                                  mean_on_iterations=1.0, mean_off_iterations=50.0)
-    rows = experiment.run(config, str(tmp_path)).metrics
+    rows = runner.run(config, str(tmp_path)).metrics
     assert all(r["bytes"] == 0 for r in rows)
     assert any(r["present_peers"] == 0 and r["updating_peers"] == 0 for r in rows)
     assert rows[-1]["evaluated_peers"] == 8  # Nobody present: every peer is evaluated.
@@ -114,6 +114,6 @@ def test_everyone_absent_is_skipped_not_crashed(tmp_path):
 
 def test_full_dropout_exchanges_nothing_and_peers_drift(tmp_path):
     config = dataclasses.replace(TINY, dropout=1.0, partition="dirichlet", dirichlet_alpha=0.1)
-    rows = experiment.run(config, str(tmp_path)).metrics
+    rows = runner.run(config, str(tmp_path)).metrics
     assert all(r["bytes"] == 0 and r["present_peers"] == 0 for r in rows)
     assert rows[-1]["updating_peers"] > 0

@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import pytest
 from absl.testing import parameterized
 
 from marfl_jax.config import Config, ConfigError
@@ -46,3 +47,40 @@ class ConfigTest(parameterized.TestCase):
         self.assertEqual(Config.from_dict(json.loads(config.to_json())), config)
         with self.assertRaisesRegex(ConfigError, "unknown"):
             Config.from_dict({"nope": 1})
+
+
+def test_fractions_count_peers_as_the_authors_do():
+    """int(0.29 * 100) is 28 in floating point; the authors' int(N * percent / 100) is 29."""
+    from marfl_jax.config import peer_count
+
+    assert peer_count(0.29, 100) == 29 and int(0.29 * 100) == 28
+    assert peer_count(0.29, 125) == 36 and peer_count(1.0, 7) == 7 and peer_count(0.5, 5) == 2
+    assert Config(num_peers=100, aggregate_fraction=0.29).aggregating_peers == 29
+
+
+def test_fractions_that_draw_nobody_are_refused():
+    with pytest.raises(ConfigError, match="--update_fraction=0.1 .* 0 peers would take part"):
+        Config(num_peers=8, update_fraction=0.1).validate()
+    with pytest.raises(ConfigError, match="--aggregate_fraction=0.05 .*--num_peers=16"):
+        Config(num_peers=16, aggregate_fraction=0.05).validate()
+    Config(num_peers=10, update_fraction=0.1, key_dim=2).validate()
+
+
+def test_choices_come_from_the_registries():
+    from marfl_jax import ALGORITHMS
+
+    ALGORITHMS.register("test_only", lambda config: None)
+    try:
+        Config(algorithm="test_only").validate()
+    finally:
+        ALGORITHMS.unregister("test_only")
+    with pytest.raises(ConfigError, match="--algorithm='test_only' is not allowed"):
+        Config(algorithm="test_only").validate()
+
+
+def test_every_field_is_in_one_section():
+    from marfl_jax.config import SECTIONS
+
+    listed = [name for names in SECTIONS.values() for name in names]
+    assert sorted(listed) == sorted(f.name for f in dataclasses.fields(Config))
+    assert Config().section("dp")["dp_noise_peers"] == "aggregating"

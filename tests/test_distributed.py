@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 
-from marfl_jax import experiment
+from marfl_jax import runner
 from marfl_jax.config import Config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,7 +32,7 @@ def _flags(config: Config) -> list[str]:
 
 
 def test_two_processes_agree_with_one(tmp_path):
-    single = experiment.run(CONFIG, str(tmp_path / "single")).metrics
+    single = runner.run(CONFIG, str(tmp_path / "single")).metrics
     address = f"localhost:{_free_port()}"
     workdir = tmp_path / "two"
     processes = [subprocess.Popen(

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from dp_accounting import pld, rdp
 
-from marfl_jax import accounting, comm, dp, experiment
+from marfl_jax import accounting, comm, dp, runner
 from marfl_jax.config import Config, ConfigError
 
 
@@ -43,15 +43,47 @@ class TestMechanism:
         assert z_delta == pytest.approx((1.0 - (6.4) ** -2) ** -0.5)
         params = {"w": jnp.zeros((64, 20_000))}
         state = dp.PrivacyState(params, params, jnp.linspace(0.05, 0.2, 64))
-        noised, _, _ = dp.privatize(jax.random.key(1), params, state, jnp.int32(64), settings)
+        everyone = jnp.ones(64, bool)
+        noised, _, _ = dp.privatize(jax.random.key(1), params, state, everyone, settings)
         measured = np.asarray(noised["w"]).std(axis=1)
-        expected = z_delta * np.asarray(state.clip) / 8.0
+        # Every peer noises at the largest threshold, so the sum's noise covers its
+        # sensitivity (max S): z_Delta * max S / sqrt(n) per peer.
         # 20,000 draws per peer: the std's relative standard error is 1/sqrt(40,000) = 0.5 %.
-        np.testing.assert_allclose(measured, expected, rtol=0.025)
+        np.testing.assert_allclose(measured, z_delta * 0.2 / 8.0, rtol=0.025)
         # Summed over the 64 peers the noise carries the central level z_Delta * S.
         common = dp.PrivacyState(params, params, jnp.full((64,), 0.1))
-        noised, _, _ = dp.privatize(jax.random.key(2), params, common, jnp.int32(64), settings)
+        noised, _, _ = dp.privatize(jax.random.key(2), params, common, everyone, settings)
         assert np.asarray(noised["w"]).sum(0).std() == pytest.approx(z_delta * 0.1, rel=0.02)
+        # Only aggregating peers' thresholds count.
+        half = jnp.arange(64) < 32  # Thresholds 0.05 .. ~0.124.
+        noised, _, _ = dp.privatize(jax.random.key(3), params, state, half, settings)
+        split = dp.noise_split(settings, jnp.int32(32))[0]
+        np.testing.assert_allclose(np.asarray(noised["w"]).std(axis=1),
+                                   split * float(state.clip[31]) / np.sqrt(32), rtol=0.025)
+
+    def test_noise_split_uses_the_peers_actually_aggregating(self):
+        settings = dp.Privacy(noise_multiplier=1.0, nominal_peers=64)
+        z_delta, sigma_b, n = dp.noise_split(settings, jnp.int32(40))  # 24 dropped out.
+        assert float(n) == 40 and float(sigma_b) == pytest.approx(2.0)
+        assert float(z_delta) == pytest.approx((1.0 - 4.0**-2) ** -0.5, rel=1e-6)
+        # z >= n/10 would make z_Delta unreal (the authors' code fails): n_0's split instead.
+        z_delta, sigma_b, n = dp.noise_split(settings, jnp.int32(9))
+        assert float(n) == 64 and float(z_delta) == pytest.approx(
+            settings.update_noise_multiplier, rel=1e-6)
+        drawn = settings._replace(split_on_aggregating=False)
+        assert float(dp.noise_split(drawn, jnp.int32(40))[2]) == 64
+        assert Config(dp=True, num_peers=64, dp_noise_peers="drawn").privacy() == drawn._replace(
+            noise_multiplier=0.5)
+
+    def test_thresholds_stay_equal_under_exact_averaging(self, tmp_path):
+        """One shared draw for the indicator's noise: at full participation on a grid every
+        peer averages the same indicators, so every threshold S stays the same."""
+        config = dataclasses.replace(TINY, dp=True, num_peers=16, group_size=4, key_dim=2,
+                                     dp_noise_multiplier=0.5, max_iterations=2,
+                                     local_batches=1, eval_every=5)
+        state = runner.run(config, str(tmp_path)).state
+        clip = np.asarray(state.privacy.clip)
+        assert clip.min() == clip.max() != config.dp_initial_clip
 
     @pytest.mark.parametrize("quantile", [0.5, 0.8])
     def test_threshold_walks_to_the_target_quantile(self, quantile):
@@ -129,8 +161,8 @@ TINY = Config(model="mlp", num_peers=8, group_size=2, key_dim=3, local_batches=2
 class TestRuns:
 
     def test_zero_noise_huge_clip_unit_server_step_is_plain_marfl(self, tmp_path):
-        plain = experiment.run(TINY, str(tmp_path / "plain")).metrics
-        private = experiment.run(dataclasses.replace(
+        plain = runner.run(TINY, str(tmp_path / "plain")).metrics
+        private = runner.run(dataclasses.replace(
             TINY, dp=True, dp_noise_multiplier=0.0, dp_initial_clip=1e9, dp_server_lr=1.0,
             dp_server_momentum=0.0), str(tmp_path / "dp")).metrics
         for a, b in zip(plain, private, strict=True):
@@ -145,7 +177,7 @@ class TestRuns:
     ])
     def test_dp_runs_with_churn_and_mkd_and_counts_its_bytes(self, changes, tmp_path):
         config = dataclasses.replace(TINY, dp=True, mkd_batches=1, **changes)
-        rows = experiment.run(config, str(tmp_path)).metrics
+        rows = runner.run(config, str(tmp_path)).metrics
         s = 4 * (784 * 200 + 200 + 200 * 10 + 10)
         for row in rows:
             assert 0 < row["dp_clip"] and 0 <= row["dp_unclipped"] <= 1
@@ -161,9 +193,9 @@ class TestRuns:
     def test_resume_reproduces_the_straight_run(self, tmp_path):
         config = dataclasses.replace(TINY, dp=True, dropout=0.3, max_iterations=4,
                                      checkpoint_every=2)
-        straight = experiment.run(config, str(tmp_path / "straight")).metrics
-        experiment.run(dataclasses.replace(config, max_iterations=2), str(tmp_path / "split"))
-        resumed = experiment.run(config, str(tmp_path / "split")).metrics
+        straight = runner.run(config, str(tmp_path / "straight")).metrics
+        runner.run(dataclasses.replace(config, max_iterations=2), str(tmp_path / "split"))
+        resumed = runner.run(config, str(tmp_path / "split")).metrics
 
         def strip(rows):
             return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]

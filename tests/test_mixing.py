@@ -4,6 +4,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from absl.testing import parameterized
 
 from marfl_jax import mixing
@@ -106,3 +107,18 @@ def test_blocked_mean_and_consensus_equal_the_whole_leaf_ones():
     present = ids >= 0
     np.testing.assert_allclose(mixing.consensus_distance(tree, present, block_bytes=small),
                                mixing.consensus_distance(tree, present), rtol=1e-6)
+
+
+def test_consensus_of_identical_models_is_exactly_zero():
+    """The mean of equal values is rounded (the old formula read ~1e-12 here); the distance of
+    identical models must be 0, and absent peers must not count."""
+    one = jax.random.normal(jax.random.key(0), (1, 3000)) * 7.3 + 0.1
+    tree = {"w": jnp.broadcast_to(one, (6, 3000)), "b": jnp.full((6, 5), 1 / 3)}
+    present = jnp.array([False, True, True, True, True, True])
+    assert float(mixing.consensus_distance(tree, present)) == 0.0
+    odd = {"w": tree["w"].at[0].add(1.0), "b": tree["b"]}  # Peer 0 differs but is absent.
+    assert float(mixing.consensus_distance(odd, present)) == 0.0
+    assert float(mixing.consensus_distance(odd, jnp.ones(6, bool))) == pytest.approx(
+        3000 * 5 / 36, rel=1e-5)  # One of 6 peers off by 1 in 3000 columns.
+    blocked = mixing.consensus_distance(odd, jnp.ones(6, bool), block_bytes=6 * 4 * 128)
+    assert float(blocked) == pytest.approx(3000 * 5 / 36, rel=1e-5)

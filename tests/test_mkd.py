@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from marfl_jax import algorithms, comm, experiment, local, mkd, models
+from marfl_jax import algorithms, comm, local, mkd, models, runner
 from marfl_jax.algorithms import marfl
 from marfl_jax.config import Config, ConfigError
 
@@ -218,7 +218,7 @@ class TestLedgerAndRuns:
                         target_accuracy=1.0, checkpoint_every=0, mkd=True, mkd_iterations=2,
                         mkd_batches=2)
         config = dataclasses.replace(config, **changes)
-        rows = experiment.run(config, str(tmp_path)).metrics
+        rows = runner.run(config, str(tmp_path)).metrics
         assert [("distill_weight" in r) for r in rows] == [True, True, False]
         expected_weights = [1.0, 1.0] if config.mkd_no_blending else [1.0, 0.5]
         assert [r["distill_weight"] for r in rows[:2]] == expected_weights
@@ -233,7 +233,7 @@ class TestLedgerAndRuns:
         config = Config(model="mlp", num_peers=8, group_size=2, key_dim=3, local_batches=1,
                         batch_size=8, eval_every=1, eval_peers="all", max_iterations=1,
                         target_accuracy=1.0, checkpoint_every=0, mkd=True, mkd_batches=1)
-        row = experiment.run(config, str(tmp_path)).metrics[0]
+        row = runner.run(config, str(tmp_path)).metrics[0]
         assert row["distilled_peers"] == 8 and row["distill_teachers"] == 1
         assert row["consensus_after"] < 1e-10 < row["consensus_before"]
         assert row["accuracy_std"] == 0.0  # Every peer holds the global mean after MKD.

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from marfl_jax import experiment
+from marfl_jax import runner
 from marfl_jax.config import Config, ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,7 +32,7 @@ def _rows(workdir):
 
 
 def test_sigkill_and_resume_reproduces_the_uninterrupted_rows(tmp_path):
-    experiment.run(CONFIG, str(tmp_path / "straight"))
+    runner.run(CONFIG, str(tmp_path / "straight"))
     workdir = tmp_path / "killed"
     command = [sys.executable, "-m", "launch.train", *_flags(CONFIG, workdir)]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
@@ -59,15 +59,15 @@ def test_sigkill_and_resume_reproduces_the_uninterrupted_rows(tmp_path):
 
 def test_finished_run_is_not_rerun_and_can_be_extended(tmp_path):
     short = dataclasses.replace(CONFIG, max_iterations=4)
-    first = experiment.run(short, str(tmp_path))
-    again = experiment.run(short, str(tmp_path))
+    first = runner.run(short, str(tmp_path))
+    again = runner.run(short, str(tmp_path))
     assert again.metrics == first.metrics
-    longer = experiment.run(dataclasses.replace(CONFIG, max_iterations=6), str(tmp_path))
+    longer = runner.run(dataclasses.replace(CONFIG, max_iterations=6), str(tmp_path))
     assert longer.metrics[:3] == first.metrics[:3]  # Rows before the last checkpoint are kept.
     assert len(longer.metrics) == 6
 
 
 def test_workdir_with_another_config_is_refused(tmp_path):
-    experiment.run(dataclasses.replace(CONFIG, max_iterations=1), str(tmp_path))
+    runner.run(dataclasses.replace(CONFIG, max_iterations=1), str(tmp_path))
     with pytest.raises(ConfigError, match="--workdir=.* different config .*--num_peers"):
-        experiment.run(dataclasses.replace(CONFIG, num_peers=4, key_dim=2), str(tmp_path))
+        runner.run(dataclasses.replace(CONFIG, num_peers=4, key_dim=2), str(tmp_path))

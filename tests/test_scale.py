@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from marfl_jax import experiment, local, memory, models
+from marfl_jax import local, memory, models, runner
 from marfl_jax.config import Config, ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -87,8 +87,8 @@ def test_chunk_loop_writes_in_place(local_batches):
 
 
 def test_run_with_peer_chunk_matches_unchunked(tmp_path):
-    plain = experiment.run(TINY, str(tmp_path / "a")).metrics
-    chunked = experiment.run(dataclasses.replace(TINY, peer_chunk=3), str(tmp_path / "b")).metrics
+    plain = runner.run(TINY, str(tmp_path / "a")).metrics
+    chunked = runner.run(dataclasses.replace(TINY, peer_chunk=3), str(tmp_path / "b")).metrics
     for a, b in zip(plain, chunked, strict=True):
         assert a["bytes"] == b["bytes"]
         np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-4)
@@ -96,7 +96,7 @@ def test_run_with_peer_chunk_matches_unchunked(tmp_path):
 
 def test_run_that_would_not_fit_is_refused_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match="--num_peers=8 needs about .* GB .*--peer_chunk"):
-        experiment.run(dataclasses.replace(TINY, memory_limit_gb=1e-6), str(tmp_path / "run"))
+        runner.run(dataclasses.replace(TINY, memory_limit_gb=1e-6), str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()
 
 
@@ -113,10 +113,10 @@ def test_memory_estimate_parts():
 SHARDED_RUN = """
 import json, sys
 import jax
-from marfl_jax import experiment
+from marfl_jax import runner
 from marfl_jax.config import Config
 config = Config.from_dict(json.loads(sys.argv[1]))
-result = experiment.run(config, sys.argv[2])
+result = runner.run(config, sys.argv[2])
 leaf = jax.tree.leaves(result.state.params)[0]
 print(json.dumps({"devices": jax.device_count(), "rows": result.metrics,
                   "spec": str(leaf.sharding.spec), "leaf_devices": len(leaf.sharding.device_set),
@@ -126,7 +126,7 @@ print(json.dumps({"devices": jax.device_count(), "rows": result.metrics,
 
 def test_peers_sharded_over_four_cpu_devices_match_one_device(tmp_path):
     config = dataclasses.replace(TINY, mkd=True, mkd_iterations=1, mkd_batches=1)
-    single = experiment.run(config, str(tmp_path / "single")).metrics
+    single = runner.run(config, str(tmp_path / "single")).metrics
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
                JAX_PLATFORMS="cpu")
     result = subprocess.run(

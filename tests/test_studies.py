@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from marfl_jax import experiment, studies
+from marfl_jax import runner, studies
 from marfl_jax.config import Config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,7 +31,7 @@ def test_mkd_row_counts_bytes_to_each_threshold():
     summary = {"iterations": 4, "final_accuracy": 0.96, "best_accuracy": 0.96,
                "wall_seconds": 1.0}
     config = Config(mkd=True, workdir="runs/x/mkd_rho0.4")
-    row = studies.mkd_row(config, experiment.RunResult(summary, metrics))
+    row = studies.mkd_row(config, runner.RunResult(summary, metrics))
     assert (row["iterations_to_50"], row["bytes_to_50"]) == (3, 80)
     assert (row["iterations_to_target"], row["bytes_to_target"]) == (4, 100)
     assert row["mkd_bytes"] == 20 and row["run"] == "mkd_rho0.4"

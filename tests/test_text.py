@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from marfl_jax import experiment, models
+from marfl_jax import models, runner
 from marfl_jax.config import Config, ConfigError
 from marfl_jax.data import DataUnavailableError, encoders, load_dataset, text
 
@@ -139,7 +139,7 @@ def test_mar_fl_runs_on_text_features(bydate, tmp_path):
                     group_size=2, key_dim=2, batch_size=4, local_batches=2, eval_every=2,
                     eval_peers="all", max_iterations=6, target_accuracy=1.0, checkpoint_every=0,
                     mkd=True, mkd_iterations=2, mkd_batches=1)
-    rows = experiment.run(config, str(tmp_path / "run")).metrics
+    rows = runner.run(config, str(tmp_path / "run")).metrics
     payload = 4 * (16 * 72 + 72 + 72 * 3 + 3)
     assert rows[-1]["bytes"] == 4 * 2 * 1 * 2 * payload  # N * G * (M - 1) * 2S.
     assert rows[-1]["accuracy"] > 0.5  # Three well-separated topics.

@@ -31,6 +31,8 @@ import numpy as np
 
 from marfl_jax import mixing
 
+SCHEDULES = ("authors", "mixed_radix")  # --schedule: authors_key_rule, mixed_radix_key_rule.
+
 
 class KeyRule(NamedTuple):
     """A Moshpit key schedule. Each peer carries an integer key; in round r its group id is

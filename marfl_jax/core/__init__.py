@@ -1,0 +1,34 @@
+"""The pure simulation: the state, the stage contract and the iteration's chain of stages.
+
+Nothing here reads or writes files; `marfl_jax.runner` owns the host loop and its I/O.
+"""
+
+from marfl_jax.core.iteration import Simulation, build_chain, make_iteration
+from marfl_jax.core.stage import (
+    Context,
+    Info,
+    Privatized,
+    Stage,
+    Step,
+    StepKeys,
+    run_chain,
+    step_keys,
+)
+from marfl_jax.core.state import DeviceData, FLState, init_state
+
+__all__ = [
+    "Context",
+    "DeviceData",
+    "FLState",
+    "Info",
+    "Privatized",
+    "Simulation",
+    "Stage",
+    "Step",
+    "StepKeys",
+    "build_chain",
+    "init_state",
+    "make_iteration",
+    "run_chain",
+    "step_keys",
+]

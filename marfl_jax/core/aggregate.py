@@ -1,0 +1,22 @@
+"""Stage: the algorithm's rounds of group means over weights and momentum (`marfl_jax.mixing`)."""
+
+from __future__ import annotations
+
+from marfl_jax import mixing
+from marfl_jax.core.stage import Context, Stage, Step
+
+
+def aggregate(num_groups: int) -> Stage:
+    """Each round replaces every present peer's weights and momentum by its group's mean.
+
+    Info: `consensus_before`, the present peers' disagreement before averaging.
+    """
+
+    def stage(step: Step, context: Context):
+        peers = step.peers
+        before = mixing.consensus_distance(peers.params, step.took_part)
+        params, opt_state = mixing.mix((peers.params, peers.opt_state), step.schedule, num_groups)
+        return (step._replace(peers=peers._replace(params=params, opt_state=opt_state)),
+                {"consensus_before": before})
+
+    return stage

@@ -1,0 +1,100 @@
+"""One FL iteration: the chain of stages, composed once per run.
+
+    participation -> local update -> [privatize] -> [distill] -> aggregate -> observe
+
+`build_chain` is the one place that says which stages run and in what order, and so how DP and
+MKD interact: under DP the aggregation is DP's (`privacy.private_aggregate`), and when both are
+on, MKD distils from the noised models and the post-distillation difference is what is smoothed
+(the authors' order). A new stage is a module with a factory returning a `Stage` and one line
+here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import optax
+
+from marfl_jax import churn, dp, mkd, sharding
+from marfl_jax.core import aggregate, distill, local_update, observe, participation, privacy
+from marfl_jax.core.stage import Context, Stage, Step, run_chain, step_keys
+from marfl_jax.core.state import DeviceData, FLState
+
+
+class Simulation(NamedTuple):
+    """The static pieces of a run, from which its iterations are built (`marfl_jax.runner`
+    makes one from a Config; code that extends the simulator may build its own).
+
+    Attributes:
+      apply_fn: (params, x, rng) -> logits (rng None: evaluation mode, a key: training mode).
+      optimizer: every peer's optax transformation (its state is averaged as momentum).
+      algorithm: a `marfl_jax.algorithms.Algorithm` (group schedule + wire model).
+      churn_model: participation, dropout and availability.
+      local_batches, batch_size: b and B of local training.
+      model_dropout: the model trains with dropout (per-peer keys).
+      peer_chunk: local training in chunks of this many peers (0 = all at once).
+      distillation: MKD's settings, or None.
+      privacy: DP's settings, or None.
+      mesh: the device mesh the peer axis is sharded over, or None.
+    """
+
+    apply_fn: Any
+    optimizer: optax.GradientTransformation
+    algorithm: Any
+    churn_model: churn.ChurnModel
+    local_batches: int
+    batch_size: int
+    model_dropout: bool = False
+    peer_chunk: int = 0
+    distillation: mkd.Distillation | None = None
+    privacy: dp.Privacy | None = None
+    mesh: Any = None
+
+
+def build_chain(sim: Simulation, distilling: bool = False) -> list[Stage]:
+    """The stages of one iteration; `distilling` = an MKD iteration (t < K)."""
+    num_groups = sim.algorithm.num_groups
+    chain = [
+        participation.participation(sim.churn_model, sim.algorithm),
+        local_update.local_update(apply_fn=sim.apply_fn, optimizer=sim.optimizer,
+                                  local_batches=sim.local_batches, batch_size=sim.batch_size,
+                                  model_dropout=sim.model_dropout, peer_chunk=sim.peer_chunk),
+    ]
+    private = sim.privacy is not None
+    if private:
+        chain.append(privacy.privatize(sim.privacy))
+    if distilling:
+        if sim.distillation is None:
+            raise ValueError("an MKD iteration needs Simulation.distillation")
+        if private:
+            chain.append(privacy.noised_model_teaches(sim.privacy))
+        chain.append(distill.distill(
+            sim.distillation, num_groups=num_groups,
+            max_group_size=sim.algorithm.max_group_size, apply_fn=sim.apply_fn,
+            optimizer=sim.optimizer, batch_size=sim.batch_size, model_dropout=sim.model_dropout))
+        if private:
+            chain.append(privacy.distilled_update())
+    chain.append(privacy.private_aggregate(sim.privacy, num_groups) if private
+                 else aggregate.aggregate(num_groups))
+    chain.append(observe.observe(num_groups))
+    return chain
+
+
+def make_iteration(sim: Simulation, distilling: bool = False):
+    """The iteration as a function to jit.
+
+    Returns:
+      iteration(state: FLState, key, data: DeviceData, distill_weight=None) -> (FLState, info),
+      info merging every stage's (see each stage's docstring); the state keeps the peer
+      sharding of `sim.mesh`.
+    """
+    chain = build_chain(sim, distilling)
+
+    def iteration(state: FLState, key: jax.Array, data: DeviceData,
+                  distill_weight: jax.Array | None = None):
+        context = Context(data, step_keys(key, data.counts.shape[0]), distill_weight)
+        step, info = run_chain(chain, Step(state), context)
+        return sharding.constrain_peers(step.peers, sim.mesh), info
+
+    return iteration

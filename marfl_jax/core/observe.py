@@ -1,0 +1,20 @@
+"""Stage: what the runner needs to account for the iteration (group sizes, agreement)."""
+
+from __future__ import annotations
+
+from marfl_jax import comm, mixing
+from marfl_jax.core.stage import Context, Stage, Step
+
+
+def observe(num_groups: int) -> Stage:
+    """Info: `member_sizes` (G, N) int32 (each peer's group size per round, 0 = absent; the
+    ledger's input), `present` (N,) bool (took part in any round) and `consensus_after`."""
+
+    def stage(step: Step, context: Context):
+        return step, {
+            "member_sizes": comm.member_sizes(step.schedule, num_groups),
+            "present": step.took_part,
+            "consensus_after": mixing.consensus_distance(step.peers.params, step.took_part),
+        }
+
+    return stage

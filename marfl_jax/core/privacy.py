@@ -1,0 +1,93 @@
+"""Stages of decentralized DP-FedAvg with adaptive clipping (`marfl_jax.dp` has the math).
+
+`privatize` is DP's step 1 (clip and noise each aggregating peer's update since its reference);
+`private_aggregate` replaces the plain aggregation with steps 2-4 (smooth, share, average models,
+momentum, s and the clip indicators, move the thresholds). With MKD in the same iteration the
+chain puts two more stages around the distillation, as the authors do: `noised_model_teaches`
+(peers distil starting from theta_ref + eta_s * Delta~) and `distilled_update` (the update that
+is smoothed becomes the post-distillation difference, neither clipped nor noised again).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from marfl_jax import dp, mixing
+from marfl_jax.core.stage import Context, Privatized, Stage, Step
+
+
+def privatize(privacy: dp.Privacy) -> Stage:
+    """Sets `step.privatized`: every peer's clipped, noised update since its reference (only
+    the aggregating peers' are used), the unclipped indicators and the norms."""
+
+    def stage(step: Step, context: Context):
+        update, unclipped, norms = dp.privatize(context.keys.dp_noise, step.peers.params,
+                                                step.peers.privacy, step.aggregating, privacy)
+        return step._replace(privatized=Privatized(update, unclipped, norms)), {}
+
+    return stage
+
+
+def noised_model_teaches(privacy: dp.Privacy) -> Stage:
+    """Aggregating peers' models become theta_ref + eta_s * Delta~ before MKD."""
+
+    def stage(step: Step, context: Context):
+        peers = step.peers
+        noised_model = dp.apply_delta(peers.privacy.reference, step.privatized.update,
+                                      privacy.server_lr)
+        params = dp.where_peers(step.aggregating, noised_model, peers.params)
+        return step._replace(peers=peers._replace(params=params)), {}
+
+    return stage
+
+
+def distilled_update() -> Stage:
+    """The update to smooth becomes theta - theta_ref after MKD (not clipped or noised)."""
+
+    def stage(step: Step, context: Context):
+        update = jax.tree.map(jnp.subtract, step.peers.params, step.peers.privacy.reference)
+        return step._replace(privatized=step.privatized._replace(update=update)), {}
+
+    return stage
+
+
+def private_aggregate(privacy: dp.Privacy, num_groups: int) -> Stage:
+    """DP's steps 2-4 over the schedule's groups; the averaged model becomes each aggregating
+    peer's reference. Non-aggregating peers keep everything.
+
+    Info: `consensus_before` (of the shared models), `aggregating` (n), `dp_split_peers` (the n
+    of this iteration's noise split), `dp_clip` (mean S before
+    the update), `dp_unclipped` (fraction of unclipped updates), `dp_update_norm` (mean norm
+    before clipping), the last three over the aggregating peers.
+    """
+
+    def stage(step: Step, context: Context):
+        peers, private, aggregating = step.peers, step.privatized, step.aggregating
+        state = peers.privacy
+        smoothed = dp.where_peers(aggregating, dp.smooth(
+            state.smoothed, private.update, privacy.server_momentum), state.smoothed)
+        shared = dp.where_peers(aggregating, dp.apply_delta(state.reference, smoothed,
+                                                            privacy.server_lr), peers.params)
+        before = mixing.consensus_distance(shared, step.took_part)
+        shared, opt_state, smoothed, mean_indicator = mixing.mix(
+            (shared, peers.opt_state, smoothed, private.unclipped), step.schedule, num_groups)
+        num_aggregating = aggregating.sum()
+        clip = jnp.where(aggregating, dp.update_clip(context.keys.dp_clip, state.clip,
+                                                     mean_indicator, num_aggregating, privacy),
+                         state.clip)
+        new_privacy = dp.PrivacyState(dp.where_peers(aggregating, shared, state.reference),
+                                      smoothed, clip)
+        count = jnp.maximum(num_aggregating, 1)
+        peers = peers._replace(params=dp.where_peers(aggregating, shared, peers.params),
+                               opt_state=opt_state, privacy=new_privacy)
+        return step._replace(peers=peers), {
+            "consensus_before": before,
+            "aggregating": num_aggregating,
+            "dp_split_peers": dp.noise_split(privacy, num_aggregating)[2],
+            "dp_clip": jnp.where(aggregating, state.clip, 0).sum() / count,
+            "dp_unclipped": jnp.where(aggregating, private.unclipped, 0).sum() / count,
+            "dp_update_norm": jnp.where(aggregating, private.norms, 0).sum() / count,
+        }
+
+    return stage

@@ -1,0 +1,300 @@
+"""The runner: one run on the host around the pure simulation of `marfl_jax.core`.
+
+    run(config, workdir) -> RunResult
+
+It loads the data, builds the model and the `Simulation`, compiles the iteration (refusing a run
+that would not fit), resumes from the last checkpoint, then loops: one jitted iteration, the
+ledger's exact bytes, evaluation on schedule, one row appended to metrics.jsonl, a checkpoint
+every `--checkpoint_every` iterations. Every random draw is a function of the seed and the
+iteration, so a resumed run rewrites the rows after its checkpoint exactly as an uninterrupted
+run would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import time
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from marfl_jax import accounting, algorithms, comm, evaluation, local, memory, models, sharding
+from marfl_jax import data as data_lib
+from marfl_jax import workdir as files
+from marfl_jax.config import Config, ConfigError
+from marfl_jax.core import DeviceData, FLState, Simulation, init_state, make_iteration
+
+# What every algorithm averages: weights and momentum (DP adds the smoothed update).
+STATE_PAYLOADS = 2
+LEDGER_TOTALS = ("cumulative_bytes", "cumulative_payloads", "cumulative_messages",
+                 "cumulative_metadata_bytes")
+
+
+class RunResult(NamedTuple):
+    summary: dict
+    metrics: list[dict]
+    state: FLState | None = None  # The final state (peer axis first).
+
+
+def load_data(config: Config):
+    """The dataset, the peers' partition on the device, and the test set.
+
+    Returns:
+      (dataset, DeviceData, test images (n_test, ...) float32, test labels (n_test,) int32).
+    """
+    dataset = data_lib.load_dataset(
+        config.dataset, config.data_dir or None, encoder=config.encoder,
+        features=config.features, feature_dim=config.feature_dim,
+        feature_cache=config.feature_cache or None)
+    try:
+        peer_index = data_lib.partition(dataset.y_train, config.num_peers, config.partition,
+                                        config.dirichlet_alpha, config.seed)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+    data = DeviceData(jnp.asarray(dataset.x_train), jnp.asarray(dataset.y_train, jnp.int32),
+                      jnp.asarray(peer_index.table), jnp.asarray(peer_index.counts))
+    logging.info("data: %s; %d train / %d test examples; %d peers hold %d-%d examples",
+                 dataset.source, len(dataset.y_train), len(dataset.y_test), config.num_peers,
+                 peer_index.counts.min(), peer_index.counts.max())
+    return (dataset, data, data_lib.preprocess(jnp.asarray(dataset.x_test)),
+            jnp.asarray(dataset.y_test, jnp.int32))
+
+
+def make_apply_fn(model):
+    """(params, x, rng=None) -> logits; rng None: evaluation mode, a key: training mode."""
+    dropout = models.uses_dropout(model)
+
+    def apply_fn(params, x, rng=None):
+        if rng is None or not dropout:
+            return model.apply({"params": params}, x)
+        return model.apply({"params": params}, x, train=True, rngs={"dropout": rng})
+
+    return apply_fn
+
+
+def make_simulation(config: Config, model, mesh=None) -> Simulation:
+    """The static pieces of the run `config` describes."""
+    return Simulation(
+        apply_fn=make_apply_fn(model),
+        optimizer=local.momentum_sgd(config.learning_rate, config.momentum),
+        algorithm=algorithms.make_algorithm(config), churn_model=config.churn_model(),
+        local_batches=config.local_batches, batch_size=config.batch_size,
+        model_dropout=models.uses_dropout(model), peer_chunk=config.peer_chunk,
+        distillation=config.distillation(), privacy=config.privacy(), mesh=mesh)
+
+
+def make_ledger(sim: Simulation, payload_bytes: int) -> comm.Ledger:
+    private = sim.privacy is not None
+    return comm.Ledger(payload_bytes=payload_bytes,
+                       payloads_per_message=STATE_PAYLOADS + private,
+                       wire=sim.algorithm.wire,
+                       metadata_record_bytes=(comm.DHT_RECORD_BYTES
+                                              if sim.algorithm.name == "marfl" else 0),
+                       scalar_bytes=4 if private else 0)  # DP's clip indicator.
+
+
+def format_bytes(n: int) -> str:
+    """Human-readable decimal bytes: 1.234 GB."""
+    for unit in ("B", "kB", "MB", "GB", "TB", "PB"):
+        if n < 1000 or unit == "PB":
+            return f"{n} B" if unit == "B" else f"{n:.4g} {unit}"
+        n /= 1000
+    raise AssertionError
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def run(config: Config, workdir: str | None = None) -> RunResult:
+    """Runs (or resumes) the experiment described by `config`, writing its outputs to `workdir`
+    (default `config.workdir`). Returns the summary, the metrics rows and the final state."""
+    config.validate()
+    workdir = workdir or config.workdir
+    config = dataclasses.replace(config, workdir=workdir)
+    previous = files.previous_config(config, workdir)
+    start = time.time()
+
+    # -- Data, model, the simulation's pieces, the initial state's shapes.
+    dataset, data, test_images, test_labels = load_data(config)
+    model_kwargs = {"conv_impl": config.conv_impl} if config.conv_impl else {}
+    model = models.get_model(config.model, dataset.num_classes, **model_kwargs)
+    mesh = sharding.peer_mesh(config.num_peers)  # None on one device.
+    if mesh is None and jax.process_count() > 1:
+        raise ConfigError(f"--num_peers={config.num_peers} must be divisible by the "
+                          f"{jax.device_count()} devices of a multi-process run")
+    if mesh is not None:
+        data = DeviceData(*sharding.replicate((data.x_train, data.y_train), mesh),
+                          *sharding.shard_peers((data.table, data.counts), mesh))
+        test_images, test_labels = sharding.replicate((test_images, test_labels), mesh)
+    sim = make_simulation(config, model, mesh)
+    root_key = jax.random.key(config.seed)
+
+    def initial_state():
+        return init_state(model, sim.optimizer, test_images[:1], config.num_peers,
+                          jax.random.fold_in(root_key, 0), sim.churn_model, sim.privacy)
+
+    abstract_state = jax.eval_shape(initial_state)  # Shapes only: nothing allocated yet.
+    one_peer = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype),
+                            abstract_state.params)
+    ledger = make_ledger(sim, comm.tree_bytes(one_peer))
+    accountant = None if sim.privacy is None else accounting.PrivacyAccountant(
+        config.num_peers, config.dp_noise_multiplier, config.privacy_delta)
+    algorithm = sim.algorithm
+    logging.info("model %s: %d parameters, payload %d bytes; algorithm %s (%s): %d rounds%s%s",
+                 config.model, models.count_params(one_peer), ledger.payload_bytes,
+                 algorithm.name, algorithm.description, algorithm.num_rounds,
+                 ", exact at full participation" if algorithm.exact else "",
+                 f"; peers sharded over {mesh.size} devices" if mesh is not None else "")
+
+    # -- Compile the iteration for the state's shapes, and refuse a run that would not fit.
+    iteration_key = jax.random.fold_in(root_key, 1)
+
+    def key_at(t: int):
+        """This iteration's key, replicated over the mesh when there is one."""
+        key = jax.random.fold_in(iteration_key, t)
+        if mesh is None:
+            return key
+        return jax.random.wrap_key_data(sharding.replicate(jax.random.key_data(key), mesh))
+
+    compiled = {}
+
+    def compiled_step(distilling: bool):
+        """The compiled iteration (MKD's variant takes lambda as a fourth argument)."""
+        if distilling not in compiled:
+            step = jax.jit(make_iteration(sim, distilling), donate_argnums=0)
+            weight = (jax.ShapeDtypeStruct((), jnp.float32),) if distilling else ()
+            compiled[distilling] = step.lower(sharding.abstract_by_peer(abstract_state, mesh),
+                                              key_at(0), data, *weight).compile()
+        return compiled[distilling]
+
+    estimate = memory.MemoryEstimate(
+        memory.tree_nbytes(abstract_state),
+        memory.tree_nbytes((data, test_images, test_labels)),
+        memory.step_bytes(compiled_step(sim.distillation is not None)))
+    logging.info("memory estimate: %s", estimate.describe())
+    memory.check_fits(estimate, (int(config.memory_limit_gb * memory.GB)
+                                 if config.memory_limit_gb else memory.available_bytes()),
+                      num_peers=config.num_peers, peer_chunk=config.peer_chunk)
+    evaluate_peers = jax.jit(functools.partial(local.evaluate_peers, apply_fn=sim.apply_fn))
+
+    # -- Resume from the last checkpoint, if any. (In a multi-process run the first process
+    #    writes the files; the barriers keep the others from reading a file being rewritten.)
+    primary = sharding.is_primary()
+    sharding.barrier("workdir checked")
+    if primary:
+        os.makedirs(workdir, exist_ok=True)
+        files.write_atomically(os.path.join(workdir, "config.json"), config.to_json())
+    sharding.barrier("workdir written")
+    checkpoints = files.Checkpoints(os.path.join(workdir, "checkpoints"))
+    first_iteration, elapsed_before = 0, 0.0
+    if previous is not None and checkpoints.latest() is not None:
+        leaves, host = checkpoints.restore(abstract_state, mesh)
+        state = FLState(*leaves)
+        first_iteration, elapsed_before = host["iteration"], host["elapsed"]
+        for name, value in host["ledger"].items():
+            setattr(ledger, name, value)
+        if accountant is not None:
+            accountant = accounting.PrivacyAccountant.from_state(
+                config.num_peers, config.dp_noise_multiplier, config.privacy_delta,
+                host["privacy"])
+        logging.info("resuming %s after iteration %d", workdir, first_iteration - 1)
+    else:
+        state = sharding.shard_peers(initial_state(), mesh)
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    metrics = files.read_rows(metrics_path, first_iteration)
+    reached_at = next((r["iteration"] for r in metrics
+                       if r.get("accuracy", -1.0) >= config.target_accuracy), None)
+    start -= elapsed_before
+    sharding.barrier("metrics read")
+    rows = files.Rows(metrics_path, metrics, write=primary)
+
+    # -- The loop: one jitted iteration, then the ledger, evaluation and logging on the host.
+    distillation = sim.distillation
+    t = first_iteration
+    loop_start = time.time()
+    while reached_at is None and t < config.max_iterations:
+        distilling = distillation is not None and distillation.active(t)
+        weight = (np.float32(distillation.weight(t)),) if distilling else ()
+        state, info = compiled_step(distilling)(state, key_at(t), data, *weight)
+        info = sharding.to_host(info)
+        sizes = np.asarray(info["member_sizes"])
+        present = np.asarray(info["present"])
+        if distilling and sizes.max(initial=0) > algorithm.max_group_size:
+            raise RuntimeError(f"a group of {sizes.max()} peers exceeds the bound of "
+                               f"{algorithm.max_group_size} that MKD's mates table assumed")
+        row = {"iteration": t, **ledger.record(sizes, distilled=distilling)}
+        row.update(present_peers=int(present.sum()),
+                   updating_peers=int(info["updating_peers"]),
+                   mean_group_size=comm.mean_group_size(sizes),
+                   train_loss=float(info["train_loss"]),
+                   consensus_before=float(info["consensus_before"]),
+                   consensus_after=float(info["consensus_after"]))
+        if distilling:
+            row["distill_weight"] = 1.0 if not distillation.blend else distillation.weight(t)
+            row.update({name: float(info[name]) for name in (
+                "distilled_peers", "distill_teachers", "distill_kl", "distill_loss")})
+        if accountant is not None:
+            accountant.record(int(info["aggregating"]))
+            row.update({name: float(info[name]) for name in (
+                "dp_clip", "dp_unclipped", "dp_update_norm")})
+            row["dp_split_peers"] = int(info["dp_split_peers"])
+        if row["present_peers"] == 0 and row["updating_peers"] == 0:
+            logging.info("iteration %d: no peer present; nothing trained or exchanged", t)
+        if t % config.eval_every == 0 or t == config.max_iterations - 1:
+            row.update(evaluation.evaluate(config, state.params, present, t, evaluate_peers,
+                                           test_images, test_labels))
+            if accountant is not None:
+                row.update(accountant.epsilons())
+        row["seconds"] = round(time.time() - start, 3)
+        metrics.append(row)
+        rows.append(row)
+        t += 1
+        if "accuracy" in row:
+            rate = (t - first_iteration) / max(time.time() - loop_start, 1e-9)
+            logging.info("iteration %d/%d | accuracy %.4f | loss %.4f | %s | %.3g it/s | "
+                         "ETA %s", t - 1, config.max_iterations, row["accuracy"], row["loss"],
+                         format_bytes(row["cumulative_bytes"]), rate,
+                         format_duration((config.max_iterations - t) / rate))
+            if row["accuracy"] >= config.target_accuracy:
+                reached_at = t - 1
+        done = reached_at is not None or t == config.max_iterations
+        if done or (config.checkpoint_every and t % config.checkpoint_every == 0):
+            checkpoints.save(t, state, {
+                "iteration": t, "elapsed": time.time() - start,
+                "ledger": {name: getattr(ledger, name) for name in LEDGER_TOTALS},
+                **({} if accountant is None else {"privacy": accountant.state()})})
+    rows.close()
+
+    # -- The summary.
+    wall_seconds = round(time.time() - start, 3)
+    summary_path = os.path.join(workdir, "summary.json")
+    finished_before = files.read_json(summary_path) if t == first_iteration else None
+    if finished_before is not None:  # Its time is the one it took then, not this restore's.
+        wall_seconds = finished_before.get("wall_seconds", wall_seconds)
+    evaluated = [r for r in metrics if "accuracy" in r]
+    summary = {
+        "final_accuracy": evaluated[-1]["accuracy"] if evaluated else None,
+        "best_accuracy": max((r["accuracy"] for r in evaluated), default=None),
+        "iterations": len(metrics),
+        "cumulative_bytes": ledger.cumulative_bytes,
+        "reached_target": reached_at is not None,
+        "target_accuracy": config.target_accuracy,
+        "iteration_reached_target": reached_at,
+        "bytes_to_target": (metrics[reached_at]["cumulative_bytes"]
+                            if reached_at is not None else None),
+        "wall_seconds": wall_seconds,
+    }
+    if accountant is not None:
+        summary.update(dp_delta=config.privacy_delta, **accountant.epsilons())
+    if primary:
+        files.write_json(summary_path, summary)
+    logging.info("done: %s", summary)
+    return RunResult(summary, metrics, state)

@@ -1,0 +1,150 @@
+"""A run's files: `config.json`, `metrics.jsonl`, `summary.json` and `checkpoints/` (orbax).
+
+Every write leaves a complete file at any moment of an interruption: whole files are written to
+a temporary name and renamed over the old one; rows are appended one line at a time and flushed
+(a torn last line is dropped on reading).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+
+import jax
+from absl import logging
+
+from marfl_jax import sharding
+from marfl_jax.config import Config, ConfigError
+
+# Fields that may change between a run and its resumption (they do not change the trajectory).
+RESUMABLE_CHANGES = ("max_iterations", "checkpoint_every", "workdir", "memory_limit_gb")
+
+
+def write_atomically(path: str, text: str) -> None:
+    """Replaces `path` by `text` in one rename (readers see the old or the new file, whole)."""
+    temporary = f"{path}.tmp"
+    with open(temporary, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+
+
+def previous_config(config: Config, workdir: str) -> Config | None:
+    """The config of the run already in workdir (None if there is none); refuses a different
+    run. A fresh run clears stale checkpoints and rows that no config.json accounts for."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        for stale in ("checkpoints", "metrics.jsonl", "summary.json"):
+            stale_path = os.path.join(workdir, stale)
+            if os.path.exists(stale_path) and sharding.is_primary():
+                logging.warning("fresh run: removing %s, left without a config.json", stale_path)
+                if os.path.isdir(stale_path):
+                    shutil.rmtree(stale_path)
+                else:
+                    os.remove(stale_path)
+        return None
+    with open(path) as f:
+        previous = Config.from_dict(json.load(f))
+    differences = [f.name for f in dataclasses.fields(Config)
+                   if f.name not in RESUMABLE_CHANGES
+                   and getattr(previous, f.name) != getattr(config, f.name)]
+    if differences:
+        raise ConfigError(
+            f"--workdir={workdir} holds a run with a different config (differs in: "
+            f"{', '.join('--' + d for d in differences)}); use another --workdir or delete it")
+    return previous
+
+
+def read_rows(path: str, before: int) -> list[dict]:
+    """The rows of iterations 0 .. before-1 (a torn last line is dropped; rows at or after
+    `before` are left to be rewritten). Refuses rows that are not 0, 1, 2, ... in order or do not
+    reach `before`: the checkpoint and the rows would disagree."""
+    rows = []
+    if before and os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    break
+                if row["iteration"] >= before:
+                    break
+                if row["iteration"] != len(rows):
+                    raise ConfigError(
+                        f"{path}: row {len(rows)} is iteration {row['iteration']}; the rows "
+                        "must be iterations 0, 1, 2, ... in order. Delete the workdir to "
+                        "start again")
+                rows.append(row)
+    if len(rows) != before:
+        raise ConfigError(f"{path} holds {len(rows)} rows but the checkpoint is after iteration "
+                          f"{before - 1}; delete the workdir to start again")
+    return rows
+
+
+class Rows:
+    """metrics.jsonl: the rows kept from before a resumption, then one appended per iteration.
+
+    Opening rewrites the kept rows atomically (a kill at any moment leaves either the old file
+    or the kept rows), then appends."""
+
+    def __init__(self, path: str, kept: list[dict], write: bool = True):
+        self._file = None
+        if write:
+            write_atomically(path, "".join(json.dumps(row) + "\n" for row in kept))
+            self._file = open(path, "a")  # noqa: SIM115 (closed by close()).
+
+    def append(self, row: dict) -> None:
+        if self._file is not None:
+            self._file.write(json.dumps(row) + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+class Checkpoints:
+    """The latest FLState plus host-side JSON (ledger, iteration), saved with orbax."""
+
+    def __init__(self, directory: str):
+        import orbax.checkpoint as ocp  # Deferred: a heavy import only runs need.
+
+        self._ocp = ocp
+        self._manager = ocp.CheckpointManager(
+            os.path.abspath(directory),
+            options=ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False))
+
+    def latest(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, iteration: int, state, host: dict) -> None:
+        args = self._ocp.args
+        self._manager.save(iteration, args=args.Composite(
+            state=args.StandardSave(state), host=args.JsonSave(host)), force=True)
+        self._manager.wait_until_finished()
+
+    def restore(self, abstract, mesh=None) -> tuple[tuple, dict]:
+        """The latest state's leaves (as the tuple `abstract` describes), placed as
+        `sharding.shard_peers` would (one device without mesh), and the host JSON."""
+        args = self._ocp.args
+        placement = (sharding.by_peer(mesh) if mesh is not None
+                     else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=placement), abstract)
+        restored = self._manager.restore(self.latest(), args=args.Composite(
+            state=args.StandardRestore(abstract), host=args.JsonRestore()))
+        return restored["state"], restored["host"]
+
+
+def write_json(path: str, value: dict) -> None:
+    write_atomically(path, json.dumps(value, indent=2))
+
+
+def read_json(path: str) -> dict | None:
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)

@@ -1,0 +1,88 @@
+"""A run's files: atomic rewrites, contiguous rows, stale checkpoints, resuming inside MKD."""
+
+import dataclasses
+import json
+import os
+
+import pytest
+
+from marfl_jax import Config, ConfigError, runner, workdir
+
+TINY = Config(model="mlp", num_peers=8, group_size=2, key_dim=3, local_batches=1, batch_size=8,
+              eval_every=1, eval_peers="3", max_iterations=4, target_accuracy=1.0,
+              checkpoint_every=2)
+
+
+def _rows(path):
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in path]
+
+
+def test_write_atomically_leaves_no_partial_file(tmp_path):
+    path = tmp_path / "file.json"
+    workdir.write_atomically(str(path), "old")
+    workdir.write_atomically(str(path), "new")
+    assert path.read_text() == "new" and not (tmp_path / "file.json.tmp").exists()
+
+
+def test_rows_must_be_contiguous_and_reach_the_checkpoint(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"iteration": t}) + "\n" for t in (0, 1, 3)))
+    with pytest.raises(ConfigError, match="row 2 is iteration 3"):
+        workdir.read_rows(str(path), 4)
+    path.write_text("".join(json.dumps({"iteration": t}) + "\n" for t in (0, 1)) + '{"iter')
+    assert [r["iteration"] for r in workdir.read_rows(str(path), 2)] == [0, 1]  # Torn line.
+    with pytest.raises(ConfigError, match="holds 2 rows but the checkpoint is after iteration 2"):
+        workdir.read_rows(str(path), 3)
+
+
+def test_resume_rewrites_the_rows_atomically(tmp_path, monkeypatch):
+    """Kill the rewrite itself: the file on disk is the old one, whole, and a rerun recovers."""
+    straight = runner.run(TINY, str(tmp_path / "straight")).metrics
+    short = dataclasses.replace(TINY, max_iterations=2)
+    runner.run(short, str(tmp_path / "run"))
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    before = metrics.read_text()
+
+    original = workdir.write_atomically
+
+    def killed(path, text):
+        if not path.endswith("metrics.jsonl"):
+            return original(path, text)
+        with open(f"{path}.tmp", "w") as f:
+            f.write(text[: len(text) // 2])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(workdir, "write_atomically", killed)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(TINY, str(tmp_path / "run"))
+    assert metrics.read_text() == before
+    monkeypatch.undo()
+    assert _rows(runner.run(TINY, str(tmp_path / "run")).metrics) == _rows(straight)
+
+
+def test_a_fresh_run_does_not_restore_stale_checkpoints(tmp_path):
+    """Checkpoints left behind without a config.json (another run's, further along) are not
+    resumed: the run and its resumption equal a run in an empty workdir."""
+    other = dataclasses.replace(TINY, seed=7, max_iterations=4, checkpoint_every=1)
+    runner.run(other, str(tmp_path / "run"))
+    os.remove(tmp_path / "run" / "config.json")
+    fresh = runner.run(dataclasses.replace(TINY, max_iterations=2), str(tmp_path / "run"))
+    assert fresh.metrics[0]["iteration"] == 0 and len(fresh.metrics) == 2
+    resumed = runner.run(TINY, str(tmp_path / "run")).metrics
+    assert _rows(resumed) == _rows(runner.run(TINY, str(tmp_path / "clean")).metrics)
+
+
+def test_resume_inside_the_mkd_window(tmp_path):
+    config = dataclasses.replace(TINY, mkd=True, mkd_iterations=3, mkd_batches=1,
+                                 checkpoint_every=1, max_iterations=4)
+    straight = runner.run(config, str(tmp_path / "straight")).metrics
+    runner.run(dataclasses.replace(config, max_iterations=2), str(tmp_path / "split"))
+    resumed = runner.run(config, str(tmp_path / "split")).metrics
+    assert [("distill_weight" in r) for r in resumed] == [True, True, True, False]
+    assert _rows(resumed) == _rows(straight)
+
+
+def test_peer_chunk_is_not_a_resumable_change(tmp_path):
+    runner.run(dataclasses.replace(TINY, max_iterations=1), str(tmp_path))
+    with pytest.raises(ConfigError, match="--peer_chunk"):
+        runner.run(dataclasses.replace(TINY, peer_chunk=3), str(tmp_path))

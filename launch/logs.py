@@ -27,3 +27,6 @@ def setup() -> None:
     logging.set_verbosity(logging.INFO)
     if not flags.FLAGS.library_logs:
         logging.get_absl_handler().addFilter(_OwnInfoOnly())
+    logging.info("process: allocator tunables %s; compilation cache %s",
+                 "on" if "GLIBC_TUNABLES" in os.environ else "off",
+                 os.environ.get("JAX_COMPILATION_CACHE_DIR", "off"))

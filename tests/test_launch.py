@@ -65,3 +65,5 @@ def test_main_job_runs_briefly(tmp_path):
     # Other libraries' INFO logs (orbax's checkpoint dicts, jax's TPU probe) are off.
     for noise in ("checkpoint_manager", "libtpu", "orbax"):
         assert noise not in result.stderr, noise
+    # The launcher re-executed itself with the allocator settings (Linux CPU, glibc).
+    assert "process: allocator tunables on; compilation cache /" in result.stderr

@@ -91,6 +91,10 @@ class Config:
                                                                     "CONV_IMPLS")(),
                                    "'' or one of the CNN's lowerings (marfl_jax.models."
                                    "CONV_IMPLS)"))
+    compute_dtype: str = _field(
+        "float32", "Dtype of the forward and backward passes' matmuls and convolutions; "
+        "parameters, momentum, averaging and the ledger stay float32.",
+        lambda: ("float32", "bfloat16"))
     local_batches: int = _field(4, "Mini-batches b of local SGD per peer per iteration.",
                                 check=_at_least(1))
     batch_size: int = _field(16, "Mini-batch size B.", check=_at_least(1))
@@ -175,6 +179,13 @@ class Config:
     peer_chunk: int = _field(0, "Train the peers in sequential chunks of this many (0 = all at "
                              "once): bounds activation memory, keeps a chunk's parameters in "
                              "cache.", check=((lambda v: v >= 0), "an integer >= 0"))
+    plan: str = _field(
+        "auto", "How the local update runs: 'auto' times the exact formulations (peer chunks, "
+        "convolution lowerings) at start-up and keeps the fastest (cached on disk; flags set "
+        "explicitly are kept), 'fixed' uses --peer_chunk and --conv_impl as given.",
+        lambda: ("auto", "fixed"))
+    plan_budget_s: float = _field(10.0, "--plan=auto: seconds spent timing formulations at most.",
+                                  check=_POSITIVE)
     memory_limit_gb: float = _field(
         0.0, "Refuse a run whose estimated device memory exceeds this (0 = the device's "
         "memory: available RAM on CPU).",
@@ -320,7 +331,8 @@ class Config:
 SECTIONS: dict[str, tuple[str, ...]] = {
     "data": ("dataset", "data_dir", "encoder", "features", "feature_dim", "feature_cache",
              "partition", "dirichlet_alpha"),
-    "model": ("model", "conv_impl", "local_batches", "batch_size", "learning_rate", "momentum"),
+    "model": ("model", "conv_impl", "compute_dtype", "local_batches", "batch_size",
+              "learning_rate", "momentum"),
     "algorithm": ("algorithm", "num_peers", "group_size", "key_dim", "rounds", "schedule",
                   "wire"),
     "churn": ("update_fraction", "aggregate_fraction", "dropout", "dropout_timing",
@@ -329,7 +341,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
             "mkd_no_blending"),
     "dp": ("dp", "dp_noise_multiplier", "dp_initial_clip", "dp_target_quantile", "dp_clip_lr",
            "dp_server_lr", "dp_server_momentum", "dp_delta", "dp_noise_peers"),
-    "scale": ("peer_chunk", "memory_limit_gb"),
+    "scale": ("peer_chunk", "plan", "plan_budget_s", "memory_limit_gb"),
     "run": ("eval_every", "eval_peers", "target_accuracy", "max_iterations", "seed", "workdir",
             "checkpoint_every"),
 }

@@ -31,8 +31,14 @@ from marfl_jax.layers import CONV_IMPLS, DEFAULT_CONV_IMPL, ConvParams
 from marfl_jax.registry import Registry
 
 
+def _floating(x: jax.Array) -> jax.Array:
+    """Floating inputs keep their dtype (bfloat16 under --compute_dtype); others -> float32."""
+    x = jnp.asarray(x)
+    return x if jnp.issubdtype(x.dtype, jnp.floating) else x.astype(jnp.float32)
+
+
 def _as_images(x: jax.Array) -> jax.Array:
-    x = jnp.asarray(x, jnp.float32)
+    x = _floating(x)
     if x.ndim == 2 and x.shape[-1] == 784:
         return x.reshape(x.shape[0], 28, 28, 1)
     if x.ndim == 3:
@@ -91,7 +97,7 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = jnp.asarray(x, jnp.float32)
+        x = _floating(x)
         x = x.reshape(x.shape[0], -1)
         for i, width in enumerate(self.hidden):
             x = nn.relu(nn.Dense(int(width), name=f"dense{i + 1}")(x))
@@ -112,7 +118,7 @@ class TextHead(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        x = jnp.asarray(x, jnp.float32).reshape(x.shape[0], -1)
+        x = _floating(x).reshape(x.shape[0], -1)
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
         x = nn.relu(nn.Dense(self.hidden, name="dense1")(x))
         x = nn.Dropout(self.dropout, deterministic=not train)(x)

@@ -25,6 +25,7 @@ from absl import logging
 
 from marfl_jax import accounting, algorithms, comm, evaluation, local, memory, models, sharding
 from marfl_jax import data as data_lib
+from marfl_jax import plan as plan_lib
 from marfl_jax import workdir as files
 from marfl_jax.config import Config, ConfigError
 from marfl_jax.core import DeviceData, FLState, Simulation, init_state, make_iteration
@@ -65,14 +66,24 @@ def load_data(config: Config):
             jnp.asarray(dataset.y_test, jnp.int32))
 
 
-def make_apply_fn(model):
-    """(params, x, rng=None) -> logits; rng None: evaluation mode, a key: training mode."""
+def make_apply_fn(model, compute_dtype: str = "float32"):
+    """(params, x, rng=None) -> float32 logits; rng None: evaluation mode, a key: training mode.
+
+    With compute_dtype bfloat16 the parameters and inputs are cast on the way in, so the
+    forward and backward matmuls run in bfloat16 while the gradients reach the float32
+    parameters (the cast's transpose)."""
     dropout = models.uses_dropout(model)
+    dtype = jnp.dtype(compute_dtype)
 
     def apply_fn(params, x, rng=None):
+        if dtype != jnp.float32:
+            params = jax.tree.map(lambda p: p.astype(dtype), params)
+            x = jnp.asarray(x).astype(dtype)
         if rng is None or not dropout:
-            return model.apply({"params": params}, x)
-        return model.apply({"params": params}, x, train=True, rngs={"dropout": rng})
+            logits = model.apply({"params": params}, x)
+        else:
+            logits = model.apply({"params": params}, x, train=True, rngs={"dropout": rng})
+        return logits.astype(jnp.float32)
 
     return apply_fn
 
@@ -80,12 +91,57 @@ def make_apply_fn(model):
 def make_simulation(config: Config, model, mesh=None) -> Simulation:
     """The static pieces of the run `config` describes."""
     return Simulation(
-        apply_fn=make_apply_fn(model),
+        apply_fn=make_apply_fn(model, config.compute_dtype),
         optimizer=local.momentum_sgd(config.learning_rate, config.momentum),
         algorithm=algorithms.make_algorithm(config), churn_model=config.churn_model(),
         local_batches=config.local_batches, batch_size=config.batch_size,
         model_dropout=models.uses_dropout(model), peer_chunk=config.peer_chunk,
         distillation=config.distillation(), privacy=config.privacy(), mesh=mesh)
+
+
+def build_model(config: Config, num_classes: int, chosen: plan_lib.Plan):
+    """The run's model, with the plan's convolution lowering."""
+    kwargs = {"conv_impl": chosen.conv_impl} if chosen.conv_impl else {}
+    return models.get_model(config.model, num_classes, **kwargs)
+
+
+def execution_plan(config: Config, workdir: str, previous, num_classes: int, sample_input,
+                   mesh) -> plan_lib.Plan:
+    """The plan this run keeps: the workdir's (a resumed run), the flags' (--plan=fixed, a
+    sharded or short run), or the fastest measured now (`marfl_jax.plan`)."""
+    path = os.path.join(workdir, "plan.json")
+    stored = files.read_json(path) if previous is not None else None
+    if stored is not None:
+        chosen = plan_lib.Plan(**stored)
+        logging.info("plan: %s (kept from %s)", chosen.describe(), path)
+        return chosen
+    chosen = plan_lib.fixed(config)
+    peer_steps = config.num_peers * config.local_batches * config.max_iterations
+    if previous is not None:  # A run from before plans existed ran the flags' plan.
+        logging.info("plan: %s (the flags', as when this run started)", chosen.describe())
+    elif config.plan == "auto" and mesh is None and peer_steps >= plan_lib.MIN_PEER_STEPS:
+        device = jax.devices()[0]
+
+        def build_apply_fn(candidate):
+            model = build_model(config, num_classes, candidate)
+            params = model.init(jax.random.key(0), sample_input)["params"]
+            return make_apply_fn(model, config.compute_dtype), params
+
+        make_step = plan_lib.local_step_factory(config, build_apply_fn, sample_input,
+                                                local.momentum_sgd(config.learning_rate,
+                                                                   config.momentum),
+                                                num_classes)
+        chosen, _ = plan_lib.choose(
+            config, make_step, backend=device.platform, device_kind=device.device_kind,
+            input_shape=tuple(sample_input.shape[1:]), num_classes=num_classes,
+            budget_s=config.plan_budget_s, log=logging.info)
+    else:
+        logging.info("plan: %s (%s)", chosen.describe(), "--plan=fixed" if config.plan ==
+                     "fixed" else "sharded run" if mesh is not None else "short run")
+    if sharding.is_primary():
+        os.makedirs(workdir, exist_ok=True)
+        files.write_json(path, chosen._asdict())
+    return chosen
 
 
 def make_ledger(sim: Simulation, payload_bytes: int) -> comm.Ledger:
@@ -122,11 +178,12 @@ def run(config: Config, workdir: str | None = None) -> RunResult:
     previous = files.previous_config(config, workdir)
     start = time.time()
 
-    # -- Data, model, the simulation's pieces, the initial state's shapes.
+    # -- Data, the execution plan, model, the simulation's pieces, the initial state's shapes.
     dataset, data, test_images, test_labels = load_data(config)
-    model_kwargs = {"conv_impl": config.conv_impl} if config.conv_impl else {}
-    model = models.get_model(config.model, dataset.num_classes, **model_kwargs)
     mesh = sharding.peer_mesh(config.num_peers)  # None on one device.
+    chosen = execution_plan(config, workdir, previous, dataset.num_classes, test_images[:1],
+                            mesh)
+    model = build_model(config, dataset.num_classes, chosen)
     if mesh is None and jax.process_count() > 1:
         raise ConfigError(f"--num_peers={config.num_peers} must be divisible by the "
                           f"{jax.device_count()} devices of a multi-process run")
@@ -134,7 +191,8 @@ def run(config: Config, workdir: str | None = None) -> RunResult:
         data = DeviceData(*sharding.replicate((data.x_train, data.y_train), mesh),
                           *sharding.shard_peers((data.table, data.counts), mesh))
         test_images, test_labels = sharding.replicate((test_images, test_labels), mesh)
-    sim = make_simulation(config, model, mesh)
+    sim = make_simulation(dataclasses.replace(config, peer_chunk=chosen.peer_chunk), model,
+                          mesh)
     root_key = jax.random.key(config.seed)
 
     def initial_state():
@@ -182,7 +240,7 @@ def run(config: Config, workdir: str | None = None) -> RunResult:
     logging.info("memory estimate: %s", estimate.describe())
     memory.check_fits(estimate, (int(config.memory_limit_gb * memory.GB)
                                  if config.memory_limit_gb else memory.available_bytes()),
-                      num_peers=config.num_peers, peer_chunk=config.peer_chunk)
+                      num_peers=config.num_peers, peer_chunk=sim.peer_chunk)
     evaluate_peers = jax.jit(functools.partial(local.evaluate_peers, apply_fn=sim.apply_fn))
 
     # -- Resume from the last checkpoint, if any. (In a multi-process run the first process
@@ -217,13 +275,13 @@ def run(config: Config, workdir: str | None = None) -> RunResult:
     rows = files.Rows(metrics_path, metrics, write=primary)
 
     # -- The loop: one jitted iteration, then the ledger, evaluation and logging on the host.
+    #    An iteration whose state the host does not need (no evaluation, no checkpoint after
+    #    it) is recorded only after the next one is dispatched, so the device never waits for
+    #    the host's bookkeeping; rows are the same either way.
     distillation = sim.distillation
-    t = first_iteration
-    loop_start = time.time()
-    while reached_at is None and t < config.max_iterations:
-        distilling = distillation is not None and distillation.active(t)
-        weight = (np.float32(distillation.weight(t)),) if distilling else ()
-        state, info = compiled_step(distilling)(state, key_at(t), data, *weight)
+
+    def row_of(t: int, info, distilling: bool) -> dict:
+        """Iteration t's row from its info (gathered to the host here)."""
         info = sharding.to_host(info)
         sizes = np.asarray(info["member_sizes"])
         present = np.asarray(info["present"])
@@ -248,16 +306,40 @@ def run(config: Config, workdir: str | None = None) -> RunResult:
             row["dp_split_peers"] = int(info["dp_split_peers"])
         if row["present_peers"] == 0 and row["updating_peers"] == 0:
             logging.info("iteration %d: no peer present; nothing trained or exchanged", t)
-        if t % config.eval_every == 0 or t == config.max_iterations - 1:
-            row.update(evaluation.evaluate(config, state.params, present, t, evaluate_peers,
-                                           test_images, test_labels))
-            if accountant is not None:
-                row.update(accountant.epsilons())
+        row["present"] = present  # Popped before the row is written.
+        return row
+
+    def finish(row: dict) -> None:
+        row.pop("present")
         row["seconds"] = round(time.time() - start, 3)
         metrics.append(row)
         rows.append(row)
+
+    t = first_iteration
+    loop_start = time.time()
+    pending = None  # (t, info, distilling) of an iteration not yet recorded.
+    while reached_at is None and t < config.max_iterations:
+        distilling = distillation is not None and distillation.active(t)
+        weight = (np.float32(distillation.weight(t)),) if distilling else ()
+        state, info = compiled_step(distilling)(state, key_at(t), data, *weight)
+        if pending is not None:
+            finish(row_of(*pending))
+            pending = None
+        evaluating = t % config.eval_every == 0 or t == config.max_iterations - 1
+        checkpointing = config.checkpoint_every and (t + 1) % config.checkpoint_every == 0
+        if not (evaluating or checkpointing):
+            pending = (t, info, distilling)
+            t += 1
+            continue
+        row = row_of(t, info, distilling)
+        if evaluating:
+            row.update(evaluation.evaluate(config, state.params, row["present"], t,
+                                           evaluate_peers, test_images, test_labels))
+            if accountant is not None:
+                row.update(accountant.epsilons())
+        finish(row)
         t += 1
-        if "accuracy" in row:
+        if evaluating:
             rate = (t - first_iteration) / max(time.time() - loop_start, 1e-9)
             logging.info("iteration %d/%d | accuracy %.4f | loss %.4f | %s | %.3g it/s | "
                          "ETA %s", t - 1, config.max_iterations, row["accuracy"], row["loss"],
@@ -266,7 +348,7 @@ def run(config: Config, workdir: str | None = None) -> RunResult:
             if row["accuracy"] >= config.target_accuracy:
                 reached_at = t - 1
         done = reached_at is not None or t == config.max_iterations
-        if done or (config.checkpoint_every and t % config.checkpoint_every == 0):
+        if done or checkpointing:
             checkpoints.save(t, state, {
                 "iteration": t, "elapsed": time.time() - start,
                 "ledger": {name: getattr(ledger, name) for name in LEDGER_TOTALS},

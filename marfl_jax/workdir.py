@@ -19,7 +19,8 @@ from marfl_jax import sharding
 from marfl_jax.config import Config, ConfigError
 
 # Fields that may change between a run and its resumption (they do not change the trajectory).
-RESUMABLE_CHANGES = ("max_iterations", "checkpoint_every", "workdir", "memory_limit_gb")
+RESUMABLE_CHANGES = ("max_iterations", "checkpoint_every", "workdir", "memory_limit_gb",
+                     "plan_budget_s")
 
 
 def write_atomically(path: str, text: str) -> None:
@@ -37,7 +38,7 @@ def previous_config(config: Config, workdir: str) -> Config | None:
     run. A fresh run clears stale checkpoints and rows that no config.json accounts for."""
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
-        for stale in ("checkpoints", "metrics.jsonl", "summary.json"):
+        for stale in ("checkpoints", "metrics.jsonl", "summary.json", "plan.json"):
             stale_path = os.path.join(workdir, stale)
             if os.path.exists(stale_path) and sharding.is_primary():
                 logging.warning("fresh run: removing %s, left without a config.json", stale_path)

@@ -4,7 +4,9 @@ Every per-peer quantity is a pytree whose leaves have a leading peer axis of siz
 round* is described by one vector of group ids, shape (N,), int32: peers with the same id form a
 group and each present peer's value is replaced by its group's mean; id -1 marks an absent peer,
 whose value is left as it is. An aggregation algorithm is a schedule of such rounds, shape
-(G, N) (see `marfl_jax.algorithms`).
+(G, N) (see `marfl_jax.algorithms`). Where a schedule is a grid at full participation (Moshpit
+keys on a perfect or mixed-radix grid, one group of all peers) and every peer takes part, a
+round is a reshape and a mean along one axis instead (`Grid`, `grid_mean`).
 
 The mean is a gather / segment-sum / gather-back: O(N * params) work and memory, never an N x N
 mixing matrix (measured slower by 4x at N=1024; docs/design.md).
@@ -12,8 +14,12 @@ mixing matrix (measured slower by 4x at N=1024; docs/design.md).
 
 from __future__ import annotations
 
+import math
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 ABSENT = -1
 
@@ -82,11 +88,67 @@ def group_mean(tree, group_ids: jax.Array, num_groups: int, block_bytes: int = B
     return jax.tree.map(mean_leaf, tree)
 
 
-def mix(tree, schedule: jax.Array, num_groups: int):
-    """Applies the rounds of a schedule in order. schedule: (G, N) group ids; returns the tree."""
+class Grid(NamedTuple):
+    """A schedule that, at full participation, averages along one axis of a grid per round:
+    peer p = sum_i digit_i * stride_i (mixed radix, digit 0 fastest), and round r's groups are
+    the peers that agree in every digit but digit axes[r]."""
+
+    radices: tuple[int, ...]
+    axes: tuple[int, ...]  # (G,) the digit averaged in each round.
+
+
+def grid_mean(tree, radices: tuple[int, ...], axis: int):
+    """The group means of a grid round as a reshape and a mean along one axis (no scatter:
+    deterministic on every backend). Leaves (N, ...) with N = prod(radices); integer leaves are
+    returned unchanged."""
+    shape = tuple(reversed(radices))  # C order: digit 0 is the last (fastest) axis.
+    position = len(radices) - 1 - axis
+
+    def mean_leaf(x):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            return x
+        grid = x.reshape(shape + x.shape[1:])
+        means = grid.mean(axis=position, keepdims=True, dtype=x.dtype)
+        return jnp.broadcast_to(means, grid.shape).reshape(x.shape)
+
+    return jax.tree.map(mean_leaf, tree)
+
+
+def mix(tree, schedule: jax.Array, num_groups: int, grid: Grid | None = None):
+    """Applies the rounds of a schedule in order. schedule: (G, N) group ids; returns the tree.
+    With `grid` (only valid when every peer is present in every round) each round is a
+    `grid_mean` instead of a segment mean."""
+    if grid is not None:
+        for axis in grid.axes:
+            tree = grid_mean(tree, grid.radices, axis)
+        return tree
     for round_ids in schedule:  # G is small and static: unrolled.
         tree = group_mean(tree, round_ids, num_groups)
     return tree
+
+
+def grid_of(schedule: np.ndarray, radices: tuple[int, ...]) -> Grid | None:
+    """The Grid whose rounds form the same groups as `schedule` (G, N) at full participation, or
+    None if some round is not one grid axis."""
+    schedule = np.asarray(schedule)
+    peers = np.arange(schedule.shape[1])
+    if math.prod(radices) != peers.size:
+        return None
+    strides = np.cumprod((1,) + tuple(radices[:-1]))
+    digits = (peers[:, None] // strides) % np.asarray(radices)
+
+    def same_groups(a, b):
+        pairs = np.unique(np.stack([a, b], axis=1), axis=0)
+        return len(pairs) == len(np.unique(a)) == len(np.unique(b))
+
+    axes = []
+    for ids in schedule:
+        axis = next((a for a in range(len(radices)) if radices[a] > 1 and same_groups(
+            ids, peers - digits[:, a] * strides[a])), None)
+        if axis is None or (ids < 0).any():
+            return None
+        axes.append(axis)
+    return Grid(tuple(int(r) for r in radices), tuple(axes))
 
 
 def rank_in_group(group_ids: jax.Array, num_groups: int) -> jax.Array:

@@ -1,5 +1,7 @@
 """Tests of group means over the peer axis."""
 
+import math
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -122,3 +124,56 @@ def test_consensus_of_identical_models_is_exactly_zero():
         3000 * 5 / 36, rel=1e-5)  # One of 6 peers off by 1 in 3000 columns.
     blocked = mixing.consensus_distance(odd, jnp.ones(6, bool), block_bytes=6 * 4 * 128)
     assert float(blocked) == pytest.approx(3000 * 5 / 36, rel=1e-5)
+
+
+@pytest.mark.parametrize("changes, radices", [
+    (dict(num_peers=64, group_size=4, key_dim=3), (4, 4, 4)),
+    (dict(num_peers=100, key_dim=3, schedule="mixed_radix"), (4, 5, 5)),
+    (dict(num_peers=8, group_size=2, key_dim=3, rounds=5), (2, 2, 2)),
+    (dict(num_peers=12, algorithm="fedavg"), (12,)),
+])
+def test_grid_rounds_equal_the_segment_means_of_the_schedule(changes, radices):
+    from marfl_jax import Config, algorithms
+
+    algorithm = algorithms.make_algorithm(Config(**changes))
+    n = math.prod(radices)
+    schedule = algorithm.schedule(jnp.ones((algorithm.num_rounds, n), bool), jax.random.key(0))
+    assert algorithm.grid is not None and algorithm.grid.radices == radices
+    assert len(algorithm.grid.axes) == algorithm.num_rounds
+    tree = _tree(n)
+    chex.assert_trees_all_close(mixing.mix(tree, schedule, algorithm.num_groups, algorithm.grid),
+                                mixing.mix(tree, schedule, algorithm.num_groups),
+                                rtol=1e-5, atol=1e-6)
+
+
+def test_schedules_that_are_no_grid_have_none():
+    from marfl_jax import Config, algorithms
+
+    assert algorithms.make_algorithm(Config(num_peers=100, key_dim=3)).grid is None  # Buckets.
+    assert algorithms.make_algorithm(Config(num_peers=16, algorithm="gossip")).grid is None
+    wrong = np.stack([np.arange(8) % 2, np.arange(8) % 3])  # Not the groups of a grid axis.
+    assert mixing.grid_of(wrong, (2, 2, 2)) is None
+
+
+def test_full_participation_mixes_without_scatter():
+    """The chain uses the grid only when every peer takes part; with dropout it falls back to
+    segment sums, scatters in the compiled iteration (the schedule's ranks are scatters in
+    both)."""
+    from marfl_jax import Config, core, models, runner
+
+    def hlo(config):
+        sim = runner.make_simulation(config, models.get_model("mlp", 10, hidden=(8,)))
+        state = jax.eval_shape(lambda: core.init_state(
+            models.get_model("mlp", 10, hidden=(8,)), sim.optimizer, jnp.zeros((1, 784)),
+            config.num_peers, jax.random.key(0), sim.churn_model))
+        data = core.DeviceData(jnp.zeros((64, 28, 28), jnp.uint8), jnp.zeros(64, jnp.int32),
+                               jnp.zeros((config.num_peers, 8), jnp.int32),
+                               jnp.full((config.num_peers,), 8, jnp.int32))
+        iteration = jax.jit(core.make_iteration(sim))
+        return iteration.lower(state, jax.random.key(1), data).as_text()
+
+    config = Config(model="mlp", num_peers=8, group_size=2, key_dim=3, local_batches=1,
+                    batch_size=4)
+    text = hlo(config)
+    with_dropout = hlo(Config(**{**config.__dict__, "dropout": 0.2}))
+    assert with_dropout.count("scatter") > text.count("scatter")

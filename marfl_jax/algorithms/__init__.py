@@ -23,7 +23,10 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
+from marfl_jax import mixing
 from marfl_jax.algorithms import baselines, marfl
 from marfl_jax.registry import Registry
 
@@ -40,6 +43,8 @@ class Algorithm(NamedTuple):
       exact: full participation ends every iteration at the exact global mean.
       description: one line for the log.
       max_group_size: no group of any round has more members (under churn as drawn).
+      grid: at full participation the rounds are axes of this grid (`mixing.Grid`): then they
+        run as reshape-and-mean, without a scatter. None: always segment means.
     """
 
     name: str
@@ -50,6 +55,7 @@ class Algorithm(NamedTuple):
     exact: bool
     description: str
     max_group_size: int
+    grid: mixing.Grid | None = None
 
 
 ALGORITHMS: Registry[Callable[..., Algorithm]] = Registry("algorithm")
@@ -58,6 +64,10 @@ ALGORITHMS: Registry[Callable[..., Algorithm]] = Registry("algorithm")
 def make_algorithm(config) -> Algorithm:
     """The algorithm named by `config.algorithm`, for `config.num_peers` peers."""
     return ALGORITHMS.get(config.algorithm)(config)
+
+
+def _one_group(num_peers: int) -> mixing.Grid:
+    return mixing.Grid((num_peers,), (0,))
 
 
 @ALGORITHMS.register("marfl")
@@ -73,11 +83,19 @@ def moshpit(config) -> Algorithm:
         description = ("Moshpit keys on a perfect grid" if rule.exact_rounds
                        else "Moshpit keys, the authors' buckets (approximate)")
     rounds = max(config.rounds or rule.exact_rounds or config.key_dim, 1)
+    if config.schedule == "mixed_radix":
+        rule_radices = radices
+    elif n == config.group_size ** config.key_dim:
+        rule_radices = (config.group_size,) * config.key_dim
+    else:
+        rule_radices = (n,)  # Buckets: a grid only when one bucket holds everyone.
+    full = np.asarray(marfl.moshpit_schedule(jnp.ones((rounds, n), bool), rule))
     return Algorithm(
         "marfl", rounds, rule.num_groups,
         lambda present, _key: marfl.moshpit_schedule(present, rule), config.wire,
         exact=bool(rule.exact_rounds) and rounds >= rule.exact_rounds,
-        description=description, max_group_size=min(n, rule.max_group_size or n))
+        description=description, max_group_size=min(n, rule.max_group_size or n),
+        grid=mixing.grid_of(full, rule_radices))
 
 
 @ALGORITHMS.register("fedavg")
@@ -85,7 +103,7 @@ def fedavg(config) -> Algorithm:
     """FedAvg: one group of all present peers, through a server."""
     return Algorithm("fedavg", 1, 1, lambda present, _key: baselines.one_group(present), "star",
                      exact=True, description="one group of all peers, star",
-                     max_group_size=config.num_peers)
+                     max_group_size=config.num_peers, grid=_one_group(config.num_peers))
 
 
 @ALGORITHMS.register("arfl")
@@ -93,7 +111,7 @@ def all_reduce(config) -> Algorithm:
     """AR-FL: one group of all present peers, full mesh."""
     return Algorithm("arfl", 1, 1, lambda present, _key: baselines.one_group(present),
                      "allgather", exact=True, description="one group of all peers, allgather",
-                     max_group_size=config.num_peers)
+                     max_group_size=config.num_peers, grid=_one_group(config.num_peers))
 
 
 @ALGORITHMS.register("rdfl")
@@ -101,7 +119,8 @@ def ring(config) -> Algorithm:
     """RDFL: the ring, split into arcs at absent peers; every model relayed around its arc."""
     n = config.num_peers
     return Algorithm("rdfl", 1, n, lambda present, _key: jax.vmap(baselines.ring_arcs)(present),
-                     "allgather", exact=True, description="ring relay", max_group_size=n)
+                     "allgather", exact=True, description="ring relay", max_group_size=n,
+                     grid=_one_group(n))  # Everyone present: one closed ring.
 
 
 @ALGORITHMS.register("gossip")

@@ -6,8 +6,9 @@ from marfl_jax import mixing
 from marfl_jax.core.stage import Context, Stage, Step
 
 
-def aggregate(num_groups: int) -> Stage:
-    """Each round replaces every present peer's weights and momentum by its group's mean.
+def aggregate(num_groups: int, grid: mixing.Grid | None = None) -> Stage:
+    """Each round replaces every present peer's weights and momentum by its group's mean
+    (`grid`: the schedule's grid, given only when every peer takes part).
 
     Info: `consensus_before`, the present peers' disagreement before averaging.
     """
@@ -15,7 +16,8 @@ def aggregate(num_groups: int) -> Stage:
     def stage(step: Step, context: Context):
         peers = step.peers
         before = mixing.consensus_distance(peers.params, step.took_part)
-        params, opt_state = mixing.mix((peers.params, peers.opt_state), step.schedule, num_groups)
+        params, opt_state = mixing.mix((peers.params, peers.opt_state), step.schedule, num_groups,
+                                       grid)
         return (step._replace(peers=peers._replace(params=params, opt_state=opt_state)),
                 {"consensus_before": before})
 

@@ -52,9 +52,17 @@ class Simulation(NamedTuple):
     mesh: Any = None
 
 
+def everyone_takes_part(churn_model: churn.ChurnModel) -> bool:
+    """Every peer trains and aggregates in every round of every iteration."""
+    return (churn_model.update_fraction == 1 and churn_model.aggregate_fraction == 1
+            and churn_model.dropout == 0 and churn_model.availability == "always")
+
+
 def build_chain(sim: Simulation, distilling: bool = False) -> list[Stage]:
     """The stages of one iteration; `distilling` = an MKD iteration (t < K)."""
     num_groups = sim.algorithm.num_groups
+    # Full participation on a grid schedule: rounds are reshape-and-mean (no scatter).
+    grid = getattr(sim.algorithm, "grid", None) if everyone_takes_part(sim.churn_model) else None
     chain = [
         participation.participation(sim.churn_model, sim.algorithm),
         local_update.local_update(apply_fn=sim.apply_fn, optimizer=sim.optimizer,
@@ -75,8 +83,8 @@ def build_chain(sim: Simulation, distilling: bool = False) -> list[Stage]:
             optimizer=sim.optimizer, batch_size=sim.batch_size, model_dropout=sim.model_dropout))
         if private:
             chain.append(privacy.distilled_update())
-    chain.append(privacy.private_aggregate(sim.privacy, num_groups) if private
-                 else aggregate.aggregate(num_groups))
+    chain.append(privacy.private_aggregate(sim.privacy, num_groups, grid) if private
+                 else aggregate.aggregate(num_groups, grid))
     chain.append(observe.observe(num_groups))
     return chain
 

@@ -52,7 +52,8 @@ def distilled_update() -> Stage:
     return stage
 
 
-def private_aggregate(privacy: dp.Privacy, num_groups: int) -> Stage:
+def private_aggregate(privacy: dp.Privacy, num_groups: int,
+                      grid: mixing.Grid | None = None) -> Stage:
     """DP's steps 2-4 over the schedule's groups; the averaged model becomes each aggregating
     peer's reference. Non-aggregating peers keep everything.
 
@@ -71,7 +72,8 @@ def private_aggregate(privacy: dp.Privacy, num_groups: int) -> Stage:
                                                             privacy.server_lr), peers.params)
         before = mixing.consensus_distance(shared, step.took_part)
         shared, opt_state, smoothed, mean_indicator = mixing.mix(
-            (shared, peers.opt_state, smoothed, private.unclipped), step.schedule, num_groups)
+            (shared, peers.opt_state, smoothed, private.unclipped), step.schedule, num_groups,
+            grid)
         num_aggregating = aggregating.sum()
         clip = jnp.where(aggregating, dp.update_clip(context.keys.dp_clip, state.clip,
                                                      mean_indicator, num_aggregating, privacy),

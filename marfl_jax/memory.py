@@ -28,11 +28,14 @@ def tree_nbytes(tree) -> int:
 
 
 def available_bytes(device: jax.Device | None = None) -> int | None:
-    """Memory the device can still give, or None when unknown."""
+    """Memory one device can still give, or None when unknown. An accelerator is judged by its
+    own allocator's limit, never by the host's RAM."""
     device = device or jax.devices()[0]
-    stats = device.memory_stats() if device.platform != "cpu" else None
-    if stats and "bytes_limit" in stats:
-        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    if device.platform != "cpu":
+        stats = device.memory_stats() or {}
+        if "bytes_limit" in stats:
+            return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+        return None
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -44,7 +47,10 @@ def available_bytes(device: jax.Device | None = None) -> int | None:
 
 
 class MemoryEstimate(NamedTuple):
-    state_bytes: int  # The stacked state of all peers.
+    """What one device holds: its share of the peer-sharded state, the (replicated) data, and
+    the compiled iteration's own buffers (XLA reports them per device)."""
+
+    state_bytes: int  # The stacked state of the device's peers.
     data_bytes: int  # Training data, index tables, test set on the device.
     step_bytes: int  # What one jitted iteration allocates beyond its donated input.
 

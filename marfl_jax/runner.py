@@ -234,7 +234,7 @@ def run(config: Config, workdir: str | None = None) -> RunResult:
         return compiled[distilling]
 
     estimate = memory.MemoryEstimate(
-        memory.tree_nbytes(abstract_state),
+        memory.tree_nbytes(abstract_state) // (mesh.size if mesh is not None else 1),
         memory.tree_nbytes((data, test_images, test_labels)),
         memory.step_bytes(compiled_step(sim.distillation is not None)))
     logging.info("memory estimate: %s", estimate.describe())

@@ -16,8 +16,9 @@ def test_candidates_keep_explicit_flags_and_skip_cpu_grouped_convs_in_loops():
     cnn = Config(num_peers=64)
     found = plan.candidates(cnn, "cpu")
     assert found[0] == Plan(0, "gather")  # The flags' own plan first.
-    assert Plan(8, "shift_concat") in found and Plan(0, "lax") in found
-    assert Plan(8, "lax") not in found and Plan(8, "lax") in plan.candidates(cnn, "gpu")
+    assert Plan(8, "shift_concat") in found and Plan(0, "lax") not in found
+    assert Plan(8, "lax") in plan.candidates(cnn, "gpu")
+    assert Plan(0, "lax") in plan.candidates(Config(num_peers=64, conv_impl="lax"), "cpu")
     assert plan.candidates(Config(num_peers=64, peer_chunk=5, conv_impl="lax"), "gpu") == [
         Plan(5, "lax")]
     assert {p.conv_impl for p in plan.candidates(SMALL, "cpu")} == {""}

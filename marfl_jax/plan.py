@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-CHUNKS = (8, 16, 4, 32)  # Chunk sizes tried besides all peers at once, likeliest first.
+CHUNKS = (4, 8, 16, 32)  # Chunk sizes tried besides all peers at once.
 # Runs shorter than this many peer-steps (N * b * max_iterations) keep the flags' plan: timing
 # would cost more than it could save.
 MIN_PEER_STEPS = 20_000
@@ -48,7 +48,8 @@ def fixed(config) -> Plan:
 
 
 def candidates(config, backend: str) -> list[Plan]:
-    """The formulations worth timing, the flags' own first; explicitly set flags stay fixed."""
+    """The formulations worth timing, narrowest chunks first for each lowering (the default
+    lowering first); explicitly set flags stay fixed."""
     from marfl_jax import layers
 
     n = config.num_peers
@@ -62,15 +63,15 @@ def candidates(config, backend: str) -> list[Plan]:
         convs = list(layers.CONV_IMPLS)
     plans = []
     for conv in convs:
-        for chunk in chunks:
+        # Narrow chunks first: they are the cheapest to time, so the budget covers most of them.
+        for chunk in sorted(chunks, key=lambda c: c or n):
             # XLA:CPU runs the vmapped convolution as one grouped convolution, ~100x slower than
             # gather here (910 vs 8.5 ms per peer-step, benchmarks/RESULTS.md): not worth a
             # timing that alone would outlast the budget.
             if backend == "cpu" and conv == "lax" and conv != config.conv_impl:
                 continue
             plans.append(Plan(chunk, conv))
-    first = fixed(config)
-    return sorted(plans, key=lambda p: p != first)
+    return plans
 
 
 def cache_key(config, backend: str, device_kind: str, input_shape, num_classes: int) -> str:
@@ -145,7 +146,8 @@ def local_step_factory(config, build_apply_fn, sample_input, optimizer, num_clas
 def choose(config, make_step, *, backend: str, device_kind: str, input_shape, num_classes: int,
            budget_s: float, cache_dir: str | None = None, log=print) -> tuple[Plan, list]:
     """The fastest plan per peer among `candidates`, timed until the budget is spent (the first
-    candidate, the flags' own, is always timed), or the cached choice for this key.
+    is always timed; a candidate whose predicted cost, from the fastest per-peer time so far,
+    would overrun the budget is skipped), or the cached choice for this key.
 
     Returns:
       (plan, timings): timings empty when the choice came from the cache.
@@ -161,16 +163,22 @@ def choose(config, make_step, *, backend: str, device_kind: str, input_shape, nu
         return plan, []
     timings, start = [], time.perf_counter()
     options = candidates(config, backend)
+    skipped = []
     for plan in options:
-        if timings and time.perf_counter() - start > budget_s:
-            break
+        width = min(plan.peer_chunk or config.num_peers, config.num_peers)
+        if timings:
+            best_so_far = min(t.per_peer_s for t in timings)
+            compile_s = max(t.compile_s for t in timings)
+            predicted = compile_s + 3 * best_so_far * width  # Warm-up and timings, at best.
+            if time.perf_counter() - start + predicted > budget_s:
+                skipped.append(plan)
+                continue
         timings.append(time_plan(plan, make_step, config.num_peers))
     best = min(timings, key=lambda t: t.per_peer_s)
     lines = [f"{t.plan.describe():>32}: {1e3 * t.per_peer_s:8.3f} ms/peer-step "
              f"(compile {t.compile_s:.1f} s)" for t in timings]
-    skipped = [p.describe() for p in options[len(timings):]]
-    not_timed = (f"\n  not timed (budget {budget_s:g} s): {', '.join(skipped)}" if skipped
-                 else "")
+    not_timed = (f"\n  not timed (budget {budget_s:g} s): "
+                 + ", ".join(p.describe() for p in skipped) if skipped else "")
     log(f"plan: timed in {time.perf_counter() - start:.1f} s, chose {best.plan.describe()}"
         + "".join("\n  " + line for line in lines) + not_timed)
     os.makedirs(cache_dir, exist_ok=True)

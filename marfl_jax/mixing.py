@@ -97,18 +97,19 @@ class Grid(NamedTuple):
     axes: tuple[int, ...]  # (G,) the digit averaged in each round.
 
 
-def grid_mean(tree, radices: tuple[int, ...], axis: int):
-    """The group means of a grid round as a reshape and a mean along one axis (no scatter:
-    deterministic on every backend). Leaves (N, ...) with N = prod(radices); integer leaves are
-    returned unchanged."""
+def grid_mean(tree, radices: tuple[int, ...], axes: int | tuple[int, ...]):
+    """The group means of grid rounds as a reshape and a mean along grid axes (no scatter:
+    deterministic on every backend). Leaves (N, ...) with N = prod(radices); `axes` are digit
+    indices (one round, or the union of several); integer leaves are returned unchanged."""
     shape = tuple(reversed(radices))  # C order: digit 0 is the last (fastest) axis.
-    position = len(radices) - 1 - axis
+    axes = (axes,) if isinstance(axes, int) else axes
+    positions = tuple(len(radices) - 1 - axis for axis in axes)
 
     def mean_leaf(x):
         if not jnp.issubdtype(x.dtype, jnp.floating):
             return x
         grid = x.reshape(shape + x.shape[1:])
-        means = grid.mean(axis=position, keepdims=True, dtype=x.dtype)
+        means = grid.mean(axis=positions, keepdims=True, dtype=x.dtype)
         return jnp.broadcast_to(means, grid.shape).reshape(x.shape)
 
     return jax.tree.map(mean_leaf, tree)
@@ -116,12 +117,12 @@ def grid_mean(tree, radices: tuple[int, ...], axis: int):
 
 def mix(tree, schedule: jax.Array, num_groups: int, grid: Grid | None = None):
     """Applies the rounds of a schedule in order. schedule: (G, N) group ids; returns the tree.
-    With `grid` (only valid when every peer is present in every round) each round is a
-    `grid_mean` instead of a segment mean."""
+
+    With `grid` (only valid when every peer is present in every round) the rounds are means
+    along grid axes, which commute and repeat idempotently, so they run as ONE mean over the
+    axes the rounds cover (equal in exact arithmetic; members end bitwise equal)."""
     if grid is not None:
-        for axis in grid.axes:
-            tree = grid_mean(tree, grid.radices, axis)
-        return tree
+        return grid_mean(tree, grid.radices, tuple(sorted(set(grid.axes))))
     for round_ids in schedule:  # G is small and static: unrolled.
         tree = group_mean(tree, round_ids, num_groups)
     return tree
@@ -169,19 +170,19 @@ def consensus_distance(tree, present: jax.Array, block_bytes: int = BLOCK_BYTES)
     """Mean over present peers of the squared distance of their parameters from the present peers'
     mean. tree leaves (N, ...); present (N,) bool. Returns a scalar float32 (0 if nobody).
 
-    Distances are taken after subtracting the first present peer's values (a shift that leaves
-    them unchanged in exact arithmetic), so identical models give exactly 0 rather than the
-    rounding error of their mean. Leaves larger than `block_bytes` are reduced in column blocks
-    (no full-size temporaries)."""
+    One pass over the state: with d_i = x_i - r (r the first present peer's values, a shift that
+    changes nothing in exact arithmetic), sum_i ||x_i - mean||^2 = sum_i ||d_i||^2 -
+    ||sum_i d_i||^2 / n; identical models give exactly 0 rather than the rounding error of
+    their mean. Leaves larger than `block_bytes` are reduced in column blocks (no full-size
+    temporaries)."""
     num_peers = present.shape[0]
     weights = present.astype(jnp.float32)
     count = jnp.maximum(weights.sum(), 1.0)
     reference = jnp.argmax(present)  # The first present peer (peer 0 if none).
 
     def spread(x):  # x: (N, P) -> sum over present peers and columns of (x - column mean)^2.
-        x = x - x[reference]
-        mean = (x * weights[:, None]).sum(axis=0) / count
-        return (((x - mean) ** 2) * weights[:, None]).sum()
+        d = (x - x[reference]) * weights[:, None]
+        return (d * d).sum() - (d.sum(axis=0) ** 2).sum() / count
 
     total = jnp.float32(0.0)
     for x in jax.tree.leaves(tree):
@@ -197,4 +198,4 @@ def consensus_distance(tree, present: jax.Array, block_bytes: int = BLOCK_BYTES)
                 jax.lax.dynamic_slice_in_dim(flat, i * block, block, axis=1)), total)
         if rest:
             total = total + spread(flat[:, whole * block:])
-    return total / count
+    return jnp.maximum(total, 0.0) / count

@@ -101,20 +101,25 @@ class Timing(NamedTuple):
 
 
 def time_plan(plan: Plan, make_step, num_peers: int, repeats: int = 3) -> Timing:
-    """Compiles and times one local SGD step of the plan's width (a chunk, or all peers).
+    """Compiles and times one local SGD step of the plan's width (a chunk, or all peers), its
+    state donated and carried from call to call as in the run.
 
-    make_step(plan, width) -> (jitted step, args) running one step for `width` peers.
+    make_step(plan, width) -> (jitted step (params, opt_state, x, y) -> (params, opt_state,
+    losses), args) for `width` peers.
     """
     width = min(plan.peer_chunk or num_peers, num_peers)
-    step, args = make_step(plan, width)
+    step, (params, opt_state, *inputs) = make_step(plan, width)
     start = time.perf_counter()
-    compiled = step.lower(*args).compile()
+    compiled = step.lower(params, opt_state, *inputs).compile()
     compile_s = time.perf_counter() - start
-    jax.block_until_ready(compiled(*args))  # Warm-up: first-touch of buffers, thread pools.
+    # Warm-up (first touch of buffers, thread pools), then the timed calls.
+    params, opt_state, losses = compiled(params, opt_state, *inputs)
+    jax.block_until_ready(losses)
     times = []
     while len(times) < repeats and (not times or sum(times) < 0.5):  # Slow steps: one timing.
         start = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
+        params, opt_state, losses = compiled(params, opt_state, *inputs)
+        jax.block_until_ready((params, opt_state, losses))
         times.append(time.perf_counter() - start)
     return Timing(plan, compile_s, float(np.median(times)), width)
 
@@ -126,9 +131,11 @@ def local_step_factory(config, build_apply_fn, sample_input, optimizer, num_clas
 
     def make_step(plan: Plan, width: int):
         apply_fn, params = build_apply_fn(plan)
-        stacked = jax.tree.map(lambda x: jnp.broadcast_to(x, (width,) + x.shape), params)
-        opt_state = jax.tree.map(lambda x: jnp.broadcast_to(x, (width,) + x.shape),
-                                 optimizer.init(params))
+        def stack(tree):  # Copies: the step donates them.
+            return jax.tree.map(lambda x: jnp.array(jnp.broadcast_to(x, (width,) + x.shape)),
+                                tree)
+
+        stacked, opt_state = stack(params), stack(optimizer.init(params))
         key = jax.random.key(0)
         images = jax.random.normal(key, (width, 1, config.batch_size) + sample_input.shape[1:])
         labels = jax.random.randint(key, (width, 1, config.batch_size), 0, num_classes)
@@ -138,7 +145,7 @@ def local_step_factory(config, build_apply_fn, sample_input, optimizer, num_clas
             return local.peers_local_sgd(p, s, x, y, active, apply_fn=apply_fn,
                                          optimizer=optimizer)
 
-        return jax.jit(step), (stacked, opt_state, images, labels)
+        return jax.jit(step, donate_argnums=(0, 1)), (stacked, opt_state, images, labels)
 
     return make_step
 

@@ -92,17 +92,19 @@ def default_cache_dir() -> str:
 class Timing(NamedTuple):
     plan: Plan
     compile_s: float
-    step_s: float  # One SGD step of `width` peers (median of the repeats).
+    step_s: float  # One local update (b steps) of `width` peers (median of the repeats).
     width: int
+    steps: int = 1  # b.
 
     @property
     def per_peer_s(self) -> float:
-        return self.step_s / self.width
+        """Seconds per peer-step."""
+        return self.step_s / (self.width * self.steps)
 
 
 def time_plan(plan: Plan, make_step, num_peers: int, repeats: int = 3) -> Timing:
-    """Compiles and times one local SGD step of the plan's width (a chunk, or all peers), its
-    state donated and carried from call to call as in the run.
+    """Compiles and times one local update (b SGD steps) of the plan's width (a chunk, or all
+    peers), its state donated and carried from call to call as in the run.
 
     make_step(plan, width) -> (jitted step (params, opt_state, x, y) -> (params, opt_state,
     losses), args) for `width` peers.
@@ -121,12 +123,12 @@ def time_plan(plan: Plan, make_step, num_peers: int, repeats: int = 3) -> Timing
         params, opt_state, losses = compiled(params, opt_state, *inputs)
         jax.block_until_ready((params, opt_state, losses))
         times.append(time.perf_counter() - start)
-    return Timing(plan, compile_s, float(np.median(times)), width)
+    return Timing(plan, compile_s, float(np.median(times)), width, inputs[0].shape[1])
 
 
 def local_step_factory(config, build_apply_fn, sample_input, optimizer, num_classes: int):
-    """make_step for `time_plan`: one vmapped SGD step of the run's model (with the plan's
-    lowering) on random inputs of the run's shapes, for `width` peers."""
+    """make_step for `time_plan`: the run's local update (b SGD steps) of the model with the
+    plan's lowering, on random inputs of the run's shapes, for `width` peers."""
     from marfl_jax import local
 
     def make_step(plan: Plan, width: int):
@@ -137,8 +139,11 @@ def local_step_factory(config, build_apply_fn, sample_input, optimizer, num_clas
 
         stacked, opt_state = stack(params), stack(optimizer.init(params))
         key = jax.random.key(0)
-        images = jax.random.normal(key, (width, 1, config.batch_size) + sample_input.shape[1:])
-        labels = jax.random.randint(key, (width, 1, config.batch_size), 0, num_classes)
+        # The run's b steps: a one-step scan compiles differently (XLA inlines it and, for a
+        # 64-wide CNN step, ran it 5x slower per peer-step than inside the 4-step scan).
+        batches = (width, config.local_batches, config.batch_size)
+        images = jax.random.normal(key, batches + sample_input.shape[1:])
+        labels = jax.random.randint(key, batches, 0, num_classes)
         active = jnp.ones(width, bool)
 
         def step(p, s, x, y):
@@ -176,7 +181,8 @@ def choose(config, make_step, *, backend: str, device_kind: str, input_shape, nu
         if timings:
             best_so_far = min(t.per_peer_s for t in timings)
             compile_s = max(t.compile_s for t in timings)
-            predicted = compile_s + 3 * best_so_far * width  # Warm-up and timings, at best.
+            steps = timings[0].steps
+            predicted = compile_s + 3 * best_so_far * width * steps  # Warm-up, timings, at best.
             if time.perf_counter() - start + predicted > budget_s:
                 skipped.append(plan)
                 continue

@@ -74,9 +74,16 @@ def candidates(config, backend: str) -> list[Plan]:
     return plans
 
 
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+
+
 def cache_key(config, backend: str, device_kind: str, input_shape, num_classes: int) -> str:
     fields = dict(backend=backend, device=device_kind, jax=jax.__version__,
-                  jaxlib=importlib.metadata.version("jaxlib"),
+                  jaxlib=_version("jaxlib"),
                   model=config.model, conv_impl=config.conv_impl, peer_chunk=config.peer_chunk,
                   num_peers=config.num_peers, local_batches=config.local_batches,
                   batch_size=config.batch_size, input=list(input_shape),

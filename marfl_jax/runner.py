@@ -108,7 +108,8 @@ def build_model(config: Config, num_classes: int, chosen: plan_lib.Plan):
 def execution_plan(config: Config, workdir: str, previous, num_classes: int, sample_input,
                    mesh) -> plan_lib.Plan:
     """The plan this run keeps: the workdir's (a resumed run), the flags' (--plan=fixed, a
-    sharded or short run), or the fastest measured now (`marfl_jax.plan`)."""
+    sharded or short run), or the fastest measured now (`marfl_jax.plan`). The runner writes it
+    to the workdir's plan.json once the run is known to fit."""
     path = os.path.join(workdir, "plan.json")
     stored = files.read_json(path) if previous is not None else None
     if stored is not None:
@@ -138,9 +139,6 @@ def execution_plan(config: Config, workdir: str, previous, num_classes: int, sam
     else:
         logging.info("plan: %s (%s)", chosen.describe(), "--plan=fixed" if config.plan ==
                      "fixed" else "sharded run" if mesh is not None else "short run")
-    if sharding.is_primary():
-        os.makedirs(workdir, exist_ok=True)
-        files.write_json(path, chosen._asdict())
     return chosen
 
 
@@ -249,6 +247,7 @@ def run(config: Config, workdir: str | None = None) -> RunResult:
     sharding.barrier("workdir checked")
     if primary:
         os.makedirs(workdir, exist_ok=True)
+        files.write_json(os.path.join(workdir, "plan.json"), chosen._asdict())
         files.write_atomically(os.path.join(workdir, "config.json"), config.to_json())
     sharding.barrier("workdir written")
     checkpoints = files.Checkpoints(os.path.join(workdir, "checkpoints"))

@@ -73,15 +73,17 @@ def distinct_models(params, peers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
       (representatives (U,) peer indices, inverse (K,) in [0, U)): peers[k] holds the model of
       representatives[inverse[k]].
     """
-    prints = np.asarray(sharding.to_host(fingerprints(params, jnp.asarray(peers))))
+    # Padded to a power of two, like the evaluation, so varying counts reuse a few compilations.
+    padded = jnp.asarray(_padded(peers))
+    prints = np.asarray(sharding.to_host(fingerprints(params, padded)))[:peers.size]
     _, first, inverse = np.unique(prints, axis=0, return_index=True, return_inverse=True)
     order = np.argsort(first)  # Groups in order of their first peer.
     rank = np.empty_like(order)
     rank[order] = np.arange(order.size)
     first, inverse = first[order], rank[inverse.reshape(-1)]
     candidates = peers[first][inverse]
-    same = np.asarray(sharding.to_host(equal_to(params, jnp.asarray(peers),
-                                                jnp.asarray(candidates))))
+    same = np.asarray(sharding.to_host(equal_to(params, padded,
+                                                jnp.asarray(_padded(candidates)))))[:peers.size]
     if not same.all():  # A fingerprint collision: evaluate every peer on its own.
         return peers, np.arange(peers.size)
     return peers[first], inverse

@@ -1,10 +1,10 @@
 """The execution plan: how the local update runs, measured on this machine at start-up.
 
 The same simulation can run its local update in several exact formulations: all N peers in one
-vmap, or sequential chunks of C vmapped peers (`--peer_chunk`), and, for the CNN, each
-convolution lowering (`--conv_impl`). Which is fastest depends on the backend, the device, the
-model and the shapes. With `--plan=auto` the runner times the candidates on the real compiled
-local SGD step (one step of a chunk's width, random inputs of the run's shapes) within
+vmap, sequential chunks of C vmapped peers (`--peer_chunk`; C = 1 is a per-peer scan), and, for
+the CNN, each convolution lowering (`--conv_impl`). Which is fastest depends on the backend, the
+device, the model and the shapes. With `--plan=auto` the runner times the candidates on the real
+compiled local SGD step (one step of a chunk's width, random inputs of the run's shapes) within
 `--plan_budget_s`, picks the fastest per peer, logs the table, and caches the choice on disk
 keyed by backend, device kind, versions, model and shapes; the workdir keeps the plan it started
 with (`plan.json`), so a resumed run uses the same one. Flags set explicitly (a nonzero
@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-CHUNKS = (4, 8, 16, 32)  # Chunk sizes tried besides all peers at once.
+# Chunk sizes tried besides all peers at once; 1 is the per-peer scan (one peer per loop step).
+CHUNKS = (1, 4, 8, 16, 32)
 # Runs shorter than this many peer-steps (N * b * max_iterations) keep the flags' plan: timing
 # would cost more than it could save.
 MIN_PEER_STEPS = 20_000

@@ -15,14 +15,14 @@ SMALL = Config(model="mlp", num_peers=8, group_size=2, key_dim=3, local_batches=
 def test_candidates_keep_explicit_flags_and_skip_cpu_grouped_convs_in_loops():
     cnn = Config(num_peers=64)
     found = plan.candidates(cnn, "cpu")
-    assert found[0] == Plan(4, "gather") and found[4] == Plan(0, "gather")  # Narrow first.
+    assert found[0] == Plan(1, "gather") and found[5] == Plan(0, "gather")  # Narrow first.
     assert Plan(8, "shift_concat") in found and Plan(0, "lax") not in found
     assert Plan(8, "lax") in plan.candidates(cnn, "gpu")
     assert Plan(0, "lax") in plan.candidates(Config(num_peers=64, conv_impl="lax"), "cpu")
     assert plan.candidates(Config(num_peers=64, peer_chunk=5, conv_impl="lax"), "gpu") == [
         Plan(5, "lax")]
     assert {p.conv_impl for p in plan.candidates(SMALL, "cpu")} == {""}
-    assert [p.peer_chunk for p in plan.candidates(SMALL, "cpu")] == [4, 0]
+    assert [p.peer_chunk for p in plan.candidates(SMALL, "cpu")] == [1, 4, 0]
 
 
 def _choose(config, tmp_path, budget_s=60.0, log=print):
@@ -56,7 +56,7 @@ def test_choose_times_the_candidates_then_caches_the_choice(tmp_path):
     chosen, timings, calls = _choose(SMALL, tmp_path)
     assert [t.plan for t in timings] == plan.candidates(SMALL, "cpu")
     assert chosen == min(timings, key=lambda t: t.per_peer_s).plan
-    assert all(t.step_s > 0 and t.width in (8, 4) for t in timings)
+    assert all(t.step_s > 0 and t.width in (8, 4, 1) for t in timings)
     assert "ms/peer-step" in calls[0]
     (cached,) = tmp_path.glob("*.json")
     assert Plan(**json.loads(cached.read_text())["plan"]) == chosen
@@ -67,7 +67,7 @@ def test_choose_times_the_candidates_then_caches_the_choice(tmp_path):
 def test_the_budget_bounds_the_timing(tmp_path):
     chosen, timings, calls = _choose(dataclasses.replace(SMALL, num_peers=64), tmp_path,
                                      budget_s=1e-9)
-    assert len(timings) == 1 and chosen == Plan(4, "")  # The first is always timed.
+    assert len(timings) == 1 and chosen == Plan(1, "")  # The first is always timed.
     assert "not timed (budget" in calls[0]
 
 

@@ -5,6 +5,7 @@
     python -m launch.compare --num_peers=16,64 --algorithms=marfl,arfl --workdir=runs/small
     python -m launch.compare --study=mkd         # MKD study: N=64 CNN, no MKD vs rho 0.4 / 1.0
     python -m launch.compare --study=dp          # DP study: N=64 CNN, no DP vs z 0.2 / 0.5 / 1
+    python -m launch.compare --study=network     # every algorithm's simulated time to target
 
 * `scaling`: every algorithm at every N (MLP on the embedded MNIST by default) until
   `--target_accuracy` or `--max_iterations`; writes `scaling.csv` and `bytes_per_iteration.png`
@@ -19,6 +20,11 @@
 * `dp`: MAR-FL at N=64 with the paper's CNN for `--max_iterations` (40) iterations, without DP
   and with DP at each `--dp_noise_multipliers` z; writes `dp.csv` (final accuracy, epsilon from
   the RDP and PLD accountants and the authors' formula) and `dp.png` (accuracy over iterations).
+* `network`: every algorithm (`--algorithms`, default marfl, fedavg, arfl, rdfl) at each
+  `--num_peers` (default 16, 64, 125, 1024) under each `--profiles` entry (uniform links,
+  log-normal links and speeds, and log-normal with a 30 s round deadline; `studies.
+  NETWORK_PROFILES`); writes `network.csv` (simulated time and bytes to the target, time per
+  iteration, communication's share, stragglers) and `time_to_target.png`.
 Flags the user does not set take each study's defaults (the `mkd` study's differ; see
 `STUDY_DEFAULTS`). Runs already finished in their workdirs are reused, so an interrupted sweep
 picks up where it stopped.
@@ -34,7 +40,8 @@ from absl import app, flags, logging
 
 from marfl_jax.config import Config, ConfigError
 
-flags.DEFINE_enum("study", "scaling", ["scaling", "churn", "mkd", "dp"], "Which sweep.")
+flags.DEFINE_enum("study", "scaling", ["scaling", "churn", "mkd", "dp", "network"],
+                  "Which sweep.")
 flags.DEFINE_list("num_peers", ["16", "64", "125", "256", "1024"], "Scaling: peer counts N.")
 flags.DEFINE_list("dropouts", ["0", "0.1", "0.2", "0.5"], "Churn: dropout probabilities.")
 flags.DEFINE_list("algorithms", None, "Algorithms (default: all five for scaling; marfl, "
@@ -42,6 +49,8 @@ flags.DEFINE_list("algorithms", None, "Algorithms (default: all five for scaling
 flags.DEFINE_integer("churn_peers", 64, "Churn, MKD and DP: N.")
 flags.DEFINE_list("mkd_fractions", ["0.4", "1.0"], "MKD: teacher fractions rho.")
 flags.DEFINE_integer("mkd_iterations", 8, "MKD: K, the iterations that distil.")
+flags.DEFINE_list("profiles", ["uniform", "lognormal", "deadline"],
+                  "Network: peer profiles (marfl_jax.studies.NETWORK_PROFILES).")
 flags.DEFINE_list("dp_noise_multipliers", ["0.2", "0.5", "1.0"], "DP: noise multipliers z.")
 flags.DEFINE_string("model", "mlp", "Model (cnn | mlp).")
 flags.DEFINE_string("dataset", "mnist10k", "Dataset.")
@@ -56,7 +65,7 @@ flags.DEFINE_string("workdir", None, "Output folder (default runs/<study>).")
 FLAGS = flags.FLAGS
 
 PLOT_NAMES = {"scaling": "bytes_per_iteration.png", "churn": "churn.png", "mkd": "mkd.png",
-              "dp": "dp.png"}
+              "dp": "dp.png", "network": "time_to_target.png"}
 # Where a study's defaults differ from the flags' (used unless the flag is given).
 STUDY_DEFAULTS = {"mkd": dict(model="cnn", target_accuracy=0.95, local_batches=4, eval_every=1,
                               max_iterations=60),
@@ -81,6 +90,11 @@ def main(argv):
         if FLAGS.study == "scaling":
             names = FLAGS.algorithms or ["marfl", "fedavg", "arfl", "rdfl", "gossip"]
             configs = studies.scaling_configs(base, [int(n) for n in FLAGS.num_peers], names)
+        elif FLAGS.study == "network":
+            names = FLAGS.algorithms or ["marfl", "fedavg", "arfl", "rdfl"]
+            peers = ([int(n) for n in FLAGS.num_peers] if FLAGS["num_peers"].present
+                     else [16, 64, 125, 1024])
+            configs = studies.network_configs(base, peers, names, FLAGS.profiles)
         elif FLAGS.study == "churn":
             names = FLAGS.algorithms or ["marfl", "fedavg", "rdfl"]
             base = dataclasses.replace(base, num_peers=FLAGS.churn_peers)
@@ -102,7 +116,8 @@ def main(argv):
     os.makedirs(workdir, exist_ok=True)
 
     make_row, fields = {"mkd": (studies.mkd_row, studies.MKD_FIELDS),
-                        "dp": (studies.dp_row, studies.DP_FIELDS)}.get(
+                        "dp": (studies.dp_row, studies.DP_FIELDS),
+                        "network": (studies.network_row, studies.NETWORK_FIELDS)}.get(
         FLAGS.study, (studies.result_row, studies.ROW_FIELDS))
     curves = {}  # Run name -> metrics rows, for the per-run curves.
     rows = studies.run_study(
@@ -117,6 +132,8 @@ def main(argv):
         plotting.plot_churn(rows, plot_path)
     elif FLAGS.study == "mkd":
         plotting.plot_accuracy_vs_bytes(curves, plot_path, (0.5, FLAGS.target_accuracy))
+    elif FLAGS.study == "network":
+        plotting.plot_time_to_target(rows, plot_path)
     else:
         plotting.plot_accuracy_vs_iteration(curves, plot_path)
     print(f"wrote {csv_path} and {plot_path}")

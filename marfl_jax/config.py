@@ -175,6 +175,32 @@ class Config:
         "aggregating", "n of the noise split z_Delta, sigma_b = n/20: the peers 'aggregating' "
         "this iteration, after dropout (the authors), or the peers 'drawn' to aggregate "
         "(constant per run).", lambda: ("aggregating", "drawn"))
+    # The simulated clock (marfl_jax/clock.py, network.py; assumptions in the README).
+    network: str = _field(
+        "none", "Peer links and speeds of the simulated clock: 'none' (no clock), 'uniform' "
+        "(the flags below), 'lognormal' (each rate log-normal around its flag) or 'trace' "
+        "(--network_trace).", _names("marfl_jax.network", "NETWORKS"))
+    network_trace: str = _field("", "--network=trace: a CSV with one row per peer: "
+                                "uplink_mbps, downlink_mbps, latency_ms, and examples_per_s "
+                                "or gflops.")
+    uplink_mbps: float = _field(10.0, "A peer's uplink, Mbit/s (lognormal: the median).",
+                                check=_POSITIVE)
+    downlink_mbps: float = _field(50.0, "A peer's downlink, Mbit/s (lognormal: the median).",
+                                  check=_POSITIVE)
+    latency_ms: float = _field(50.0, "A message's latency, ms.",
+                               check=((lambda v: v >= 0), "a number >= 0"))
+    bandwidth_sigma: float = _field(1.0, "--network=lognormal: sigma of log(link rate).",
+                                    check=((lambda v: v >= 0), "a number >= 0"))
+    examples_per_s: float = _field(100.0, "A peer's training speed, examples/s (lognormal: "
+                                   "the median).", check=_POSITIVE)
+    compute_sigma: float = _field(0.5, "--network=lognormal: sigma of log(training speed).",
+                                  check=((lambda v: v >= 0), "a number >= 0"))
+    server_mbps: float = _field(1000.0, "FedAvg's (and --wire=star's) server link, Mbit/s "
+                                "each direction.", check=_POSITIVE)
+    round_timeout_s: float = _field(
+        0.0, "Round deadline, s (0 = none): a member whose transfers in a round would end "
+        "later misses it and the rest of the iteration.",
+        check=((lambda v: v >= 0), "a number >= 0 (0 = no deadline)"))
     # Scale.
     peer_chunk: int = _field(0, "Train the peers in sequential chunks of this many (0 = all at "
                              "once): bounds activation memory, keeps a chunk's parameters in "
@@ -228,6 +254,7 @@ class Config:
         self._check_participation()
         self._check_distillation()
         self._check_privacy()
+        self._check_network()
         return self
 
     def _check_data(self) -> None:
@@ -271,6 +298,21 @@ class Config:
                f"a number < n/10 = {bound:g} with n = {aggregating} peers drawn to aggregate "
                "(z_Delta = (z^-2 - (n/10)^-2)^(-1/2) must be real); use more peers or a "
                "smaller z")
+
+    def _check_network(self) -> None:
+        if self.network == "trace" and not self.network_trace:
+            raise ConfigError("--network=trace needs --network_trace=PATH.csv (columns "
+                              "uplink_mbps, downlink_mbps, latency_ms, examples_per_s or gflops)")
+        if self.network_trace and self.network != "trace":
+            raise ConfigError(f"--network_trace is used only with --network=trace (got "
+                              f"--network={self.network})")
+        if self.network == "trace":
+            from marfl_jax import network  # Deferred: it imports jax.
+
+            network.load_trace(self.network_trace, self.num_peers)
+        if self.round_timeout_s and self.network == "none":
+            raise ConfigError("--round_timeout_s needs the clock: set --network to one of: "
+                              "uniform, lognormal, trace")
 
     def section(self, name: str) -> dict[str, Any]:
         """The fields of one concern (a key of SECTIONS) and their values."""
@@ -341,6 +383,9 @@ SECTIONS: dict[str, tuple[str, ...]] = {
             "mkd_no_blending"),
     "dp": ("dp", "dp_noise_multiplier", "dp_initial_clip", "dp_target_quantile", "dp_clip_lr",
            "dp_server_lr", "dp_server_momentum", "dp_delta", "dp_noise_peers"),
+    "network": ("network", "network_trace", "uplink_mbps", "downlink_mbps", "latency_ms",
+                "bandwidth_sigma", "examples_per_s", "compute_sigma", "server_mbps",
+                "round_timeout_s"),
     "scale": ("peer_chunk", "plan", "plan_budget_s", "memory_limit_gb"),
     "run": ("eval_every", "eval_peers", "target_accuracy", "max_iterations", "seed", "workdir",
             "checkpoint_every"),

@@ -92,6 +92,40 @@ def plot_accuracy_vs_bytes(curves: dict[str, Sequence[dict]], path: str,
     _save(fig, path, [ax])
 
 
+def plot_accuracy_vs_sim_time(curves: dict[str, Sequence[dict]], path: str,
+                              thresholds: Sequence[float] = ()) -> None:
+    """Test accuracy against simulated seconds (`cumulative_sim_seconds`, runs with
+    --network), one line per run. curves: label -> metrics rows."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    for label, rows in curves.items():
+        evaluated = [r for r in rows if "accuracy" in r and "cumulative_sim_seconds" in r]
+        ax.plot([r["cumulative_sim_seconds"] / 3600 for r in evaluated],
+                [r["accuracy"] for r in evaluated], marker=".", label=label)
+    for level in thresholds:
+        ax.axhline(level, color="k", lw=0.6, ls=":")
+    ax.set(xscale="log", xlabel="simulated time (hours)", ylabel="test accuracy",
+           title="Accuracy against simulated time")
+    _save(fig, path, [ax])
+
+
+def plot_time_to_target(rows: Sequence[dict], path: str) -> None:
+    """Simulated hours to the target against N, one panel per profile, one line per algorithm
+    (runs that missed the target are left out). rows: the network study's rows."""
+    profiles = list(dict.fromkeys(r["profile"] for r in rows))
+    fig, axes = plt.subplots(1, len(profiles), figsize=(4.8 * len(profiles), 4), sharey=True,
+                             squeeze=False)
+    for ax, profile in zip(axes[0], profiles, strict=True):
+        mine = [r for r in rows if r["profile"] == profile]
+        for name in sorted({r["algorithm"] for r in mine}):
+            points = sorted((r["num_peers"], r["sim_seconds_to_target"] / 3600) for r in mine
+                            if r["algorithm"] == name and r["sim_seconds_to_target"] != "")
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o", label=name)
+        ax.set(xscale="log", yscale="log", xlabel="peers N", title=profile)
+    axes[0][0].set(ylabel="simulated hours to target")
+    _save(fig, path, axes[0])
+
+
 def plot_accuracy_vs_iteration(curves: dict[str, Sequence[dict]], path: str) -> None:
     """Test accuracy against iteration, one line per run. curves: label -> metrics rows."""
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
@@ -141,8 +175,8 @@ def read_metrics(workdir: str) -> list[dict]:
 def plot_runs(workdirs: Sequence[str], out_dir: str, labels: Sequence[str] | None = None,
               ) -> list[str]:
     """Draws the finished runs in `workdirs` together into out_dir: accuracy.png (against
-    iteration), accuracy_vs_bytes.png and traces.png. Labels default to the folder names.
-    Returns the paths written."""
+    iteration), accuracy_vs_bytes.png, traces.png and, when the runs have a simulated clock,
+    accuracy_vs_time.png. Labels default to the folder names. Returns the paths written."""
     labels = list(labels or [os.path.basename(os.path.normpath(w)) for w in workdirs])
     curves = {label: read_metrics(w) for label, w in zip(labels, workdirs, strict=True)}
     os.makedirs(out_dir, exist_ok=True)
@@ -151,4 +185,7 @@ def plot_runs(workdirs: Sequence[str], out_dir: str, labels: Sequence[str] | Non
     plot_accuracy_vs_iteration(curves, paths[0])
     plot_accuracy_vs_bytes(curves, paths[1], thresholds=())
     plot_traces(curves, paths[2])
+    if any("cumulative_sim_seconds" in row for rows in curves.values() for row in rows):
+        paths.append(os.path.join(out_dir, "accuracy_vs_time.png"))
+        plot_accuracy_vs_sim_time(curves, paths[-1])
     return paths

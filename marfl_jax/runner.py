@@ -23,7 +23,18 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from marfl_jax import accounting, algorithms, comm, evaluation, local, memory, models, sharding
+from marfl_jax import (
+    accounting,
+    algorithms,
+    clock,
+    comm,
+    evaluation,
+    local,
+    memory,
+    models,
+    network,
+    sharding,
+)
 from marfl_jax import data as data_lib
 from marfl_jax import plan as plan_lib
 from marfl_jax import workdir as files
@@ -32,6 +43,8 @@ from marfl_jax.core import DeviceData, FLState, Simulation, init_state, make_ite
 
 # What every algorithm averages: weights and momentum (DP adds the smoothed update).
 STATE_PAYLOADS = 2
+SIM_SECONDS = ("sim_seconds", "sim_compute_seconds", "sim_comm_seconds",
+               "sim_coordination_seconds")
 LEDGER_TOTALS = ("cumulative_bytes", "cumulative_payloads", "cumulative_messages",
                  "cumulative_metadata_bytes")
 
@@ -152,6 +165,44 @@ def make_ledger(sim: Simulation, payload_bytes: int) -> comm.Ledger:
                        scalar_bytes=4 if private else 0)  # DP's clip indicator.
 
 
+def train_flops_per_example(apply_fn, params, sample_input, num_classes: int) -> float | None:
+    """XLA's count of one example's forward + backward FLOPs (None where it reports none)."""
+    import optax
+
+    def loss(p, x, y):
+        return optax.softmax_cross_entropy_with_integer_labels(apply_fn(p, x), y).mean()
+
+    labels = jnp.zeros((1,), jnp.int32)
+    cost = jax.jit(jax.grad(loss)).lower(params, sample_input[:1], labels).compile()
+    cost = cost.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
+    flops = float((cost or {}).get("flops", 0.0))
+    return flops if flops > 0 else None
+
+
+def make_clock(config: Config, sim: Simulation, ledger: comm.Ledger, flops_per_example):
+    """The simulated clock of `--network` (None for 'none'). flops_per_example: () -> FLOPs of
+    one training example, called only for a trace with a gflops column."""
+    protocol = sim.algorithm.protocol
+    if protocol not in clock.PROTOCOLS.names():
+        raise ConfigError(f"--network={config.network}: the clock has no protocol {protocol!r} "
+                          f"for --algorithm={config.algorithm} (--wire={config.wire}); "
+                          f"register one in marfl_jax.clock.PROTOCOLS (have: "
+                          f"{', '.join(clock.PROTOCOLS.names())})")
+    links = network.make_links(config, flops_per_example)
+    if links is None:
+        return None
+    return clock.Clock(
+        links=clock.Links(*(jnp.asarray(x) for x in links)), protocol=protocol,
+        message_bytes=float(ledger.payloads_per_message * ledger.payload_bytes
+                            + ledger.scalar_bytes),
+        distill_message_bytes=float(ledger.payload_bytes),
+        server_bps=config.server_mbps * clock.MBIT, timeout_s=config.round_timeout_s,
+        examples=config.local_batches * config.batch_size,
+        barriers_per_round=(clock.MARFL_BARRIERS_PER_ROUND if sim.algorithm.name == "marfl"
+                            else clock.BASELINE_BARRIERS_PER_ROUND))
+
+
 def format_bytes(n: int) -> str:
     """Human-readable decimal bytes: 1.234 GB."""
     for unit in ("B", "kB", "MB", "GB", "TB", "PB"):
@@ -201,6 +252,13 @@ def run(config: Config, workdir: str | None = None) -> RunResult:
     one_peer = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype),
                             abstract_state.params)
     ledger = make_ledger(sim, comm.tree_bytes(one_peer))
+    if config.network != "none":
+        def flops_per_example():
+            params = model.init(jax.random.key(0), test_images[:1])["params"]
+            return train_flops_per_example(sim.apply_fn, params, test_images[:1],
+                                           dataset.num_classes)
+
+        sim = sim._replace(clock=make_clock(config, sim, ledger, flops_per_example))
     accountant = None if sim.privacy is None else accounting.PrivacyAccountant(
         config.num_peers, config.dp_noise_multiplier, config.privacy_delta)
     algorithm = sim.algorithm
@@ -270,6 +328,7 @@ def run(config: Config, workdir: str | None = None) -> RunResult:
     reached_at = next((r["iteration"] for r in metrics
                        if r.get("accuracy", -1.0) >= config.target_accuracy), None)
     start -= elapsed_before
+    sim_elapsed = [metrics[-1].get("cumulative_sim_seconds", 0.0) if metrics else 0.0]
     sharding.barrier("metrics read")
     rows = files.Rows(metrics_path, metrics, write=primary)
 
@@ -294,6 +353,11 @@ def run(config: Config, workdir: str | None = None) -> RunResult:
                    train_loss=float(info["train_loss"]),
                    consensus_before=float(info["consensus_before"]),
                    consensus_after=float(info["consensus_after"]))
+        if sim.clock is not None:
+            row.update({name: float(info[name]) for name in SIM_SECONDS})
+            row["stragglers"] = int(info["stragglers"])
+            sim_elapsed[0] += row["sim_seconds"]
+            row["cumulative_sim_seconds"] = sim_elapsed[0]
         if distilling:
             row["distill_weight"] = 1.0 if not distillation.blend else distillation.weight(t)
             row.update({name: float(info[name]) for name in (
@@ -373,6 +437,10 @@ def run(config: Config, workdir: str | None = None) -> RunResult:
                             if reached_at is not None else None),
         "wall_seconds": wall_seconds,
     }
+    if sim.clock is not None:
+        summary.update(cumulative_sim_seconds=sim_elapsed[0],
+                       sim_seconds_to_target=(metrics[reached_at]["cumulative_sim_seconds"]
+                                              if reached_at is not None else None))
     if accountant is not None:
         summary.update(dp_delta=config.privacy_delta, **accountant.epsilons())
     if primary:

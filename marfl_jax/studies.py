@@ -1,5 +1,5 @@
-"""Sweeps over configs that share data, model and ledger: the scaling, churn, MKD and DP
-studies.
+"""Sweeps over configs that share data, model and ledger: the scaling, churn, MKD, DP and
+network studies.
 
 A study is a list of Configs (each with its own workdir) and one row of results per run.
 `run_study` reuses runs already finished in their workdirs (`runner.run` resumes or returns
@@ -54,6 +54,59 @@ def churn_configs(base: Config, dropouts: Iterable[float],
         base, group_size=m, key_dim=d, schedule=schedule, algorithm=name, dropout=p,
         workdir=os.path.join(base.workdir, f"{name}_dropout{p:g}")).validate()
         for name in algorithm_names for p in dropouts]
+
+
+# The network study's peer profiles (`--network` and its flags; the README's assumptions):
+# everyone on the default links, log-normal links and speeds around them, and the same with a
+# round deadline that turns the slowest peers into absentees.
+NETWORK_PROFILES = {
+    "uniform": dict(network="uniform"),
+    "lognormal": dict(network="lognormal"),
+    "deadline": dict(network="lognormal", round_timeout_s=30.0),
+}
+NETWORK_FIELDS = ("profile", *ROW_FIELDS[:2], "iterations_to_target", "sim_seconds_to_target",
+                  "sim_seconds_per_iteration", "comm_share", "stragglers_per_iteration",
+                  "bytes_to_target", "final_accuracy", "wall_seconds")
+
+
+def network_configs(base: Config, peer_counts: Iterable[int], algorithm_names: Sequence[str],
+                    profiles: Sequence[str]) -> list[Config]:
+    """Every algorithm at every N under every profile of NETWORK_PROFILES, workdirs
+    `{profile}/n{N}_{algorithm}`."""
+    unknown = [p for p in profiles if p not in NETWORK_PROFILES]
+    if unknown:
+        raise ValueError(f"--profiles: unknown {', '.join(unknown)}; allowed: "
+                         f"{', '.join(NETWORK_PROFILES)}")
+    configs = []
+    for profile in profiles:
+        nested = dataclasses.replace(base, workdir=os.path.join(base.workdir, profile),
+                                     **NETWORK_PROFILES[profile])
+        configs += scaling_configs(nested, peer_counts, algorithm_names)
+    return configs
+
+
+def network_row(config: Config, result: runner.RunResult) -> dict:
+    """Simulated time to the target and per iteration, the communication's share of it, the
+    stragglers cut off per iteration, and bytes."""
+    summary, metrics = result.summary, result.metrics
+    reached = summary["iteration_reached_target"]
+    total = sum(r["sim_seconds"] for r in metrics)
+    profile = os.path.basename(os.path.dirname(os.path.normpath(config.workdir)))
+    return {
+        "profile": profile,
+        "num_peers": config.num_peers,
+        "algorithm": config.algorithm,
+        "iterations_to_target": "" if reached is None else reached + 1,
+        "sim_seconds_to_target": ("" if reached is None
+                                  else round(summary["sim_seconds_to_target"], 1)),
+        "sim_seconds_per_iteration": round(total / max(len(metrics), 1), 2),
+        "comm_share": round(sum(r["sim_comm_seconds"] for r in metrics) / max(total, 1e-9), 3),
+        "stragglers_per_iteration": round(sum(r["stragglers"] for r in metrics)
+                                          / max(len(metrics), 1), 2),
+        "bytes_to_target": "" if reached is None else summary["bytes_to_target"],
+        "final_accuracy": summary["final_accuracy"],
+        "wall_seconds": summary["wall_seconds"],
+    }
 
 
 MKD_FIELDS = ("run", "mkd", "mkd_teacher_fraction", "mkd_iterations", "iterations",

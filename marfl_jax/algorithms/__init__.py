@@ -45,6 +45,8 @@ class Algorithm(NamedTuple):
       max_group_size: no group of any round has more members (under churn as drawn).
       grid: at full participation the rounds are axes of this grid (`mixing.Grid`): then they
         run as reshape-and-mean, without a scatter. None: always segment means.
+      transfer: how the simulated clock times a round, a name in `marfl_jax.clock.PROTOCOLS`
+        ('' = the wire model's name).
     """
 
     name: str
@@ -56,6 +58,12 @@ class Algorithm(NamedTuple):
     description: str
     max_group_size: int
     grid: mixing.Grid | None = None
+    transfer: str = ""
+
+    @property
+    def protocol(self) -> str:
+        """The clock's protocol for this algorithm's rounds."""
+        return self.transfer or self.wire
 
 
 ALGORITHMS: Registry[Callable[..., Algorithm]] = Registry("algorithm")
@@ -120,7 +128,8 @@ def ring(config) -> Algorithm:
     n = config.num_peers
     return Algorithm("rdfl", 1, n, lambda present, _key: jax.vmap(baselines.ring_arcs)(present),
                      "allgather", exact=True, description="ring relay", max_group_size=n,
-                     grid=_one_group(n))  # Everyone present: one closed ring.
+                     grid=_one_group(n),  # Everyone present: one closed ring.
+                     transfer="relay")
 
 
 @ALGORITHMS.register("gossip")

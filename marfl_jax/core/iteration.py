@@ -1,6 +1,6 @@
 """One FL iteration: the chain of stages, composed once per run.
 
-    participation -> local update -> [privatize] -> [distill] -> aggregate -> observe
+    participation -> [timing] -> local update -> [privatize] -> [distill] -> aggregate -> observe
 
 `build_chain` is the one place that says which stages run and in what order, and so how DP and
 MKD interact: under DP the aggregation is DP's (`privacy.private_aggregate`), and when both are
@@ -17,7 +17,7 @@ import jax
 import optax
 
 from marfl_jax import churn, dp, mkd, sharding
-from marfl_jax.core import aggregate, distill, local_update, observe, participation, privacy
+from marfl_jax.core import aggregate, distill, local_update, observe, participation, privacy, timing
 from marfl_jax.core.stage import Context, Stage, Step, run_chain, step_keys
 from marfl_jax.core.state import DeviceData, FLState
 
@@ -37,6 +37,7 @@ class Simulation(NamedTuple):
       distillation: MKD's settings, or None.
       privacy: DP's settings, or None.
       mesh: the device mesh the peer axis is sharded over, or None.
+      clock: the simulated clock's settings (`marfl_jax.clock.Clock`), or None.
     """
 
     apply_fn: Any
@@ -50,21 +51,27 @@ class Simulation(NamedTuple):
     distillation: mkd.Distillation | None = None
     privacy: dp.Privacy | None = None
     mesh: Any = None
+    clock: Any = None
 
 
-def everyone_takes_part(churn_model: churn.ChurnModel) -> bool:
-    """Every peer trains and aggregates in every round of every iteration."""
+def everyone_takes_part(churn_model: churn.ChurnModel, sim_clock=None) -> bool:
+    """Every peer trains and aggregates in every round of every iteration (no churn, and no
+    round deadline that could cut a member off)."""
     return (churn_model.update_fraction == 1 and churn_model.aggregate_fraction == 1
-            and churn_model.dropout == 0 and churn_model.availability == "always")
+            and churn_model.dropout == 0 and churn_model.availability == "always"
+            and not (sim_clock is not None and sim_clock.timeout_s))
 
 
 def build_chain(sim: Simulation, distilling: bool = False) -> list[Stage]:
     """The stages of one iteration; `distilling` = an MKD iteration (t < K)."""
     num_groups = sim.algorithm.num_groups
     # Full participation on a grid schedule: rounds are reshape-and-mean (no scatter).
-    grid = getattr(sim.algorithm, "grid", None) if everyone_takes_part(sim.churn_model) else None
-    chain = [
-        participation.participation(sim.churn_model, sim.algorithm),
+    grid = (getattr(sim.algorithm, "grid", None)
+            if everyone_takes_part(sim.churn_model, sim.clock) else None)
+    chain = [participation.participation(sim.churn_model, sim.algorithm)]
+    if sim.clock is not None:
+        chain.append(timing.timing(sim.clock, sim.algorithm, distilling))
+    chain += [
         local_update.local_update(apply_fn=sim.apply_fn, optimizer=sim.optimizer,
                                   local_batches=sim.local_batches, batch_size=sim.batch_size,
                                   model_dropout=sim.model_dropout, peer_chunk=sim.peer_chunk),

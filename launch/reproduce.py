@@ -24,7 +24,7 @@ from absl import app, flags, logging
 
 flags.DEFINE_enum("scale", "small", ["small", "full"], "How large: small (MLP on the embedded "
                   "MNIST) or full (the paper's settings: CNN on the full MNIST).")
-flags.DEFINE_list("experiments", ["baselines", "churn", "mkd", "dp", "text"],
+flags.DEFINE_list("experiments", ["baselines", "churn", "mkd", "dp", "text", "network"],
                   "Which experiments, in order.")
 flags.DEFINE_string("data_dir", "", "MNIST for --scale=full: a folder with the four IDX "
                     "files, or a TFDS data directory.")

@@ -22,7 +22,8 @@ def _save(fig, path: str, axes, which: str = "both") -> None:
     """Grids and legends on `axes`, then the figure to `path` (closed afterwards)."""
     for ax in axes:
         ax.grid(True, which=which, alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:  # Nothing drawn (no run reached it): no legend.
+            ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

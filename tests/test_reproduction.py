@@ -23,7 +23,7 @@ TINY = reproduction.Scale(
     peer_counts=(16,), algorithms=("marfl", "arfl"), study_peers=8, dropouts=(0.5,),
     churn_algorithms=("marfl",), mkd_fractions=(1.0,), mkd_iterations=1,
     dp_noise_multipliers=(0.5,), dp_iterations=2, text_max_iterations=1, feature_dim=16,
-    newsgroups_peer_counts=(16,), newsgroups_max_iterations=1)
+    newsgroups_peer_counts=(16,), newsgroups_max_iterations=1, network_profiles=("deadline",))
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "launch/configs/*.cfg"))))
@@ -70,7 +70,7 @@ def test_tiny_reproduction_writes_the_report(tmp_path):
     text = open(report).read()
 
     by_name = {o.experiment.name: o for o in outcomes}
-    assert [len(by_name[n].rows) for n in reproduction.EXPERIMENT_NAMES] == [2, 1, 2, 2, 1]
+    assert [len(by_name[n].rows) for n in reproduction.EXPERIMENT_NAMES] == [2, 1, 2, 2, 1, 2]
     for outcome in outcomes:
         assert f"## {outcomes.index(outcome) + 1}. {outcome.experiment.title}" in text
         assert os.path.exists(outcome.figure)

@@ -118,6 +118,15 @@ class Config:
     wire: str = _field("allgather", "MAR-FL's wire protocol inside a group: the authors' "
                        "all-gather accounting, butterfly all-reduce, or a server per group.",
                        _names("marfl_jax.comm", "WIRE_MODELS"))
+    # What crosses the wire (marfl_jax/codec.py).
+    codec: str = _field("float32", "How every payload is encoded on the wire (weights, "
+                        "momentum, DP's update, MKD's teachers); float32 = as is.",
+                        _names("marfl_jax.codec", "CODECS"))
+    codec_block: int = _field(4096, "--codec=int8: values per absmax block (one float32 scale "
+                              "each, counted in the bytes).", check=_at_least(1))
+    share_momentum: bool = _field(True, "Messages carry the momentum beside the weights (the "
+                                  "authors); false: weights only, each peer keeps its own "
+                                  "momentum (1 payload per message).")
     # Participation and churn (marfl_jax/churn.py).
     update_fraction: float = _field(1.0, "Fraction of peers drawn to train each iteration "
                                     "(floor(fraction * N) peers, at least 1).", check=_FRACTION)
@@ -377,6 +386,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
               "learning_rate", "momentum"),
     "algorithm": ("algorithm", "num_peers", "group_size", "key_dim", "rounds", "schedule",
                   "wire"),
+    "messages": ("codec", "codec_block", "share_momentum"),
     "churn": ("update_fraction", "aggregate_fraction", "dropout", "dropout_timing",
               "availability", "mean_on_iterations", "mean_off_iterations"),
     "mkd": ("mkd", "mkd_iterations", "mkd_temperature", "mkd_teacher_fraction", "mkd_batches",

@@ -115,12 +115,77 @@ def grid_mean(tree, radices: tuple[int, ...], axes: int | tuple[int, ...]):
     return jax.tree.map(mean_leaf, tree)
 
 
-def mix(tree, schedule: jax.Array, num_groups: int, grid: Grid | None = None):
+# How a group's members combine payloads that cross the wire through a lossy codec.
+REDUCTIONS = ("allgather", "server", "butterfly")
+
+
+def coded_group_mean(tree, group_ids: jax.Array, num_groups: int, roundtrip,
+                     reduction: str = "allgather"):
+    """The group mean when every payload crosses the wire encoded (`marfl_jax.codec`).
+
+    With d_j = roundtrip(x_j), what member j's mates decode of its payload, and n the group size:
+    * `allgather`: each member averages its own exact copy with its mates' decoded ones,
+      (x_i + sum_{j != i} d_j) / n = mean_j d_j + (x_i - d_i) / n (no per-pair loop);
+    * `server`: the server averages the decoded uploads and sends the mean encoded: every member
+      gets roundtrip(mean_j d_j);
+    * `butterfly`: member r of the group (by peer id) owns the r-th of n contiguous slices of
+      each leaf's values; the owner reduces its slice from its exact copy and the others'
+      decoded ones, m = mean_j d_j + (x_owner - d_owner) / n there, keeps m and sends it
+      encoded: the others get roundtrip(m).
+    Absent peers (id -1) keep their values. tree: leaves (N, ...); integer leaves unchanged.
+    """
+    present = group_ids >= 0
+    decoded = roundtrip(tree)
+    sizes = jnp.maximum(member_group_sizes(group_ids, num_groups), 1).astype(jnp.float32)
+    mean_decoded = group_mean(decoded, group_ids, num_groups)
+
+    def per_peer(v):
+        return lambda leaf: v.reshape((-1,) + (1,) * (leaf.ndim - 1)).astype(leaf.dtype)
+
+    if reduction == "allgather":
+        def combine(x, mean_d, d):
+            if not jnp.issubdtype(x.dtype, jnp.floating):
+                return x
+            return jnp.where(per_peer(present)(x), mean_d + (x - d) / per_peer(sizes)(x), x)
+
+        return jax.tree.map(combine, tree, mean_decoded, decoded)
+    if reduction == "server":
+        sent = roundtrip(mean_decoded)
+        return jax.tree.map(lambda x, m: jnp.where(per_peer(present)(x), m, x)
+                            if jnp.issubdtype(x.dtype, jnp.floating) else x, tree, sent)
+    if reduction != "butterfly":
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    rank = rank_in_group(group_ids, num_groups)
+
+    def owned(x):  # (N, P) True where the peer owns the value.
+        columns = math.prod(x.shape[1:])
+        chunk = (jnp.arange(columns)[None, :] * sizes.astype(jnp.int32)[:, None]) // columns
+        return (chunk == rank[:, None]).reshape(x.shape)
+
+    correction = jax.tree.map(lambda x, d: jnp.where(owned(x), x - d, 0.0)
+                              if jnp.issubdtype(x.dtype, jnp.floating) else x, tree, decoded)
+    # Exactly one member owns each value: the group mean of the masked corrections is /n.
+    reduced = jax.tree.map(lambda m, c: m + c if jnp.issubdtype(m.dtype, jnp.floating) else m,
+                           mean_decoded, group_mean(correction, group_ids, num_groups))
+    sent = roundtrip(reduced)
+    return jax.tree.map(
+        lambda x, m, r: jnp.where(per_peer(present)(x), jnp.where(owned(x), m, r), x)
+        if jnp.issubdtype(x.dtype, jnp.floating) else x, tree, reduced, sent)
+
+
+def mix(tree, schedule: jax.Array, num_groups: int, grid: Grid | None = None,
+        roundtrip=None, reduction: str = "allgather"):
     """Applies the rounds of a schedule in order. schedule: (G, N) group ids; returns the tree.
 
     With `grid` (only valid when every peer is present in every round) the rounds are means
     along grid axes, which commute and repeat idempotently, so they run as ONE mean over the
-    axes the rounds cover (equal in exact arithmetic; members end bitwise equal)."""
+    axes the rounds cover (equal in exact arithmetic; members end bitwise equal).
+    With `roundtrip` (a lossy codec's tree -> decoded tree) every round is a
+    `coded_group_mean` with that reduction (the grid is not used: members end apart)."""
+    if roundtrip is not None:
+        for round_ids in schedule:
+            tree = coded_group_mean(tree, round_ids, num_groups, roundtrip, reduction)
+        return tree
     if grid is not None:
         return grid_mean(tree, grid.radices, tuple(sorted(set(grid.axes))))
     for round_ids in schedule:  # G is small and static: unrolled.

@@ -145,18 +145,21 @@ class RoundStats(NamedTuple):
     loss: jax.Array  # Mean distillation loss over the pass (0 if not distilled).
 
 
-def teacher_logits(params, images: jax.Array, mates: Mates, *, apply_fn):
+def teacher_logits(params, images: jax.Array, mates: Mates, *, apply_fn, teacher_params=None):
     """Every peer's student logits and its candidate teachers' logits on its own batches.
 
     Args:
       params: leaves (N, ...).
       images: (N, k, B, ...) each peer's distillation batches.
       mates: the round's `Mates`, (N, C).
+      teacher_params: the models as the mates receive them (a lossy codec's decoded copies;
+        default `params`).
     Returns:
       (student (N, k, B, classes), teachers (N, C, k, B, classes)).
     """
     num_peers, num_batches, batch = images.shape[:3]
     max_mates = mates.ids.shape[1]
+    teachers_params = params if teacher_params is None else teacher_params
 
     def evaluate(p, inputs):  # Evaluation mode, as the authors score teachers.
         return apply_fn(p, inputs, None)
@@ -164,7 +167,8 @@ def teacher_logits(params, images: jax.Array, mates: Mates, *, apply_fn):
     def one_batch(x):  # x: (N, B, ...) the peers' i-th batch.
         student = jax.vmap(evaluate)(params, x)
         mates_x = x[mates.ids].reshape((num_peers, max_mates * batch) + x.shape[2:])
-        computed = jax.vmap(evaluate)(params, mates_x)  # Peer q's model on its mates' data.
+        # Peer q's model (as its mates decode it) on its mates' data.
+        computed = jax.vmap(evaluate)(teachers_params, mates_x)
         computed = computed.reshape(num_peers, max_mates, batch, -1)
         return student, computed[mates.ids, mates.slot_of_self]  # What p's mates said on p's.
 
@@ -175,7 +179,8 @@ def teacher_logits(params, images: jax.Array, mates: Mates, *, apply_fn):
 def distill_round(params, opt_state, group_ids: jax.Array, images: jax.Array, labels: jax.Array,
                   weight: jax.Array, *, distillation: Distillation, num_groups: int,
                   max_mates: int, apply_fn, optimizer: optax.GradientTransformation,
-                  learners: jax.Array | None = None, keys: jax.Array | None = None):
+                  learners: jax.Array | None = None, keys: jax.Array | None = None,
+                  roundtrip=None):
     """One MKD round for all peers: score the mates, keep the best, train one pass.
 
     Args:
@@ -185,11 +190,15 @@ def distill_round(params, opt_state, group_ids: jax.Array, images: jax.Array, la
       weight: lambda, a scalar.
       learners: (N,) bool, peers allowed to train (default all); the others still teach.
       keys: (N,) per-peer dropout keys for the training pass, or None.
+      roundtrip: a lossy codec's params -> decoded params: teachers are the mates' models as
+        received (None: exact).
     Returns:
       (params, opt_state, RoundStats). Peers without a teacher keep their state.
     """
     mates = group_mates(group_ids, num_groups, max_mates)
-    student, teachers = teacher_logits(params, images, mates, apply_fn=apply_fn)
+    student, teachers = teacher_logits(
+        params, images, mates, apply_fn=apply_fn,
+        teacher_params=None if roundtrip is None else roundtrip(params))
     kl = kl_divergence(teachers, student[:, None], distillation.temperature)  # (N, C, k)
     scores = kl.sum(axis=-1)  # Summed over the k batches, as the authors do.
     selected = select_teachers(scores, mates.valid, teacher_counts(distillation.teacher_fraction,

@@ -35,6 +35,7 @@ from marfl_jax import (
     network,
     sharding,
 )
+from marfl_jax import codec as codec_lib
 from marfl_jax import data as data_lib
 from marfl_jax import plan as plan_lib
 from marfl_jax import workdir as files
@@ -103,13 +104,17 @@ def make_apply_fn(model, compute_dtype: str = "float32"):
 
 def make_simulation(config: Config, model, mesh=None) -> Simulation:
     """The static pieces of the run `config` describes."""
+    codec = codec_lib.CODECS.get(config.codec)
+    roundtrip = (None if codec.lossless else
+                 functools.partial(codec_lib.roundtrip_tree, codec, block=config.codec_block))
     return Simulation(
         apply_fn=make_apply_fn(model, config.compute_dtype),
         optimizer=local.momentum_sgd(config.learning_rate, config.momentum),
         algorithm=algorithms.make_algorithm(config), churn_model=config.churn_model(),
         local_batches=config.local_batches, batch_size=config.batch_size,
         model_dropout=models.uses_dropout(model), peer_chunk=config.peer_chunk,
-        distillation=config.distillation(), privacy=config.privacy(), mesh=mesh)
+        distillation=config.distillation(), privacy=config.privacy(), mesh=mesh,
+        roundtrip=roundtrip, share_momentum=config.share_momentum)
 
 
 def build_model(config: Config, num_classes: int, chosen: plan_lib.Plan):
@@ -156,9 +161,10 @@ def execution_plan(config: Config, workdir: str, previous, num_classes: int, sam
 
 
 def make_ledger(sim: Simulation, payload_bytes: int) -> comm.Ledger:
+    """payload_bytes: one model-sized payload as encoded on the wire."""
     private = sim.privacy is not None
     return comm.Ledger(payload_bytes=payload_bytes,
-                       payloads_per_message=STATE_PAYLOADS + private,
+                       payloads_per_message=STATE_PAYLOADS - (not sim.share_momentum) + private,
                        wire=sim.algorithm.wire,
                        metadata_record_bytes=(comm.DHT_RECORD_BYTES
                                               if sim.algorithm.name == "marfl" else 0),
@@ -251,7 +257,9 @@ def run(config: Config, workdir: str | None = None) -> RunResult:
     abstract_state = jax.eval_shape(initial_state)  # Shapes only: nothing allocated yet.
     one_peer = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype),
                             abstract_state.params)
-    ledger = make_ledger(sim, comm.tree_bytes(one_peer))
+    encoded = codec_lib.tree_bytes(codec_lib.CODECS.get(config.codec), one_peer,
+                                   config.codec_block)
+    ledger = make_ledger(sim, encoded)
     if config.network != "none":
         def flops_per_example():
             params = model.init(jax.random.key(0), test_images[:1])["params"]

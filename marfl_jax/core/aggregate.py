@@ -6,9 +6,12 @@ from marfl_jax import mixing
 from marfl_jax.core.stage import Context, Stage, Step
 
 
-def aggregate(num_groups: int, grid: mixing.Grid | None = None) -> Stage:
+def aggregate(num_groups: int, grid: mixing.Grid | None = None, *, roundtrip=None,
+              reduction: str = "allgather", share_momentum: bool = True) -> Stage:
     """Each round replaces every present peer's weights and momentum by its group's mean
-    (`grid`: the schedule's grid, given only when every peer takes part).
+    (`grid`: the schedule's grid, given only when every peer takes part; `roundtrip`: a lossy
+    codec's, then `mixing.coded_group_mean` with `reduction`; `share_momentum=False`: weights
+    only, each peer keeps its momentum).
 
     Info: `consensus_before`, the present peers' disagreement before averaging.
     """
@@ -16,8 +19,9 @@ def aggregate(num_groups: int, grid: mixing.Grid | None = None) -> Stage:
     def stage(step: Step, context: Context):
         peers = step.peers
         before = mixing.consensus_distance(peers.params, step.took_part)
-        params, opt_state = mixing.mix((peers.params, peers.opt_state), step.schedule, num_groups,
-                                       grid)
+        shared = (peers.params, peers.opt_state) if share_momentum else (peers.params,)
+        mixed = mixing.mix(shared, step.schedule, num_groups, grid, roundtrip, reduction)
+        params, opt_state = mixed if share_momentum else (mixed[0], peers.opt_state)
         return (step._replace(peers=peers._replace(params=params, opt_state=opt_state)),
                 {"consensus_before": before})
 

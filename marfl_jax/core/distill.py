@@ -13,8 +13,9 @@ _NO_DISTILLATION = ("distilled_peers", "distill_teachers", "distill_kl", "distil
 
 
 def distill(distillation: mkd.Distillation, *, num_groups: int, max_group_size: int, apply_fn,
-            optimizer, batch_size: int, model_dropout: bool = False) -> Stage:
-    """One MKD round per aggregation round, over the same groups, with lambda from the context.
+            optimizer, batch_size: int, model_dropout: bool = False, roundtrip=None) -> Stage:
+    """One MKD round per aggregation round, over the same groups, with lambda from the context
+    (`roundtrip`: the codec's, so teachers are the mates' models as received).
 
     Each round draws fresh distillation batches from every peer's data (the authors re-shuffle
     their loader on each call). Peers without data still teach but do not learn.
@@ -38,7 +39,8 @@ def distill(distillation: mkd.Distillation, *, num_groups: int, max_group_size: 
                 params, opt_state, group_ids, data_lib.preprocess(data.x_train[index]),
                 data.y_train[index], context.distill_weight, distillation=distillation,
                 num_groups=num_groups, max_mates=max_group_size - 1, apply_fn=apply_fn,
-                optimizer=optimizer, learners=data.counts > 0, keys=dropout_keys)
+                optimizer=optimizer, learners=data.counts > 0, keys=dropout_keys,
+                roundtrip=roundtrip)
             stats.append(round_stats)
         distilled = jnp.stack([s.distilled for s in stats])  # (G, N)
         count = jnp.maximum(distilled.sum(), 1)

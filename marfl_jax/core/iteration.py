@@ -38,6 +38,8 @@ class Simulation(NamedTuple):
       privacy: DP's settings, or None.
       mesh: the device mesh the peer axis is sharded over, or None.
       clock: the simulated clock's settings (`marfl_jax.clock.Clock`), or None.
+      roundtrip: a lossy message codec's tree -> decoded tree (`marfl_jax.codec`), or None.
+      share_momentum: messages carry momentum beside the weights (False: weights only).
     """
 
     apply_fn: Any
@@ -52,6 +54,14 @@ class Simulation(NamedTuple):
     privacy: dp.Privacy | None = None
     mesh: Any = None
     clock: Any = None
+    roundtrip: Any = None
+    share_momentum: bool = True
+
+    @property
+    def reduction(self) -> str:
+        """How a group combines coded payloads (`marfl_jax.mixing.REDUCTIONS`), by wire."""
+        return {"star": "server", "butterfly": "butterfly"}.get(self.algorithm.wire,
+                                                                 "allgather")
 
 
 def everyone_takes_part(churn_model: churn.ChurnModel, sim_clock=None) -> bool:
@@ -87,11 +97,14 @@ def build_chain(sim: Simulation, distilling: bool = False) -> list[Stage]:
         chain.append(distill.distill(
             sim.distillation, num_groups=num_groups,
             max_group_size=sim.algorithm.max_group_size, apply_fn=sim.apply_fn,
-            optimizer=sim.optimizer, batch_size=sim.batch_size, model_dropout=sim.model_dropout))
+            optimizer=sim.optimizer, batch_size=sim.batch_size, model_dropout=sim.model_dropout,
+            roundtrip=sim.roundtrip))
         if private:
             chain.append(privacy.distilled_update())
-    chain.append(privacy.private_aggregate(sim.privacy, num_groups, grid) if private
-                 else aggregate.aggregate(num_groups, grid))
+    wire = dict(roundtrip=sim.roundtrip, reduction=sim.reduction,
+                share_momentum=sim.share_momentum)
+    chain.append(privacy.private_aggregate(sim.privacy, num_groups, grid, **wire) if private
+                 else aggregate.aggregate(num_groups, grid, **wire))
     chain.append(observe.observe(num_groups))
     return chain
 

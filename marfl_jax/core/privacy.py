@@ -52,10 +52,14 @@ def distilled_update() -> Stage:
     return stage
 
 
-def private_aggregate(privacy: dp.Privacy, num_groups: int,
-                      grid: mixing.Grid | None = None) -> Stage:
+def private_aggregate(privacy: dp.Privacy, num_groups: int, grid: mixing.Grid | None = None,
+                      *, roundtrip=None, reduction: str = "allgather",
+                      share_momentum: bool = True) -> Stage:
     """DP's steps 2-4 over the schedule's groups; the averaged model becomes each aggregating
-    peer's reference. Non-aggregating peers keep everything.
+    peer's reference. Non-aggregating peers keep everything. The shared tensors (model,
+    momentum unless `share_momentum=False`, the smoothed noised update) cross the wire through
+    `roundtrip` (a lossy codec's; the noise is in them before encoding); the clip indicators are
+    float32 scalars.
 
     Info: `consensus_before` (of the shared models), `aggregating` (n), `dp_split_peers` (the n
     of this iteration's noise split), `dp_clip` (mean S before
@@ -71,9 +75,16 @@ def private_aggregate(privacy: dp.Privacy, num_groups: int,
         shared = dp.where_peers(aggregating, dp.apply_delta(state.reference, smoothed,
                                                             privacy.server_lr), peers.params)
         before = mixing.consensus_distance(shared, step.took_part)
-        shared, opt_state, smoothed, mean_indicator = mixing.mix(
-            (shared, peers.opt_state, smoothed, private.unclipped), step.schedule, num_groups,
-            grid)
+        if roundtrip is None and share_momentum:
+            shared, opt_state, smoothed, mean_indicator = mixing.mix(
+                (shared, peers.opt_state, smoothed, private.unclipped), step.schedule,
+                num_groups, grid)
+        else:
+            payloads = (shared, smoothed) + ((peers.opt_state,) if share_momentum else ())
+            mixed = mixing.mix(payloads, step.schedule, num_groups, grid, roundtrip, reduction)
+            shared, smoothed = mixed[:2]
+            opt_state = mixed[2] if share_momentum else peers.opt_state
+            mean_indicator = mixing.mix(private.unclipped, step.schedule, num_groups, grid)
         num_aggregating = aggregating.sum()
         clip = jnp.where(aggregating, dp.update_clip(context.keys.dp_clip, state.clip,
                                                      mean_indicator, num_aggregating, privacy),

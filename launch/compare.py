@@ -6,6 +6,7 @@
     python -m launch.compare --study=mkd         # MKD study: N=64 CNN, no MKD vs rho 0.4 / 1.0
     python -m launch.compare --study=dp          # DP study: N=64 CNN, no DP vs z 0.2 / 0.5 / 1
     python -m launch.compare --study=network     # every algorithm's simulated time to target
+    python -m launch.compare --study=codec       # N=64 CNN: each codec, with / without momentum
 
 * `scaling`: every algorithm at every N (MLP on the embedded MNIST by default) until
   `--target_accuracy` or `--max_iterations`; writes `scaling.csv` and `bytes_per_iteration.png`
@@ -25,6 +26,10 @@
   log-normal links and speeds, and log-normal with a 30 s round deadline; `studies.
   NETWORK_PROFILES`); writes `network.csv` (simulated time and bytes to the target, time per
   iteration, communication's share, stragglers) and `time_to_target.png`.
+* `codec`: MAR-FL at N=64 with the paper's CNN on the default run's settings (b=4, B=16,
+  evaluation every iteration, target 95 %) for each `--codecs` entry, with momentum in the
+  messages and without (`--share_momentum=false`); writes `codec.csv` (bytes and iterations to
+  the target) and `codec.png` (accuracy against cumulative bytes).
 Flags the user does not set take each study's defaults (the `mkd` study's differ; see
 `STUDY_DEFAULTS`). Runs already finished in their workdirs are reused, so an interrupted sweep
 picks up where it stopped.
@@ -40,7 +45,7 @@ from absl import app, flags, logging
 
 from marfl_jax.config import Config, ConfigError
 
-flags.DEFINE_enum("study", "scaling", ["scaling", "churn", "mkd", "dp", "network"],
+flags.DEFINE_enum("study", "scaling", ["scaling", "churn", "mkd", "dp", "network", "codec"],
                   "Which sweep.")
 flags.DEFINE_list("num_peers", ["16", "64", "125", "256", "1024"], "Scaling: peer counts N.")
 flags.DEFINE_list("dropouts", ["0", "0.1", "0.2", "0.5"], "Churn: dropout probabilities.")
@@ -51,6 +56,8 @@ flags.DEFINE_list("mkd_fractions", ["0.4", "1.0"], "MKD: teacher fractions rho."
 flags.DEFINE_integer("mkd_iterations", 8, "MKD: K, the iterations that distil.")
 flags.DEFINE_list("profiles", ["uniform", "lognormal", "deadline"],
                   "Network: peer profiles (marfl_jax.studies.NETWORK_PROFILES).")
+flags.DEFINE_list("codecs", ["float32", "float16", "bfloat16", "int8"],
+                  "Codec: the message codecs (marfl_jax.codec.CODECS).")
 flags.DEFINE_list("dp_noise_multipliers", ["0.2", "0.5", "1.0"], "DP: noise multipliers z.")
 flags.DEFINE_string("model", "mlp", "Model (cnn | mlp).")
 flags.DEFINE_string("dataset", "mnist10k", "Dataset.")
@@ -65,12 +72,14 @@ flags.DEFINE_string("workdir", None, "Output folder (default runs/<study>).")
 FLAGS = flags.FLAGS
 
 PLOT_NAMES = {"scaling": "bytes_per_iteration.png", "churn": "churn.png", "mkd": "mkd.png",
-              "dp": "dp.png", "network": "time_to_target.png"}
+              "dp": "dp.png", "network": "time_to_target.png", "codec": "codec.png"}
 # Where a study's defaults differ from the flags' (used unless the flag is given).
 STUDY_DEFAULTS = {"mkd": dict(model="cnn", target_accuracy=0.95, local_batches=4, eval_every=1,
                               max_iterations=60),
                   "dp": dict(model="cnn", target_accuracy=1.0, local_batches=4, eval_every=2,
-                             max_iterations=40)}
+                             max_iterations=40),
+                  "codec": dict(model="cnn", target_accuracy=0.95, local_batches=4, eval_every=1,
+                                max_iterations=60)}
 
 
 def main(argv):
@@ -106,6 +115,8 @@ def main(argv):
             if FLAGS.study == "mkd":
                 configs = studies.mkd_configs(base, [float(r) for r in FLAGS.mkd_fractions],
                                               FLAGS.mkd_iterations)
+            elif FLAGS.study == "codec":
+                configs = studies.codec_configs(base, FLAGS.codecs)
             else:
                 configs = studies.dp_configs(base, [float(z) for z in FLAGS.dp_noise_multipliers])
     except (ConfigError, ValueError) as error:
@@ -117,7 +128,8 @@ def main(argv):
 
     make_row, fields = {"mkd": (studies.mkd_row, studies.MKD_FIELDS),
                         "dp": (studies.dp_row, studies.DP_FIELDS),
-                        "network": (studies.network_row, studies.NETWORK_FIELDS)}.get(
+                        "network": (studies.network_row, studies.NETWORK_FIELDS),
+                        "codec": (studies.codec_row, studies.CODEC_FIELDS)}.get(
         FLAGS.study, (studies.result_row, studies.ROW_FIELDS))
     curves = {}  # Run name -> metrics rows, for the per-run curves.
     rows = studies.run_study(
@@ -130,7 +142,7 @@ def main(argv):
         plotting.plot_bytes_per_iteration(rows, plot_path)
     elif FLAGS.study == "churn":
         plotting.plot_churn(rows, plot_path)
-    elif FLAGS.study == "mkd":
+    elif FLAGS.study in ("mkd", "codec"):
         plotting.plot_accuracy_vs_bytes(curves, plot_path, (0.5, FLAGS.target_accuracy))
     elif FLAGS.study == "network":
         plotting.plot_time_to_target(rows, plot_path)

@@ -109,6 +109,39 @@ def network_row(config: Config, result: runner.RunResult) -> dict:
     }
 
 
+CODEC_FIELDS = ("run", "codec", "share_momentum", "payloads_per_message", "bytes_per_iteration",
+                "iterations", "iterations_to_target", "bytes_to_target", "final_accuracy",
+                "best_accuracy", "wall_seconds")
+
+
+def codec_configs(base: Config, codecs: Sequence[str],
+                  share_momentum: Sequence[bool] = (True, False)) -> list[Config]:
+    """Every codec with and without momentum in the messages, workdirs
+    `{codec}_{momentum|weights}`."""
+    return [dataclasses.replace(
+        base, codec=name, share_momentum=share,
+        workdir=os.path.join(base.workdir, f"{name}_{'momentum' if share else 'weights'}")
+    ).validate() for share in share_momentum for name in codecs]
+
+
+def codec_row(config: Config, result: runner.RunResult) -> dict:
+    summary, metrics = result.summary, result.metrics
+    target = first_reaching(metrics, config.target_accuracy)
+    return {
+        "run": os.path.basename(config.workdir),
+        "codec": config.codec,
+        "share_momentum": config.share_momentum,
+        "payloads_per_message": 2 if config.share_momentum else 1,
+        "bytes_per_iteration": round(summary["cumulative_bytes"] / max(len(metrics), 1)),
+        "iterations": summary["iterations"],
+        "iterations_to_target": "" if target is None else target["iteration"] + 1,
+        "bytes_to_target": "" if target is None else target["cumulative_bytes"],
+        "final_accuracy": summary["final_accuracy"],
+        "best_accuracy": summary["best_accuracy"],
+        "wall_seconds": summary["wall_seconds"],
+    }
+
+
 MKD_FIELDS = ("run", "mkd", "mkd_teacher_fraction", "mkd_iterations", "iterations",
               "iterations_to_50", "bytes_to_50", "iterations_to_target", "bytes_to_target",
               "mkd_bytes", "final_accuracy", "best_accuracy", "wall_seconds")

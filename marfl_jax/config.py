@@ -51,6 +51,7 @@ _POSITIVE = ((lambda v: v > 0), "a number > 0")
 _UNIT = ((lambda v: 0 <= v <= 1), "a number in [0, 1]")
 _OPEN_UNIT = ((lambda v: 0 <= v < 1), "a number in [0, 1)")
 _FRACTION = ((lambda v: 0 < v <= 1), "a number in (0, 1]")
+_NON_NEGATIVE = ((lambda v: v >= 0), "a number >= 0")
 
 
 def peer_count(fraction: float, num_peers: int) -> int:
@@ -197,13 +198,13 @@ class Config:
     downlink_mbps: float = _field(50.0, "A peer's downlink, Mbit/s (lognormal: the median).",
                                   check=_POSITIVE)
     latency_ms: float = _field(50.0, "A message's latency, ms.",
-                               check=((lambda v: v >= 0), "a number >= 0"))
+                               check=_NON_NEGATIVE)
     bandwidth_sigma: float = _field(1.0, "--network=lognormal: sigma of log(link rate).",
-                                    check=((lambda v: v >= 0), "a number >= 0"))
+                                    check=_NON_NEGATIVE)
     examples_per_s: float = _field(100.0, "A peer's training speed, examples/s (lognormal: "
                                    "the median).", check=_POSITIVE)
     compute_sigma: float = _field(0.5, "--network=lognormal: sigma of log(training speed).",
-                                  check=((lambda v: v >= 0), "a number >= 0"))
+                                  check=_NON_NEGATIVE)
     server_mbps: float = _field(1000.0, "FedAvg's (and --wire=star's) server link, Mbit/s "
                                 "each direction.", check=_POSITIVE)
     round_timeout_s: float = _field(

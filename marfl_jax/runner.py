@@ -412,9 +412,11 @@ def run(config: Config, workdir: str | None = None) -> RunResult:
         t += 1
         if evaluating:
             rate = (t - first_iteration) / max(time.time() - loop_start, 1e-9)
-            logging.info("iteration %d/%d | accuracy %.4f | loss %.4f | %s | %.3g it/s | "
+            simulated = ("" if sim.clock is None else
+                         f" | {row['cumulative_sim_seconds'] / 3600:.3g} h simulated")
+            logging.info("iteration %d/%d | accuracy %.4f | loss %.4f | %s%s | %.3g it/s | "
                          "ETA %s", t - 1, config.max_iterations, row["accuracy"], row["loss"],
-                         format_bytes(row["cumulative_bytes"]), rate,
+                         format_bytes(row["cumulative_bytes"]), simulated, rate,
                          format_duration((config.max_iterations - t) / rate))
             if row["accuracy"] >= config.target_accuracy:
                 reached_at = t - 1

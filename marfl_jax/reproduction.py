@@ -341,7 +341,7 @@ def _network(scale: Scale, workdir: str) -> Experiment:
                "peers: exchanging with a few group mates per round instead of every peer "
                "should make it faster than AR-FL and RDFL where uplinks are the bottleneck. "
                "(The paper reports bytes, not time; this experiment is ours.)"),
-        setting=(f"the runs of section 1 (N in {_set_of(scale.peer_counts)}, "
+        setting=(f"The runs of section 1 (N in {_set_of(scale.peer_counts)}, "
                  f"{', '.join(scale.algorithms)}; {describe(base)}) with the simulated clock "
                  "(`marfl_jax/clock.py`): `uniform` = every peer 10 Mbit/s up, 50 down, 50 ms, "
                  "100 examples/s, a 1 Gbit/s FedAvg server; `lognormal` = each rate log-normal "
@@ -373,11 +373,11 @@ def _summarize_network(rows) -> str:
             parts.append(f"`{profile}`, N = {largest}: MAR-FL missed the target.")
             continue
         others = [f"{name} {r['sim_seconds_to_target'] / marfl:.2f}x" if
-                  r["sim_seconds_to_target"] != "" else f"{name} missed it"
+                  r["sim_seconds_to_target"] != "" else f"{name} never (target missed)"
                   for name, r in mine.items() if name != "marfl"]
         parts.append(f"`{profile}`, N = {largest}: MAR-FL reached the target in "
-                     f"{marfl / 3600:.2f} simulated hours; the others took "
-                     f"{', '.join(others)} its time.")
+                     f"{marfl / 3600:.2f} simulated hours; the others' time as a multiple of "
+                     f"MAR-FL's: {', '.join(others)}.")
     return " ".join(parts)
 
 

@@ -39,10 +39,10 @@ the mates who wait for it, is cut off) and the round's completion (the real shar
 Closed forms at uniform links are in tests/test_clock.py (MAR-FL on a 4x4x4 grid with the paper's
 CNN: 3 messages of 2 x 4,799,528 B per peer per round, 23.04 s at 10 Mbit/s).
 
-Deadlines (`round_deadline`): a member whose own time in a round exceeds `round_timeout_s`
-misses that round and the rest of the iteration; the groups average without it and the round
-lasts until the deadline (the others wait that long before giving up, as the authors' barrier
-does). The ledger then counts only the exchanges that happened.
+Deadlines (`late_members`, applied by `marfl_jax.core.timing`): a member whose own time in a
+round exceeds `round_timeout_s` misses that round and the rest of the iteration; the groups
+average without it and the round lasts until the deadline (the others wait that long before
+giving up, as the authors' barrier does). The ledger then counts only the exchanges that happened.
 """
 
 from __future__ import annotations
@@ -153,11 +153,10 @@ def butterfly(ids, num_groups: int, links: Links, message_bytes: float,
               server_bps: float) -> RoundTimes:
     """Reduce-scatter then all-gather: two all-gathers of chunks of message_bytes / n."""
     del server_bps
-    _, present, sizes = _segments(ids, num_groups)
+    segment, present, sizes = _segments(ids, num_groups)
     own, done = _exchange(ids, num_groups, links, message_bytes / jnp.maximum(sizes, 1.0))
     # The second phase starts when the first's chunks are in all over the group: the slowest
     # member's phase, twice.
-    segment = jnp.where(present, ids, num_groups)
     slowest = jax.ops.segment_max(done, segment, num_segments=num_groups + 1)[segment]
     done = jnp.where(present, 2 * slowest, 0.0)
     return RoundTimes(2 * own, done, _completion(done, present))
@@ -193,13 +192,13 @@ def relay(ids, num_groups: int, links: Links, message_bytes: float,
     rank = mixing.rank_in_group(ids, num_groups)
     start = position - rank
     successor = order[jnp.where(rank + 1 < sizes.astype(jnp.int32), position + 1, start)]
-    hop = ((links.latency_s + links.latency_s[successor]) / 2
-           + message_bytes * jnp.maximum(1.0 / links.uplink_bps,
-                                         1.0 / links.downlink_bps[successor]))
+    latency = (links.latency_s + links.latency_s[successor]) / 2
     alone = ~present | (sizes <= 1)
-    hop = jnp.where(alone, 0.0, hop)
-    own_hop = ((links.latency_s + links.latency_s[successor]) / 2
-               + message_bytes * jnp.maximum(1.0 / links.uplink_bps, 1.0 / links.downlink_bps))
+    hop = jnp.where(alone, 0.0, latency + message_bytes * jnp.maximum(
+        1.0 / links.uplink_bps, 1.0 / links.downlink_bps[successor]))
+    # On its own links only: its uplink sends, its downlink receives the predecessor's.
+    own_hop = latency + message_bytes * jnp.maximum(1.0 / links.uplink_bps,
+                                                    1.0 / links.downlink_bps)
     hops = jnp.maximum(sizes - 1, 0)
     own = jnp.where(alone, 0.0, hops * own_hop)
     slowest_hop = jax.ops.segment_max(hop, segment, num_segments=num_groups + 1)[segment]

@@ -171,7 +171,7 @@ def make_ledger(sim: Simulation, payload_bytes: int) -> comm.Ledger:
                        scalar_bytes=4 if private else 0)  # DP's clip indicator.
 
 
-def train_flops_per_example(apply_fn, params, sample_input, num_classes: int) -> float | None:
+def train_flops_per_example(apply_fn, params, sample_input) -> float | None:
     """XLA's count of one example's forward + backward FLOPs (None where it reports none)."""
     import optax
 
@@ -263,8 +263,7 @@ def run(config: Config, workdir: str | None = None) -> RunResult:
     if config.network != "none":
         def flops_per_example():
             params = model.init(jax.random.key(0), test_images[:1])["params"]
-            return train_flops_per_example(sim.apply_fn, params, test_images[:1],
-                                           dataset.num_classes)
+            return train_flops_per_example(sim.apply_fn, params, test_images[:1])
 
         sim = sim._replace(clock=make_clock(config, sim, ledger, flops_per_example))
     accountant = None if sim.privacy is None else accounting.PrivacyAccountant(

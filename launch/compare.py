@@ -7,6 +7,7 @@
     python -m launch.compare --study=dp          # DP study: N=64 CNN, no DP vs z 0.2 / 0.5 / 1
     python -m launch.compare --study=network     # every algorithm's simulated time to target
     python -m launch.compare --study=codec       # N=64 CNN: each codec, with / without momentum
+    python -m launch.compare --study=codec --algorithms=marfl,fedavg,arfl,rdfl,gossip --model=mlp
 
 * `scaling`: every algorithm at every N (MLP on the embedded MNIST by default) until
   `--target_accuracy` or `--max_iterations`; writes `scaling.csv` and `bytes_per_iteration.png`
@@ -26,10 +27,11 @@
   log-normal links and speeds, and log-normal with a 30 s round deadline; `studies.
   NETWORK_PROFILES`); writes `network.csv` (simulated time and bytes to the target, time per
   iteration, communication's share, stragglers) and `time_to_target.png`.
-* `codec`: MAR-FL at N=64 with the paper's CNN on the default run's settings (b=4, B=16,
-  evaluation every iteration, target 95 %) for each `--codecs` entry, with momentum in the
-  messages and without (`--share_momentum=false`); writes `codec.csv` (bytes and iterations to
-  the target) and `codec.png` (accuracy against cumulative bytes).
+* `codec`: MAR-FL (or each of `--algorithms`) at N=64 with the paper's CNN on the default
+  run's settings (b=4, B=16, evaluation every iteration, target 95 %) for each `--codecs`
+  entry, with momentum in the messages and without (`--share_momentum=false`); writes
+  `codec.csv` (bytes and iterations to the target) and `codec.png` (accuracy against
+  cumulative bytes for one algorithm; bytes to the target per algorithm for several).
 Flags the user does not set take each study's defaults (the `mkd` study's differ; see
 `STUDY_DEFAULTS`). Runs already finished in their workdirs are reused, so an interrupted sweep
 picks up where it stopped.
@@ -50,7 +52,7 @@ flags.DEFINE_enum("study", "scaling", ["scaling", "churn", "mkd", "dp", "network
 flags.DEFINE_list("num_peers", ["16", "64", "125", "256", "1024"], "Scaling: peer counts N.")
 flags.DEFINE_list("dropouts", ["0", "0.1", "0.2", "0.5"], "Churn: dropout probabilities.")
 flags.DEFINE_list("algorithms", None, "Algorithms (default: all five for scaling; marfl, "
-                  "fedavg, rdfl for churn).")
+                  "fedavg, rdfl for churn; marfl for codec).")
 flags.DEFINE_integer("churn_peers", 64, "Churn, MKD and DP: N.")
 flags.DEFINE_list("mkd_fractions", ["0.4", "1.0"], "MKD: teacher fractions rho.")
 flags.DEFINE_integer("mkd_iterations", 8, "MKD: K, the iterations that distil.")
@@ -116,7 +118,8 @@ def main(argv):
                 configs = studies.mkd_configs(base, [float(r) for r in FLAGS.mkd_fractions],
                                               FLAGS.mkd_iterations)
             elif FLAGS.study == "codec":
-                configs = studies.codec_configs(base, FLAGS.codecs)
+                configs = studies.codec_configs(base, FLAGS.codecs,
+                                                FLAGS.algorithms or ["marfl"])
             else:
                 configs = studies.dp_configs(base, [float(z) for z in FLAGS.dp_noise_multipliers])
     except (ConfigError, ValueError) as error:
@@ -142,6 +145,8 @@ def main(argv):
         plotting.plot_bytes_per_iteration(rows, plot_path)
     elif FLAGS.study == "churn":
         plotting.plot_churn(rows, plot_path)
+    elif FLAGS.study == "codec" and len({row["algorithm"] for row in rows}) > 1:
+        plotting.plot_codec_bytes(rows, plot_path)
     elif FLAGS.study in ("mkd", "codec"):
         plotting.plot_accuracy_vs_bytes(curves, plot_path, (0.5, FLAGS.target_accuracy))
     elif FLAGS.study == "network":

@@ -6,7 +6,8 @@
 
 Experiments (see `marfl_jax.reproduction`): `baselines` (MNIST, N = 16, 64, 125; MAR-FL,
 FedAvg, AR-FL, RDFL), `churn`, `mkd`, `dp`, `text` (BBC News; 20 Newsgroups with
-`--text_data_dir` or scikit-learn's cache). Runs go to `--workdir/<experiment>/<run>/`, figures
+`--text_data_dir` or scikit-learn's cache), `network` (the clock), `codec` (momentum and
+message codecs). Runs go to `--workdir/<experiment>/<run>/`, figures
 to `results/reproduction/<scale>/` beside the report. Finished runs are reused, so an
 interrupted reproduction continues where it stopped; the report is rewritten after each
 experiment. A run whose dataset is missing is listed in the report as not run, with the reason.
@@ -24,8 +25,8 @@ from absl import app, flags, logging
 
 flags.DEFINE_enum("scale", "small", ["small", "full"], "How large: small (MLP on the embedded "
                   "MNIST) or full (the paper's settings: CNN on the full MNIST).")
-flags.DEFINE_list("experiments", ["baselines", "churn", "mkd", "dp", "text", "network"],
-                  "Which experiments, in order.")
+flags.DEFINE_list("experiments", ["baselines", "churn", "mkd", "dp", "text", "network",
+                                   "codec"], "Which experiments, in order.")
 flags.DEFINE_string("data_dir", "", "MNIST for --scale=full: a folder with the four IDX "
                     "files, or a TFDS data directory.")
 flags.DEFINE_string("text_data_dir", "", "20 Newsgroups: 20news-bydate.tar.gz or its folder "

@@ -11,7 +11,9 @@ what a receiver ends up with, and the exact encoded size:
 * `int8`: blockwise absmax, per block of `--codec_block` values one float32 scale
   s = max |x| / 127 and int8 q = round(x / s): n + 4 ceil(n / block) bytes, error <= s / 2.
 
-Blocks run along each leaf's flattened values, per peer. `CODECS` is a registry; a codec is a
+Blocks run along each leaf's flattened values, per peer; a butterfly slice holds whole blocks
+(`unit`), so a slice encoded on its own is the whole leaf's encoding restricted to it and the
+slices' sizes add up to the leaf's. `CODECS` is a registry; a codec is a
 `Codec(roundtrip, leaf_bytes)`.
 """
 
@@ -31,11 +33,17 @@ DEFAULT_BLOCK = 4096  # Values per int8 scale: 0.1 % of the bytes go to scales.
 
 class Codec(NamedTuple):
     """roundtrip(x (N, ...) float32, block) -> the values a receiver decodes, per peer;
-    leaf_bytes(n, block) -> exact encoded bytes of one n-value leaf."""
+    leaf_bytes(n, block) -> exact encoded bytes of one n-value leaf; blockwise: values are
+    encoded in blocks of `block` (elementwise otherwise)."""
 
     roundtrip: Callable[[jax.Array, int], jax.Array]
     leaf_bytes: Callable[[int, int], int]
     lossless: bool = False
+    blockwise: bool = False
+
+    def unit(self, block: int) -> int:
+        """Values that must stay together when a payload is cut into slices."""
+        return block if self.blockwise else 1
 
 
 CODECS: Registry[Codec] = Registry("codec")
@@ -63,8 +71,8 @@ def int8_blockwise(x: jax.Array, block: int) -> jax.Array:
 CODECS.register("float32", Codec(lambda x, block: x, lambda n, block: 4 * n, lossless=True))
 CODECS.register("float16", Codec(_cast(jnp.float16), lambda n, block: 2 * n))
 CODECS.register("bfloat16", Codec(_cast(jnp.bfloat16), lambda n, block: 2 * n))
-CODECS.register("int8", Codec(int8_blockwise,
-                              lambda n, block: n + 4 * math.ceil(n / block)))
+CODECS.register("int8", Codec(int8_blockwise, lambda n, block: n + 4 * math.ceil(n / block),
+                              blockwise=True))
 
 
 def tree_bytes(codec: Codec, tree, block: int = DEFAULT_BLOCK) -> int:

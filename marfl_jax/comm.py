@@ -74,7 +74,9 @@ def butterfly_cost(sizes: np.ndarray, payload_bytes: int, payloads_per_message: 
             groups = int(counts[g]) // int(g)
             messages += groups * int(g) * 2 * (int(g) - 1)
             payloads += groups * 2 * (int(g) - 1) * payloads_per_message
-    # The busiest member receives 2(g - 1) chunks of at most ceil(S / g) bytes per round.
+    # The busiest member receives 2(g - 1) chunks of about ceil(S / g) bytes per round (slices are
+    # cut between whole values, or a codec's blocks, so one can exceed S / g by a unit per leaf).
+    # The total is exact: the slices of a payload add up to it (`mixing.butterfly_slice`).
     chunk = -(-payload_bytes // np.maximum(sizes, 1))
     per_peer = np.where(sizes > 1, 2 * (sizes - 1) * chunk, 0).sum(axis=0)
     return WireCost(messages, payloads, payloads * payload_bytes,

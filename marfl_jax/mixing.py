@@ -120,7 +120,7 @@ REDUCTIONS = ("allgather", "server", "butterfly")
 
 
 def coded_group_mean(tree, group_ids: jax.Array, num_groups: int, roundtrip,
-                     reduction: str = "allgather"):
+                     reduction: str = "allgather", unit: int = 1):
     """The group mean when every payload crosses the wire encoded (`marfl_jax.codec`).
 
     With d_j = roundtrip(x_j), what member j's mates decode of its payload, and n the group size:
@@ -129,9 +129,11 @@ def coded_group_mean(tree, group_ids: jax.Array, num_groups: int, roundtrip,
     * `server`: the server averages the decoded uploads and sends the mean encoded: every member
       gets roundtrip(mean_j d_j);
     * `butterfly`: member r of the group (by peer id) owns the r-th of n contiguous slices of
-      each leaf's values; the owner reduces its slice from its exact copy and the others'
-      decoded ones, m = mean_j d_j + (x_owner - d_owner) / n there, keeps m and sends it
-      encoded: the others get roundtrip(m).
+      each leaf's values, cut between units of `unit` values (the codec's blocks: each slice is
+      encoded on its own, and its encoding is exactly the whole leaf's restricted to it); the
+      owner reduces its slice from its exact copy and the others' decoded ones,
+      m = mean_j d_j + (x_owner - d_owner) / n there, keeps m and sends it encoded: the others
+      get roundtrip(m).
     Absent peers (id -1) keep their values. tree: leaves (N, ...); integer leaves unchanged.
     """
     present = group_ids >= 0
@@ -157,9 +159,9 @@ def coded_group_mean(tree, group_ids: jax.Array, num_groups: int, roundtrip,
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     rank = rank_in_group(group_ids, num_groups)
 
-    def owned(x):  # (N, P) True where the peer owns the value.
+    def owned(x):  # (N, ...) True where the peer owns the value.
         columns = math.prod(x.shape[1:])
-        chunk = (jnp.arange(columns)[None, :] * sizes.astype(jnp.int32)[:, None]) // columns
+        chunk = butterfly_slice(columns, sizes.astype(jnp.int32), unit)
         return (chunk == rank[:, None]).reshape(x.shape)
 
     correction = jax.tree.map(lambda x, d: jnp.where(owned(x), x - d, 0.0)
@@ -173,18 +175,28 @@ def coded_group_mean(tree, group_ids: jax.Array, num_groups: int, roundtrip,
         if jnp.issubdtype(x.dtype, jnp.floating) else x, tree, reduced, sent)
 
 
+def butterfly_slice(columns: int, sizes: jax.Array, unit: int = 1) -> jax.Array:
+    """Which slice each of a leaf's `columns` values falls in, for members of groups of `sizes`
+    (N,): n contiguous slices cut between units of `unit` values, slice r holding units
+    [ceil(r U / n), ceil((r + 1) U / n)) of U = ceil(columns / unit). -> (N, columns) int."""
+    units = -(-columns // unit)
+    position = jnp.arange(columns)[None, :] // unit
+    return (position * sizes[:, None]) // units
+
+
 def mix(tree, schedule: jax.Array, num_groups: int, grid: Grid | None = None,
-        roundtrip=None, reduction: str = "allgather"):
+        roundtrip=None, reduction: str = "allgather", unit: int = 1):
     """Applies the rounds of a schedule in order. schedule: (G, N) group ids; returns the tree.
 
     With `grid` (only valid when every peer is present in every round) the rounds are means
     along grid axes, which commute and repeat idempotently, so they run as ONE mean over the
     axes the rounds cover (equal in exact arithmetic; members end bitwise equal).
     With `roundtrip` (a lossy codec's tree -> decoded tree) every round is a
-    `coded_group_mean` with that reduction (the grid is not used: members end apart)."""
+    `coded_group_mean` with that reduction and `unit` (the grid is not used: members end
+    apart)."""
     if roundtrip is not None:
         for round_ids in schedule:
-            tree = coded_group_mean(tree, round_ids, num_groups, roundtrip, reduction)
+            tree = coded_group_mean(tree, round_ids, num_groups, roundtrip, reduction, unit)
         return tree
     if grid is not None:
         return grid_mean(tree, grid.radices, tuple(sorted(set(grid.axes))))

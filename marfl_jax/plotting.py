@@ -127,6 +127,42 @@ def plot_time_to_target(rows: Sequence[dict], path: str) -> None:
     _save(fig, path, axes[0])
 
 
+def plot_codec_bytes(rows: Sequence[dict], path: str) -> None:
+    """Bytes to the target per algorithm, one bar per codec and momentum setting (hatched:
+    weights only); a run that missed the target gets an x at the axis floor instead of a bar.
+    rows: the codec study's rows."""
+    algorithms = list(dict.fromkeys(r["algorithm"] for r in rows))
+    variants = list(dict.fromkeys((r["codec"], r["share_momentum"]) for r in rows))
+    codecs = list(dict.fromkeys(codec for codec, _ in variants))
+    width = 0.8 / len(variants)
+    reached = [r["bytes_to_target"] for r in rows if r["bytes_to_target"] != ""]
+    floor = min(reached) / 2 if reached else 1.0
+    fig, ax = plt.subplots(figsize=(max(6.4, 1.6 * len(algorithms)), 4.8))
+    for k, (codec, share) in enumerate(variants):
+        color = f"C{codecs.index(codec)}"
+        label = f"{codec}, {'momentum' if share else 'weights only'}"
+        for a, name in enumerate(algorithms):
+            row = next((r for r in rows if r["algorithm"] == name
+                        and (r["codec"], r["share_momentum"]) == (codec, share)), None)
+            if row is None:
+                continue
+            x = a - 0.4 + (k + 0.5) * width
+            if row["bytes_to_target"] == "":
+                ax.plot(x, floor, marker="x", color=color)
+            else:
+                ax.bar(x, row["bytes_to_target"], width, color=color,
+                       hatch="" if share else "//", edgecolor="k", linewidth=0.4, label=label)
+                label = None  # One legend entry per variant.
+    ax.set_xticks(range(len(algorithms)), algorithms)
+    ax.set(yscale="log", ylabel="bytes to target (x: target missed)",
+           title="Bytes to the target by message codec")
+    ax.legend(fontsize="small", ncol=2)
+    ax.grid(True, axis="y", which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot_accuracy_vs_iteration(curves: dict[str, Sequence[dict]], path: str) -> None:
     """Test accuracy against iteration, one line per run. curves: label -> metrics rows."""
     fig, ax = plt.subplots(figsize=(6.4, 4.8))

@@ -2,13 +2,15 @@
 
 An `Experiment` is a list of runs (Configs, each with its own workdir), a row per finished run,
 a table, a figure, the paper's claim it checks and a sentence on what was measured.
-`experiments(scale, ...)` builds the five of the paper for a `Scale`:
+`experiments(scale, ...)` builds them for a `Scale`:
 
 * `baselines`: MNIST at N = 16, 64, 125 for MAR-FL, FedAvg, AR-FL and RDFL, to the target;
 * `churn`: N = 64, each aggregating peer dropping out with probability p;
 * `mkd`: N = 64 without and with Moshpit Knowledge Distillation;
 * `dp`: N = 64 without and with differential privacy at several noise multipliers;
-* `text`: the text task (BBC News, embedded; 20 Newsgroups where its corpus is present).
+* `text`: the text task (BBC News, embedded; 20 Newsgroups where its corpus is present);
+* `network`: the baselines' runs on the simulated clock under peer link profiles;
+* `codec`: N = 64 with and without momentum in the messages, for each message codec.
 
 `SCALES["small"]` runs the MLP on the embedded MNIST (a 2-core CPU finishes it within the hour);
 `SCALES["full"]` runs the paper's settings from `launch/configs/` (the CNN on the full MNIST).
@@ -30,7 +32,7 @@ from marfl_jax.config import Config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(ROOT, "launch", "configs")
-EXPERIMENT_NAMES = ("baselines", "churn", "mkd", "dp", "text", "network")
+EXPERIMENT_NAMES = ("baselines", "churn", "mkd", "dp", "text", "network", "codec")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +61,7 @@ class Scale:
     newsgroups_peer_counts: tuple[int, ...] = (16,)
     newsgroups_max_iterations: int = 200
     network_profiles: tuple[str, ...] = ("uniform", "lognormal", "deadline")  # Of NETWORK_PROFILES.
+    codecs: tuple[str, ...] = ("float32", "float16", "bfloat16", "int8")  # Of codec.CODECS.
 
 
 SCALES = {
@@ -175,7 +178,8 @@ def experiments(scale: Scale, workdir: str, names: Sequence[str] = EXPERIMENT_NA
                 text_data_dir: str = "") -> list[Experiment]:
     """The experiments `names` at `scale`, runs under `workdir`/<name>/."""
     makers = {"baselines": _baselines, "churn": _churn, "mkd": _mkd, "dp": _dp,
-              "text": lambda s, w: _text(s, w, text_data_dir), "network": _network}
+              "text": lambda s, w: _text(s, w, text_data_dir), "network": _network,
+              "codec": _codec}
     unknown = [n for n in names if n not in makers]
     if unknown:
         raise ValueError(f"--experiments: unknown {', '.join(unknown)}; allowed: "
@@ -360,6 +364,68 @@ def _network(scale: Scale, workdir: str) -> Experiment:
                  ("final_accuracy", "final accuracy")),
         draw=lambda rows, curves, path: plotting.plot_time_to_target(rows, path),
         summarize=_summarize_network)
+
+
+def _codec(scale: Scale, workdir: str) -> Experiment:
+    base = mnist_config(scale, scale.study_peers, workdir)
+    configs = studies.codec_configs(base, scale.codecs)
+    return Experiment(
+        name="codec",
+        title="What crosses the wire: momentum and message codecs",
+        claim=("Transferring the momentum alongside the weights doubles the payload but is "
+               "necessary for convergence stability. (The paper's design argument for MAR-FL's "
+               "messages; the lossy codecs are ours, after the float16 and 8-bit codecs that "
+               "hivemind offers for Moshpit averaging.)"),
+        setting=(f"MAR-FL, N = {scale.study_peers}; messages with weights and momentum (the "
+                 "authors') and with weights only (`--share_momentum=false`, each peer keeps "
+                 f"its own momentum), each through the codecs {', '.join(scale.codecs)} "
+                 "(`--codec`; int8 = blockwise absmax, one float32 scale per 4096 values); "
+                 f"{describe(base)}. Each member averages its own exact copy with its mates' "
+                 "decoded ones; bytes are the encoded sizes."),
+        configs=configs,
+        make_row=studies.codec_row,
+        columns=(("run", "run"), ("payloads_per_message", "payloads / message"),
+                 ("bytes_per_iteration", "bytes / iteration"),
+                 ("iterations_to_target", "iterations to target"),
+                 ("bytes_to_target", "bytes to target"), ("final_accuracy", "final accuracy")),
+        draw=lambda rows, curves, path: plotting.plot_accuracy_vs_bytes(
+            curves, path, (0.5, base.target_accuracy)),
+        summarize=_summarize_codec)
+
+
+def _summarize_codec(rows) -> str:
+    """Weights only against momentum per codec, and each run's bytes to the target against the
+    authors' (float32 with momentum)."""
+    by_run = {(r["codec"], r["share_momentum"]): r for r in rows}
+    parts = []
+    for codec in dict.fromkeys(r["codec"] for r in rows):
+        both, weights = by_run.get((codec, True)), by_run.get((codec, False))
+        if both is None or weights is None:
+            continue
+        if weights["iterations_to_target"] == "":
+            parts.append(f"{codec}: weights only missed the target "
+                         f"({_pct(weights['final_accuracy'])} after {weights['iterations']} "
+                         "iterations)" + ("." if both["iterations_to_target"] == "" else
+                                          f"; with momentum it took "
+                                          f"{both['iterations_to_target']} iterations."))
+        elif both["iterations_to_target"] == "":
+            parts.append(f"{codec}: weights only reached the target in "
+                         f"{weights['iterations_to_target']} iterations; with momentum it was "
+                         "missed.")
+        else:
+            parts.append(f"{codec}: weights only reached the target in "
+                         f"{weights['iterations_to_target']} iterations against "
+                         f"{both['iterations_to_target']} with momentum, with "
+                         f"{weights['bytes_to_target'] / both['bytes_to_target']:.2f}x the "
+                         "bytes.")
+    authors = by_run.get(("float32", True))
+    if authors and authors["bytes_to_target"] != "":
+        cheapest = min((r for r in rows if r["bytes_to_target"] != ""),
+                       key=lambda r: r["bytes_to_target"])
+        parts.append(f"The fewest bytes to the target: {cheapest['run']}, "
+                     f"{cheapest['bytes_to_target'] / authors['bytes_to_target']:.2f}x the "
+                     "authors' float32 messages with momentum.")
+    return " ".join(parts)
 
 
 def _summarize_network(rows) -> str:

@@ -114,7 +114,8 @@ def make_simulation(config: Config, model, mesh=None) -> Simulation:
         local_batches=config.local_batches, batch_size=config.batch_size,
         model_dropout=models.uses_dropout(model), peer_chunk=config.peer_chunk,
         distillation=config.distillation(), privacy=config.privacy(), mesh=mesh,
-        roundtrip=roundtrip, share_momentum=config.share_momentum)
+        roundtrip=roundtrip, slice_unit=codec.unit(config.codec_block),
+        share_momentum=config.share_momentum)
 
 
 def build_model(config: Config, num_classes: int, chosen: plan_lib.Plan):

@@ -109,19 +109,23 @@ def network_row(config: Config, result: runner.RunResult) -> dict:
     }
 
 
-CODEC_FIELDS = ("run", "codec", "share_momentum", "payloads_per_message", "bytes_per_iteration",
-                "iterations", "iterations_to_target", "bytes_to_target", "final_accuracy",
-                "best_accuracy", "wall_seconds")
+CODEC_FIELDS = ("run", "algorithm", "codec", "share_momentum", "payloads_per_message",
+                "bytes_per_iteration", "iterations", "iterations_to_target", "bytes_to_target",
+                "final_accuracy", "best_accuracy", "wall_seconds")
 
 
-def codec_configs(base: Config, codecs: Sequence[str],
+def codec_configs(base: Config, codecs: Sequence[str], algorithm_names: Sequence[str] = ("marfl",),
                   share_momentum: Sequence[bool] = (True, False)) -> list[Config]:
-    """Every codec with and without momentum in the messages, workdirs
-    `{codec}_{momentum|weights}`."""
+    """Every algorithm with every codec, with and without momentum in the messages. Workdirs
+    `{codec}_{momentum|weights}`, prefixed `{algorithm}_` when there are several algorithms."""
+    def name(algorithm, codec, share):
+        run = f"{codec}_{'momentum' if share else 'weights'}"
+        return run if len(algorithm_names) == 1 else f"{algorithm}_{run}"
+
     return [dataclasses.replace(
-        base, codec=name, share_momentum=share,
-        workdir=os.path.join(base.workdir, f"{name}_{'momentum' if share else 'weights'}")
-    ).validate() for share in share_momentum for name in codecs]
+        base, algorithm=algorithm, codec=codec, share_momentum=share,
+        workdir=os.path.join(base.workdir, name(algorithm, codec, share))).validate()
+        for algorithm in algorithm_names for share in share_momentum for codec in codecs]
 
 
 def codec_row(config: Config, result: runner.RunResult) -> dict:
@@ -129,6 +133,7 @@ def codec_row(config: Config, result: runner.RunResult) -> dict:
     target = first_reaching(metrics, config.target_accuracy)
     return {
         "run": os.path.basename(config.workdir),
+        "algorithm": config.algorithm,
         "codec": config.codec,
         "share_momentum": config.share_momentum,
         "payloads_per_message": 2 if config.share_momentum else 1,

@@ -49,13 +49,20 @@ def test_decode_errors_are_within_each_codecs_bound():
     chex.assert_trees_all_equal(codec.CODECS.get("float32").roundtrip(x, 0), x)
 
 
+BLOCK = 16
+
+
 def _int8(tree):
-    return codec.roundtrip_tree(codec.CODECS.get("int8"), tree, 16)
+    return codec.roundtrip_tree(codec.CODECS.get("int8"), tree, BLOCK)
+
+
+def _encoded(values):
+    """What a receiver decodes of one sender's values (a whole payload or a slice of one)."""
+    return np.asarray(_int8(jnp.asarray(values[None])))[0]
 
 
 def _loop(x, ids, reduction):
     """Per member: what it ends with, from its exact copy and the decoded payloads it gets."""
-    d = np.asarray(_int8(jnp.asarray(x)))
     out = x.copy()
     for i in range(len(ids)):
         if ids[i] < 0:
@@ -63,29 +70,46 @@ def _loop(x, ids, reduction):
         group = [j for j in range(len(ids)) if ids[j] == ids[i]]
         n = len(group)
         if reduction == "allgather":
-            out[i] = (x[i] + sum(d[j] for j in group if j != i)) / n
+            out[i] = (x[i] + sum(_encoded(x[j]) for j in group if j != i)) / n
         elif reduction == "server":
-            mean = sum(d[j] for j in group) / n
-            out[i] = np.asarray(_int8(jnp.asarray(mean[None])))[0]
-        else:  # Butterfly: the r-th member owns the r-th slice of the values.
+            out[i] = _encoded(sum(_encoded(x[j]) for j in group) / n)
+        else:  # Butterfly: the r-th member owns the r-th slice, cut between whole blocks.
             columns = x.shape[1]
-            owner = [group[k * n // columns] for k in range(columns)]
-            reduced = np.array([(x[owner[k], k] + sum(d[j, k] for j in group if j != owner[k]))
-                                / n for k in range(columns)], np.float32)
-            sent = np.asarray(_int8(jnp.asarray(reduced[None])))[0]
-            out[i] = np.where([owner[k] == i for k in range(columns)], reduced, sent)
+            blocks = -(-columns // BLOCK)
+            owner = np.array([group[(k // BLOCK) * n // blocks] for k in range(columns)])
+            for r in group:  # Each slice is encoded on its own, by each sender.
+                cut = owner == r
+                reduced = (x[r, cut] + sum(_encoded(x[j, cut]) for j in group if j != r)) / n
+                out[i, cut] = reduced if r == i else _encoded(reduced)
     return out
 
 
 @pytest.mark.parametrize("reduction", mixing.REDUCTIONS)
 def test_coded_group_mean_equals_a_per_member_loop(reduction):
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(9, 40)).astype(np.float32)
+    x = rng.normal(size=(9, 70)).astype(np.float32)  # 5 blocks, the last one partial.
     ids = np.array([0, 1, 0, 2, 1, -1, 0, 2, 1], np.int32)
-    got = mixing.coded_group_mean(jnp.asarray(x), jnp.asarray(ids), 3, _int8, reduction)
+    got = mixing.coded_group_mean(jnp.asarray(x), jnp.asarray(ids), 3, _int8, reduction,
+                                  unit=BLOCK)
     chex.assert_trees_all_close(got, _loop(x, ids, reduction), atol=1e-6)
     # Peers 0 and 2 share a group: apart with their exact own copies, equal through a server.
     assert np.array_equal(np.asarray(got)[0], np.asarray(got)[2]) == (reduction == "server")
+
+
+@pytest.mark.parametrize("columns, unit", [(70, 16), (4096 * 3 + 5, 4096), (13, 1)])
+def test_butterfly_slices_hold_whole_blocks_and_their_bytes_add_up(columns, unit):
+    int8 = codec.CODECS.get("int8")
+    sizes = jnp.arange(1, 7, dtype=jnp.int32)
+    slices = np.asarray(mixing.butterfly_slice(columns, sizes, unit))
+    for n, row in zip(range(1, 7), slices, strict=True):
+        assert np.array_equal(row, np.sort(row)) and set(row) <= set(range(n))
+        lengths = np.bincount(row, minlength=n)
+        starts = np.cumsum(lengths) - lengths
+        # No block straddles two owners (members beyond the blocks get empty slices).
+        assert all(start % unit == 0 for start, m in zip(starts, lengths, strict=True) if m)
+        # Encoded slice by slice, a payload costs exactly what it costs whole.
+        assert sum(int8.leaf_bytes(int(m), unit) for m in lengths if m) == int8.leaf_bytes(
+            columns, unit)
 
 
 @pytest.mark.parametrize("reduction", mixing.REDUCTIONS)

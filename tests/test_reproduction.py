@@ -23,7 +23,8 @@ TINY = reproduction.Scale(
     peer_counts=(16,), algorithms=("marfl", "arfl"), study_peers=8, dropouts=(0.5,),
     churn_algorithms=("marfl",), mkd_fractions=(1.0,), mkd_iterations=1,
     dp_noise_multipliers=(0.5,), dp_iterations=2, text_max_iterations=1, feature_dim=16,
-    newsgroups_peer_counts=(16,), newsgroups_max_iterations=1, network_profiles=("deadline",))
+    newsgroups_peer_counts=(16,), newsgroups_max_iterations=1, network_profiles=("deadline",),
+    codecs=("int8",))
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "launch/configs/*.cfg"))))
@@ -70,7 +71,7 @@ def test_tiny_reproduction_writes_the_report(tmp_path):
     text = open(report).read()
 
     by_name = {o.experiment.name: o for o in outcomes}
-    assert [len(by_name[n].rows) for n in reproduction.EXPERIMENT_NAMES] == [2, 1, 2, 2, 1, 2]
+    assert [len(by_name[n].rows) for n in reproduction.EXPERIMENT_NAMES] == [2, 1, 2, 2, 1, 2, 2]
     for outcome in outcomes:
         assert f"## {outcomes.index(outcome) + 1}. {outcome.experiment.title}" in text
         assert os.path.exists(outcome.figure)
@@ -111,3 +112,25 @@ def test_launcher_refuses_a_bad_experiment_name(tmp_path):
     assert result.returncode == 2
     assert "--experiments: unknown bogus; allowed: baselines, churn, mkd, dp, text" in (
         result.stderr)
+
+
+def test_codec_summary_compares_weights_only_with_momentum():
+    def row(codec, share, iterations, to_target, bytes_to_target, accuracy=0.95):
+        return dict(run=f"{codec}_{'momentum' if share else 'weights'}", codec=codec,
+                    share_momentum=share, iterations=iterations,
+                    iterations_to_target=to_target, bytes_to_target=bytes_to_target,
+                    final_accuracy=accuracy)
+
+    text = reproduction._summarize_codec([
+        row("float32", True, 31, 31, 100), row("float32", False, 39, 39, 63),
+        row("int8", True, 60, "", "", 0.94), row("int8", False, 45, 45, 20)])
+    assert "float32: weights only reached the target in 39 iterations against 31 with " \
+           "momentum, with 0.63x the bytes." in text
+    assert "int8: weights only reached the target in 45 iterations; with momentum it was " \
+           "missed." in text
+    assert text.endswith("The fewest bytes to the target: int8_weights, 0.20x the authors' "
+                         "float32 messages with momentum.")
+    missed = reproduction._summarize_codec([row("int8", True, 60, 50, 9),
+                                            row("int8", False, 60, "", "", 0.9)])
+    assert missed == ("int8: weights only missed the target (90.00 % after 60 iterations); "
+                      "with momentum it took 50 iterations.")

@@ -65,3 +65,33 @@ def test_compare_dp_study_reports_epsilons(tmp_path):
     assert rows[0]["epsilon_rdp"] == "" and float(rows[1]["epsilon_rdp"]) > 0
     assert float(rows[1]["epsilon_pld"]) <= float(rows[1]["epsilon_rdp"])
     assert os.path.getsize(tmp_path / "dp.png") > 0
+
+
+def test_codec_configs_cover_every_algorithm_codec_and_momentum_setting():
+    base = Config(workdir="runs/x")
+    one = studies.codec_configs(base, ["float32", "int8"])
+    assert [os.path.basename(c.workdir) for c in one] == [
+        "float32_momentum", "int8_momentum", "float32_weights", "int8_weights"]
+    several = studies.codec_configs(base, ["int8"], ["fedavg", "gossip"])
+    assert [os.path.basename(c.workdir) for c in several] == [
+        "fedavg_int8_momentum", "fedavg_int8_weights", "gossip_int8_momentum",
+        "gossip_int8_weights"]
+    assert [(c.algorithm, c.codec, c.share_momentum) for c in several] == [
+        ("fedavg", "int8", True), ("fedavg", "int8", False), ("gossip", "int8", True),
+        ("gossip", "int8", False)]
+
+
+def test_compare_codec_study_across_algorithms_writes_csv_and_plot(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "launch.compare", "--study=codec", "--model=mlp",
+         "--churn_peers=8", "--max_iterations=1", "--codecs=int8", "--algorithms=fedavg,gossip",
+         "--local_batches=1", "--target_accuracy=0.99", f"--workdir={tmp_path}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    with open(tmp_path / "codec.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["algorithm"], r["share_momentum"]) for r in rows] == [
+        ("fedavg", "True"), ("fedavg", "False"), ("gossip", "True"), ("gossip", "False")]
+    for momentum, weights in (rows[:2], rows[2:]):  # Weights only: half the encoded bytes.
+        assert int(momentum["bytes_per_iteration"]) == 2 * int(weights["bytes_per_iteration"])
+    assert os.path.getsize(tmp_path / "codec.png") > 0

@@ -7,11 +7,11 @@ from marfl_jax.core.stage import Context, Stage, Step
 
 
 def aggregate(num_groups: int, grid: mixing.Grid | None = None, *, roundtrip=None,
-              reduction: str = "allgather", share_momentum: bool = True) -> Stage:
+              reduction: str = "allgather", unit: int = 1, share_momentum: bool = True) -> Stage:
     """Each round replaces every present peer's weights and momentum by its group's mean
     (`grid`: the schedule's grid, given only when every peer takes part; `roundtrip`: a lossy
-    codec's, then `mixing.coded_group_mean` with `reduction`; `share_momentum=False`: weights
-    only, each peer keeps its momentum).
+    codec's, then `mixing.coded_group_mean` with `reduction` and `unit`;
+    `share_momentum=False`: weights only, each peer keeps its momentum).
 
     Info: `consensus_before`, the present peers' disagreement before averaging.
     """
@@ -20,7 +20,7 @@ def aggregate(num_groups: int, grid: mixing.Grid | None = None, *, roundtrip=Non
         peers = step.peers
         before = mixing.consensus_distance(peers.params, step.took_part)
         shared = (peers.params, peers.opt_state) if share_momentum else (peers.params,)
-        mixed = mixing.mix(shared, step.schedule, num_groups, grid, roundtrip, reduction)
+        mixed = mixing.mix(shared, step.schedule, num_groups, grid, roundtrip, reduction, unit)
         params, opt_state = mixed if share_momentum else (mixed[0], peers.opt_state)
         return (step._replace(peers=peers._replace(params=params, opt_state=opt_state)),
                 {"consensus_before": before})

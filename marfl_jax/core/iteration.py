@@ -39,6 +39,7 @@ class Simulation(NamedTuple):
       mesh: the device mesh the peer axis is sharded over, or None.
       clock: the simulated clock's settings (`marfl_jax.clock.Clock`), or None.
       roundtrip: a lossy message codec's tree -> decoded tree (`marfl_jax.codec`), or None.
+      slice_unit: values a butterfly slice keeps together (the codec's block; 1 elementwise).
       share_momentum: messages carry momentum beside the weights (False: weights only).
     """
 
@@ -55,6 +56,7 @@ class Simulation(NamedTuple):
     mesh: Any = None
     clock: Any = None
     roundtrip: Any = None
+    slice_unit: int = 1
     share_momentum: bool = True
 
     @property
@@ -101,7 +103,7 @@ def build_chain(sim: Simulation, distilling: bool = False) -> list[Stage]:
             roundtrip=sim.roundtrip))
         if private:
             chain.append(privacy.distilled_update())
-    wire = dict(roundtrip=sim.roundtrip, reduction=sim.reduction,
+    wire = dict(roundtrip=sim.roundtrip, reduction=sim.reduction, unit=sim.slice_unit,
                 share_momentum=sim.share_momentum)
     chain.append(privacy.private_aggregate(sim.privacy, num_groups, grid, **wire) if private
                  else aggregate.aggregate(num_groups, grid, **wire))

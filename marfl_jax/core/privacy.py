@@ -53,7 +53,7 @@ def distilled_update() -> Stage:
 
 
 def private_aggregate(privacy: dp.Privacy, num_groups: int, grid: mixing.Grid | None = None,
-                      *, roundtrip=None, reduction: str = "allgather",
+                      *, roundtrip=None, reduction: str = "allgather", unit: int = 1,
                       share_momentum: bool = True) -> Stage:
     """DP's steps 2-4 over the schedule's groups; the averaged model becomes each aggregating
     peer's reference. Non-aggregating peers keep everything. The shared tensors (model,
@@ -81,7 +81,8 @@ def private_aggregate(privacy: dp.Privacy, num_groups: int, grid: mixing.Grid | 
                 num_groups, grid)
         else:
             payloads = (shared, smoothed) + ((peers.opt_state,) if share_momentum else ())
-            mixed = mixing.mix(payloads, step.schedule, num_groups, grid, roundtrip, reduction)
+            mixed = mixing.mix(payloads, step.schedule, num_groups, grid, roundtrip, reduction,
+                               unit)
             shared, smoothed = mixed[:2]
             opt_state = mixed[2] if share_momentum else peers.opt_state
             mean_indicator = mixing.mix(private.unclipped, step.schedule, num_groups, grid)

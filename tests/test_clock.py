@@ -179,6 +179,18 @@ def test_rows_gain_the_clock_and_keep_everything_else(tmp_path):
     assert timed.summary["sim_seconds_to_target"] is None
 
 
+def test_the_clock_times_the_encoded_messages(tmp_path):
+    config = dataclasses.replace(TINY, network="uniform", uplink_mbps=10.0, downlink_mbps=10.0,
+                                 latency_ms=20.0, codec="int8", codec_block=256,
+                                 share_momentum=False, max_iterations=1)
+    (row,) = runner.run(config, str(tmp_path)).metrics
+    # int8: one byte per value and a 4-byte scale per 256 values of each leaf; weights only.
+    encoded = sum(n + 4 * -(-n // 256) for n in (784 * 200, 200, 200 * 10, 10))
+    assert row["bytes"] == 16 * 2 * 3 * encoded
+    assert row["sim_comm_seconds"] == pytest.approx(2 * (0.02 + 3 * encoded * 8 / 10e6),
+                                                    rel=1e-6)
+
+
 def test_a_deadline_cuts_off_the_slow_peers_only_and_the_same_per_seed(tmp_path):
     trace = _write_trace(tmp_path / "trace.csv")
     config = dataclasses.replace(TINY, network="trace", network_trace=trace,

@@ -38,33 +38,31 @@ def test_mkd_row_counts_bytes_to_each_threshold():
     assert studies.first_reaching(metrics, 0.97) is None
 
 
-def test_compare_mkd_study_writes_csv_and_plot(tmp_path):
+def _compare(study: str, workdir, *flags: str) -> list[dict]:
+    """Runs `launch.compare --study=study` with the MLP and b = 1; returns its CSV's rows."""
     result = subprocess.run(
-        [sys.executable, "-m", "launch.compare", "--study=mkd", "--model=mlp",
-         "--churn_peers=8", "--max_iterations=2", "--mkd_iterations=1", "--mkd_fractions=1.0",
-         "--local_batches=1", "--target_accuracy=0.99", f"--workdir={tmp_path}"],
+        [sys.executable, "-m", "launch.compare", f"--study={study}", "--model=mlp",
+         "--local_batches=1", *flags, f"--workdir={workdir}"],
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    with open(tmp_path / "mkd.csv") as f:
-        rows = list(csv.DictReader(f))
+    assert os.path.getsize(os.path.join(workdir, f"{study}.png")) > 0
+    with open(os.path.join(workdir, f"{study}.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+def test_compare_mkd_study_writes_csv_and_plot(tmp_path):
+    rows = _compare("mkd", tmp_path, "--churn_peers=8", "--max_iterations=2",
+                    "--mkd_iterations=1", "--mkd_fractions=1.0", "--target_accuracy=0.99")
     assert [r["run"] for r in rows] == ["no_mkd", "mkd_rho1"]
     assert int(rows[0]["mkd_bytes"]) == 0 < int(rows[1]["mkd_bytes"])
-    assert os.path.getsize(tmp_path / "mkd.png") > 0
 
 
 def test_compare_dp_study_reports_epsilons(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "launch.compare", "--study=dp", "--model=mlp",
-         "--churn_peers=16", "--max_iterations=2", "--dp_noise_multipliers=0.5",
-         "--local_batches=1", f"--workdir={tmp_path}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    with open(tmp_path / "dp.csv") as f:
-        rows = list(csv.DictReader(f))
+    rows = _compare("dp", tmp_path, "--churn_peers=16", "--max_iterations=2",
+                    "--dp_noise_multipliers=0.5")
     assert [r["run"] for r in rows] == ["no_dp", "dp_z0.5"]
     assert rows[0]["epsilon_rdp"] == "" and float(rows[1]["epsilon_rdp"]) > 0
     assert float(rows[1]["epsilon_pld"]) <= float(rows[1]["epsilon_rdp"])
-    assert os.path.getsize(tmp_path / "dp.png") > 0
 
 
 def test_codec_configs_cover_every_algorithm_codec_and_momentum_setting():
@@ -82,16 +80,9 @@ def test_codec_configs_cover_every_algorithm_codec_and_momentum_setting():
 
 
 def test_compare_codec_study_across_algorithms_writes_csv_and_plot(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "launch.compare", "--study=codec", "--model=mlp",
-         "--churn_peers=8", "--max_iterations=1", "--codecs=int8", "--algorithms=fedavg,gossip",
-         "--local_batches=1", "--target_accuracy=0.99", f"--workdir={tmp_path}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    with open(tmp_path / "codec.csv") as f:
-        rows = list(csv.DictReader(f))
+    rows = _compare("codec", tmp_path, "--churn_peers=8", "--max_iterations=1", "--codecs=int8",
+                    "--algorithms=fedavg,gossip", "--target_accuracy=0.99")
     assert [(r["algorithm"], r["share_momentum"]) for r in rows] == [
         ("fedavg", "True"), ("fedavg", "False"), ("gossip", "True"), ("gossip", "False")]
     for momentum, weights in (rows[:2], rows[2:]):  # Weights only: half the encoded bytes.
         assert int(momentum["bytes_per_iteration"]) == 2 * int(weights["bytes_per_iteration"])
-    assert os.path.getsize(tmp_path / "codec.png") > 0

@@ -177,3 +177,29 @@ def test_full_participation_mixes_without_scatter():
     text = hlo(config)
     with_dropout = hlo(Config(**{**config.__dict__, "dropout": 0.2}))
     assert with_dropout.count("scatter") > text.count("scatter")
+
+
+@pytest.mark.parametrize("shape", [(7,), (64, 3, 5), (5, 1000)])
+def test_peer_sum_adds_the_peers_in_full_float32(shape):
+    x = jax.random.normal(jax.random.key(0), shape) * 1e3
+    weights = (jnp.arange(shape[0]) % 3 == 0).astype(jnp.float32)
+    chex.assert_trees_all_close(mixing.peer_sum(x), np.asarray(x, np.float64).sum(0),
+                                rtol=1e-5, atol=1e-2)
+    chex.assert_trees_all_close(mixing.peer_sum(x, weights),
+                                (np.asarray(x, np.float64) * np.asarray(weights)[
+                                    (slice(None),) + (None,) * (len(shape) - 1)]).sum(0),
+                                rtol=1e-5, atol=1e-2)
+
+
+@pytest.mark.parametrize("axes", [(0,), (1,), (2,), (0, 1), (1, 2), (0, 2), (0, 1, 2)])
+def test_grid_mean_on_any_axes_equals_the_reduction(axes):
+    x = {"w": jax.random.normal(jax.random.key(1), (60, 3, 2)),
+         "step": jnp.arange(60, dtype=jnp.int32)}
+    radices = (3, 4, 5)
+    shape = tuple(reversed(radices))
+    positions = tuple(len(radices) - 1 - a for a in axes)
+    grid = np.asarray(x["w"], np.float64).reshape(shape + (3, 2))
+    expected = np.broadcast_to(grid.mean(axis=positions, keepdims=True), grid.shape)
+    mixed = mixing.grid_mean(x, radices, axes)
+    chex.assert_trees_all_close(mixed["w"], expected.reshape(60, 3, 2), rtol=1e-6, atol=1e-6)
+    chex.assert_trees_all_equal(mixed["step"], x["step"])

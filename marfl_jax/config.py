@@ -220,8 +220,10 @@ class Config:
         "convolution lowerings) at start-up and keeps the fastest (cached on disk; flags set "
         "explicitly are kept), 'fixed' uses --peer_chunk and --conv_impl as given.",
         lambda: ("auto", "fixed"))
-    plan_budget_s: float = _field(6.0, "--plan=auto: seconds spent timing formulations at most.",
-                                  check=_POSITIVE)
+    plan_budget_s: float = _field(
+        30.0, "--plan=auto: seconds spent running candidates at most (compilation not counted; "
+        "the per-peer scan, a middle chunk and all peers at once are timed first).",
+        check=_POSITIVE)
     memory_limit_gb: float = _field(
         0.0, "Refuse a run whose estimated device memory exceeds this (0 = the device's "
         "memory: available RAM on CPU).",

@@ -3,12 +3,28 @@
 The same simulation can run its local update in several exact formulations: all N peers in one
 vmap, sequential chunks of C vmapped peers (`--peer_chunk`; C = 1 is a per-peer scan), and, for
 the CNN, each convolution lowering (`--conv_impl`). Which is fastest depends on the backend, the
-device, the model and the shapes. With `--plan=auto` the runner times the candidates on the real
-compiled local SGD step (one step of a chunk's width, random inputs of the run's shapes) within
-`--plan_budget_s`, picks the fastest per peer, logs the table, and caches the choice on disk
-keyed by backend, device kind, versions, model and shapes; the workdir keeps the plan it started
-with (`plan.json`), so a resumed run uses the same one. Flags set explicitly (a nonzero
-`--peer_chunk`, a nonempty `--conv_impl`) are kept as they are; `--plan=fixed` uses the flags.
+device, the model and the shapes, so with `--plan=auto` the runner measures them:
+
+* every candidate runs the same measurement: the run's b local SGD steps for the same K =
+  min(N, `measured_peers(backend)`) peers, through its own chunk loop (all peers at once = one
+  vmap of the K peers), on random inputs of the run's shapes;
+* compilation is timed apart and is not charged to `--plan_budget_s`; the warm-up call and the
+  timed calls are;
+* at least the per-peer scan, a middle chunk and all peers at once are timed for each lowering
+  (`minimum_set`), narrowest first on a CPU and widest first on accelerators, then the other
+  chunks while the budget lasts; a candidate that fails to compile or to run (out of memory,
+  say) is listed as skipped with its reason and the next one is tried;
+* the choice is the fastest per peer-step, except that a candidate within `SPEED_TOLERANCE` of
+  it that needs less memory at the run's N wins (no plan costs more memory than another
+  that is about as fast); a candidate whose memory at N exceeds the device's is never chosen;
+* when the budget cannot cover the minimum set, the log says which were left out and the rule
+  is: on an accelerator all peers at once unless memory says otherwise, on a CPU the fastest
+  timed.
+
+The table is logged, the choice cached on disk keyed by backend, device kind, versions, matmul
+precision, model and shapes; the workdir keeps the plan it started with (`plan.json`), so a
+resumed run uses the same one. Flags set explicitly (a nonzero `--peer_chunk`, a nonempty
+`--conv_impl`) are kept as they are; `--plan=fixed` uses the flags.
 """
 
 from __future__ import annotations
@@ -16,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import math
 import os
 import time
 from typing import NamedTuple
@@ -26,9 +43,17 @@ import numpy as np
 
 # Chunk sizes tried besides all peers at once; 1 is the per-peer scan (one peer per loop step).
 CHUNKS = (1, 4, 8, 16, 32)
-# Runs shorter than this many peer-steps (N * b * max_iterations) keep the flags' plan: timing
-# would cost more than it could save.
-MIN_PEER_STEPS = 20_000
+# Runs shorter than this many peer-steps (N * b * max_iterations) do not time candidates: they
+# take a cached choice if there is one, else the flags' plan.
+MIN_PEER_STEPS = 2_000
+# A candidate this much slower than the fastest still wins when it needs less memory.
+SPEED_TOLERANCE = 0.05
+
+
+def measured_peers(backend: str) -> int:
+    """K, the peers every candidate's measurement trains: enough for chunks of 8 to loop on a
+    CPU and for an accelerator's widest formulation to fill the device."""
+    return 16 if backend == "cpu" else 1024
 
 
 class Plan(NamedTuple):
@@ -49,30 +74,40 @@ def fixed(config) -> Plan:
 
 
 def candidates(config, backend: str) -> list[Plan]:
-    """The formulations worth timing, narrowest chunks first for each lowering (the default
-    lowering first); explicitly set flags stay fixed."""
+    """The formulations worth timing, in the order they are timed: the minimum set of each
+    lowering (the default first), then the other chunks; narrowest first on a CPU, widest
+    first on accelerators. Explicitly set flags stay fixed. Chunks as wide as the measured K
+    peers or wider are all peers at once for the measurement, so they are left out."""
     from marfl_jax import layers
 
-    n = config.num_peers
+    width = min(config.num_peers, measured_peers(backend))
     chunks = ([config.peer_chunk] if config.peer_chunk
-              else [0] + [c for c in CHUNKS if c < n])
+              else [0] + [c for c in CHUNKS if c < width])
     if config.model != "cnn":
         convs = [""]
     elif config.conv_impl:
         convs = [config.conv_impl]
-    else:
-        convs = list(layers.CONV_IMPLS)
-    plans = []
-    for conv in convs:
-        # Narrow chunks first: they are the cheapest to time, so the budget covers most of them.
-        for chunk in sorted(chunks, key=lambda c: c or n):
-            # XLA:CPU runs the vmapped convolution as one grouped convolution, ~100x slower than
-            # gather here (910 vs 8.5 ms per peer-step, benchmarks/RESULTS.md): not worth a
-            # timing that alone would outlast the budget.
-            if backend == "cpu" and conv == "lax" and conv != config.conv_impl:
-                continue
-            plans.append(Plan(chunk, conv))
-    return plans
+    else:  # The backend's natural lowering first: XLA's own convolution on accelerators.
+        first = layers.DEFAULT_CONV_IMPL if backend == "cpu" else "lax"
+        convs = [first] + [c for c in layers.CONV_IMPLS if c != first]
+    # XLA:CPU runs the vmapped convolution as one grouped convolution, ~100x slower than gather
+    # here (benchmarks/RESULTS.md): not worth a timing that alone would outlast the budget.
+    convs = [c for c in convs if not (backend == "cpu" and c == "lax" and c != config.conv_impl)]
+    core = minimum_set(chunks, width)
+    rest = sorted((c for c in chunks if c not in core), key=lambda c: c or width,
+                  reverse=backend != "cpu")
+    if backend != "cpu":
+        core = sorted(core, key=lambda c: c or width, reverse=True)
+    return ([Plan(chunk, conv) for conv in convs for chunk in core]
+            + [Plan(chunk, conv) for conv in convs for chunk in rest])
+
+
+def minimum_set(chunks: list[int], width: int) -> list[int]:
+    """The chunks always timed: the per-peer scan, a middle chunk (8 where it loops, else the
+    widest that does) and all peers at once (0), of those in `chunks`, narrowest first."""
+    looping = [c for c in chunks if 1 < c < width]
+    middle = 8 if 8 in looping else max(looping, default=None)
+    return [c for c in (1, middle, 0) if c in chunks and c is not None]
 
 
 def _version(package: str) -> str:
@@ -88,7 +123,11 @@ def cache_key(config, backend: str, device_kind: str, input_shape, num_classes: 
                   model=config.model, conv_impl=config.conv_impl, peer_chunk=config.peer_chunk,
                   num_peers=config.num_peers, local_batches=config.local_batches,
                   batch_size=config.batch_size, input=list(input_shape),
-                  classes=num_classes, dtype=config.compute_dtype, devices=jax.device_count())
+                  classes=num_classes, dtype=config.compute_dtype, devices=jax.device_count(),
+                  measured_peers=measured_peers(backend), rule=2)
+    precision = getattr(config, "matmul_precision", None)
+    if precision is not None:
+        fields["matmul_precision"] = precision
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -98,11 +137,14 @@ def default_cache_dir() -> str:
 
 
 class Timing(NamedTuple):
+    """One candidate's measurement: b local steps of `width` peers through its chunk loop."""
+
     plan: Plan
     compile_s: float
-    step_s: float  # One local update (b steps) of `width` peers (median of the repeats).
+    step_s: float  # One local update (b steps) of `width` peers (median of the timed calls).
     width: int
     steps: int = 1  # b.
+    bytes_at_n: int = 0  # Beyond the state: the plan's temporaries at the run's N peers.
 
     @property
     def per_peer_s(self) -> float:
@@ -110,37 +152,58 @@ class Timing(NamedTuple):
         return self.step_s / (self.width * self.steps)
 
 
-def time_plan(plan: Plan, make_step, num_peers: int, repeats: int = 3) -> Timing:
-    """Compiles and times one local update (b SGD steps) of the plan's width (a chunk, or all
-    peers), its state donated and carried from call to call as in the run.
+class Skipped(NamedTuple):
+    plan: Plan
+    reason: str
+
+
+def temporary_bytes(compiled) -> int:
+    """What a compiled step allocates beyond its (donated) arguments; 0 if not reported."""
+    analysis = compiled.memory_analysis()
+    if analysis is None:
+        return 0
+    return max(0, int(analysis.output_size_in_bytes) + int(analysis.temp_size_in_bytes)
+               - int(analysis.alias_size_in_bytes))
+
+
+def time_plan(plan: Plan, make_step, num_peers: int, width: int, *,
+              deadline: float = math.inf, repeats: int = 3) -> Timing:
+    """Compiles and times one local update (b SGD steps) of `width` peers by the plan's
+    formulation, its state donated and carried from call to call as in the run: a warm-up
+    call, then up to `repeats` timed calls while they stay short (0.5 s in all) and before
+    `deadline` (perf_counter seconds; at least one is timed).
 
     make_step(plan, width) -> (jitted step (params, opt_state, x, y) -> (params, opt_state,
     losses), args) for `width` peers.
     """
-    width = min(plan.peer_chunk or num_peers, num_peers)
     step, (params, opt_state, *inputs) = make_step(plan, width)
     start = time.perf_counter()
     compiled = step.lower(params, opt_state, *inputs).compile()
     compile_s = time.perf_counter() - start
-    # Warm-up (first touch of buffers, thread pools), then the timed calls.
-    params, opt_state, losses = compiled(params, opt_state, *inputs)
+    temporaries = temporary_bytes(compiled)
+    # All peers at once: the temporaries grow with the peers; a chunk's do not.
+    bytes_at_n = temporaries * num_peers // width if not plan.peer_chunk else temporaries
+    params, opt_state, losses = compiled(params, opt_state, *inputs)  # Warm-up.
     jax.block_until_ready(losses)
     times = []
-    while len(times) < repeats and (not times or sum(times) < 0.5):  # Slow steps: one timing.
+    while len(times) < repeats and (not times or (sum(times) < 0.5
+                                                  and time.perf_counter() < deadline)):
         start = time.perf_counter()
         params, opt_state, losses = compiled(params, opt_state, *inputs)
         jax.block_until_ready((params, opt_state, losses))
         times.append(time.perf_counter() - start)
-    return Timing(plan, compile_s, float(np.median(times)), width, inputs[0].shape[1])
+    return Timing(plan, compile_s, float(np.median(times)), width, inputs[0].shape[1],
+                  bytes_at_n)
 
 
 def local_step_factory(config, build_apply_fn, sample_input, optimizer, num_classes: int):
     """make_step for `time_plan`: the run's local update (b SGD steps) of the model with the
-    plan's lowering, on random inputs of the run's shapes, for `width` peers."""
+    plan's lowering and chunking, on random inputs of the run's shapes, for `width` peers."""
     from marfl_jax import local
 
     def make_step(plan: Plan, width: int):
         apply_fn, params = build_apply_fn(plan)
+
         def stack(tree):  # Copies: the step donates them.
             return jax.tree.map(lambda x: jnp.array(jnp.broadcast_to(x, (width,) + x.shape)),
                                 tree)
@@ -153,24 +216,44 @@ def local_step_factory(config, build_apply_fn, sample_input, optimizer, num_clas
         images = jax.random.normal(key, batches + sample_input.shape[1:])
         labels = jax.random.randint(key, batches, 0, num_classes)
         active = jnp.ones(width, bool)
+        chunk = plan.peer_chunk if plan.peer_chunk < width else 0
 
         def step(p, s, x, y):
             return local.peers_local_sgd(p, s, x, y, active, apply_fn=apply_fn,
-                                         optimizer=optimizer)
+                                         optimizer=optimizer, peer_chunk=chunk)
 
         return jax.jit(step, donate_argnums=(0, 1)), (stacked, opt_state, images, labels)
 
     return make_step
 
 
-def choose(config, make_step, *, backend: str, device_kind: str, input_shape, num_classes: int,
-           budget_s: float, cache_dir: str | None = None, log=print) -> tuple[Plan, list]:
-    """The fastest plan per peer among `candidates`, timed until the budget is spent (the first
-    is always timed; a candidate whose predicted cost, from the fastest per-peer time so far,
-    would overrun the budget is skipped), or the cached choice for this key.
+def _error_text(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:160]}"
 
+
+def pick(timings: list[Timing], fits) -> Timing | None:
+    """The fastest per peer-step of the timings that fit, or a slower one within
+    SPEED_TOLERANCE of it that needs less memory (the least such); None if none fits."""
+    usable = [t for t in timings if fits(t)]
+    if not usable:
+        return None
+    fastest = min(t.per_peer_s for t in usable)
+    close = [t for t in usable if t.per_peer_s <= fastest * (1 + SPEED_TOLERANCE)]
+    return min(close, key=lambda t: (t.bytes_at_n, t.per_peer_s))
+
+
+def choose(config, make_step, *, backend: str, device_kind: str, input_shape, num_classes: int,
+           budget_s: float, cache_dir: str | None = None, log=print,
+           state_bytes: int = 0, available_bytes: int | None = None,
+           time_candidates: bool = True) -> tuple[Plan, list]:
+    """The plan for this run: the cached choice for this key, else (with `time_candidates`) the
+    candidates measured as the module docstring says; without it the flags' plan.
+
+    state_bytes: the run's state (params, optimizer, data) at N peers, added to each plan's own
+        memory to judge whether it fits; available_bytes: the device's (None: unknown).
     Returns:
-      (plan, timings): timings empty when the choice came from the cache.
+      (plan, timings): timings empty when the choice came from the cache or nothing was timed.
     """
     cache_dir = cache_dir or default_cache_dir()
     path = os.path.join(cache_dir, cache_key(config, backend, device_kind, input_shape,
@@ -181,31 +264,65 @@ def choose(config, make_step, *, backend: str, device_kind: str, input_shape, nu
         plan = Plan(**cached["plan"])
         log(f"plan: {plan.describe()} (cached in {path})")
         return plan, []
-    timings, start = [], time.perf_counter()
+    if not time_candidates:
+        log(f"plan: {fixed(config).describe()} (a short run: nothing cached, nothing timed)")
+        return fixed(config), []
+    width = min(config.num_peers, measured_peers(backend))
     options = candidates(config, backend)
-    skipped = []
+    core = {Plan(c, p.conv_impl) for p in options
+            for c in minimum_set(sorted({q.peer_chunk for q in options}), width)}
+    timings, skipped, spent, compiling = [], [], 0.0, 0.0
     for plan in options:
-        width = min(plan.peer_chunk or config.num_peers, config.num_peers)
-        if timings:
-            best_so_far = min(t.per_peer_s for t in timings)
-            compile_s = max(t.compile_s for t in timings)
-            steps = timings[0].steps
-            predicted = compile_s + 3 * best_so_far * width * steps  # Warm-up, timings, at best.
-            if time.perf_counter() - start + predicted > budget_s:
-                skipped.append(plan)
-                continue
-        timings.append(time_plan(plan, make_step, config.num_peers))
-    best = min(timings, key=lambda t: t.per_peer_s)
-    lines = [f"{t.plan.describe():>32}: {1e3 * t.per_peer_s:8.3f} ms/peer-step "
-             f"(compile {t.compile_s:.1f} s)" for t in timings]
-    not_timed = (f"\n  not timed (budget {budget_s:g} s): "
-                 + ", ".join(p.describe() for p in skipped) if skipped else "")
-    log(f"plan: timed in {time.perf_counter() - start:.1f} s, chose {best.plan.describe()}"
-        + "".join("\n  " + line for line in lines) + not_timed)
+        if timings and spent >= budget_s:
+            skipped.append(Skipped(plan, "budget"))
+            continue
+        started = time.perf_counter()
+        try:
+            timing = time_plan(plan, make_step, config.num_peers, width,
+                               deadline=started + max(budget_s - spent, 0.0))
+        except Exception as error:  # noqa: BLE001 - a candidate may fail in any way (OOM, ...)
+            skipped.append(Skipped(plan, _error_text(error)))
+            spent += time.perf_counter() - started
+            continue
+        timings.append(timing)
+        compiling += timing.compile_s
+        spent += time.perf_counter() - started - timing.compile_s
+
+    def fits(t: Timing) -> bool:
+        return available_bytes is None or state_bytes + t.bytes_at_n <= available_bytes
+
+    missing = [s.plan for s in skipped if s.plan in core]
+    if not timings:
+        raise RuntimeError("plan: no candidate compiled and ran: "
+                           + "; ".join(f"{s.plan.describe()}: {s.reason}" for s in skipped))
+    if missing and backend != "cpu":  # The stated rule: all peers at once unless memory...
+        widest = sorted(timings, key=lambda t: t.plan.peer_chunk or math.inf, reverse=True)
+        best = next((t for t in widest if fits(t)), None) or pick(timings, lambda t: True)
+    else:
+        best = pick(timings, fits) or min(timings, key=lambda t: t.bytes_at_n)
+    lines = [f"{t.plan.describe():>32}: {1e3 * t.per_peer_s:8.3f} ms/peer-step, "
+             f"{t.bytes_at_n / 2**30:6.2f} GiB at N={config.num_peers} (compile "
+             f"{t.compile_s:.1f} s){'' if fits(t) else ', does not fit'}" for t in timings]
+    lines += [f"{s.plan.describe():>32}: skipped ({s.reason})" for s in skipped
+              if s.reason != "budget"]
+    budget_note = (f"\n  not timed (budget {budget_s:g} s): "
+                   + ", ".join(s.plan.describe() for s in skipped if s.reason == "budget")
+                   if any(s.reason == "budget" for s in skipped) else "")
+    if missing:
+        budget_note += ("\n  the budget did not cover the minimum set (missing: "
+                        + ", ".join(p.describe() for p in missing) + "); rule: "
+                        + ("all peers at once unless memory says otherwise" if backend != "cpu"
+                           else "the fastest timed"))
+    log(f"plan: {len(timings)} candidates timed on {width} peers x {config.local_batches} "
+        f"steps in {spent:.1f} s (+ {compiling:.1f} s compiling), chose {best.plan.describe()}"
+        + "".join("\n  " + line for line in lines) + budget_note)
     os.makedirs(cache_dir, exist_ok=True)
     with open(path + ".tmp", "w") as f:
         json.dump({"plan": best.plan._asdict(),
                    "timings": [dict(t.plan._asdict(), per_peer_s=t.per_peer_s,
-                                    compile_s=t.compile_s) for t in timings]}, f, indent=1)
+                                    compile_s=t.compile_s, bytes_at_n=t.bytes_at_n)
+                               for t in timings],
+                   "skipped": [dict(s.plan._asdict(), reason=s.reason) for s in skipped]},
+                  f, indent=1)
     os.replace(path + ".tmp", path)
     return best.plan, timings

@@ -139,25 +139,30 @@ def execution_plan(config: Config, workdir: str, previous, num_classes: int, sam
     peer_steps = config.num_peers * config.local_batches * config.max_iterations
     if previous is not None:  # A run from before plans existed ran the flags' plan.
         logging.info("plan: %s (the flags', as when this run started)", chosen.describe())
-    elif config.plan == "auto" and mesh is None and peer_steps >= plan_lib.MIN_PEER_STEPS:
+    elif config.plan == "auto" and mesh is None:
         device = jax.devices()[0]
+        optimizer = local.momentum_sgd(config.learning_rate, config.momentum)
 
         def build_apply_fn(candidate):
             model = build_model(config, num_classes, candidate)
             params = model.init(jax.random.key(0), sample_input)["params"]
             return make_apply_fn(model, config.compute_dtype), params
 
-        make_step = plan_lib.local_step_factory(config, build_apply_fn, sample_input,
-                                                local.momentum_sgd(config.learning_rate,
-                                                                   config.momentum),
+        one_peer = jax.eval_shape(lambda: build_apply_fn(chosen)[1])
+        state_bytes = config.num_peers * (memory.tree_nbytes(one_peer) + memory.tree_nbytes(
+            jax.eval_shape(optimizer.init, one_peer)))
+        make_step = plan_lib.local_step_factory(config, build_apply_fn, sample_input, optimizer,
                                                 num_classes)
         chosen, _ = plan_lib.choose(
             config, make_step, backend=device.platform, device_kind=device.device_kind,
             input_shape=tuple(sample_input.shape[1:]), num_classes=num_classes,
-            budget_s=config.plan_budget_s, log=logging.info)
+            budget_s=config.plan_budget_s, log=logging.info, state_bytes=state_bytes,
+            available_bytes=(int(config.memory_limit_gb * memory.GB) if config.memory_limit_gb
+                             else memory.available_bytes(device)),
+            time_candidates=peer_steps >= plan_lib.MIN_PEER_STEPS)
     else:
         logging.info("plan: %s (%s)", chosen.describe(), "--plan=fixed" if config.plan ==
-                     "fixed" else "sharded run" if mesh is not None else "short run")
+                     "fixed" else "sharded run")
     return chosen
 
 

@@ -15,9 +15,13 @@ SMALL = Config(model="mlp", num_peers=8, group_size=2, key_dim=3, local_batches=
 def test_candidates_keep_explicit_flags_and_skip_cpu_grouped_convs_in_loops():
     cnn = Config(num_peers=64)
     found = plan.candidates(cnn, "cpu")
-    assert found[0] == Plan(1, "gather") and found[5] == Plan(0, "gather")  # Narrow first.
-    assert Plan(8, "shift_concat") in found and Plan(0, "lax") not in found
-    assert Plan(8, "lax") in plan.candidates(cnn, "gpu")
+    # The minimum set of every lowering first, narrowest first; then the other chunks.
+    assert found == [Plan(1, "gather"), Plan(8, "gather"), Plan(0, "gather"),
+                     Plan(1, "shift_concat"), Plan(8, "shift_concat"), Plan(0, "shift_concat"),
+                     Plan(4, "gather"), Plan(4, "shift_concat")]
+    on_gpu = plan.candidates(cnn, "gpu")  # Widest first, XLA's convolution first.
+    assert on_gpu[:3] == [Plan(0, "lax"), Plan(8, "lax"), Plan(1, "lax")]
+    assert on_gpu[9:12] == [Plan(32, "lax"), Plan(16, "lax"), Plan(4, "lax")]
     assert Plan(0, "lax") in plan.candidates(Config(num_peers=64, conv_impl="lax"), "cpu")
     assert plan.candidates(Config(num_peers=64, peer_chunk=5, conv_impl="lax"), "gpu") == [
         Plan(5, "lax")]
@@ -25,7 +29,8 @@ def test_candidates_keep_explicit_flags_and_skip_cpu_grouped_convs_in_loops():
     assert [p.peer_chunk for p in plan.candidates(SMALL, "cpu")] == [1, 4, 0]
 
 
-def _choose(config, tmp_path, budget_s=60.0, log=print):
+def _choose(config, tmp_path, budget_s=60.0, log=print, backend="cpu", wrap=None,
+            device_kind="test"):
     calls = []
 
     def runner_log(message):
@@ -46,7 +51,9 @@ def _choose(config, tmp_path, budget_s=60.0, log=print):
 
     make_step = plan.local_step_factory(config, build_apply_fn, jnp.zeros((1, 28, 28, 1)),
                                         local.momentum_sgd(0.1, 0.9), 10)
-    chosen, timings = plan.choose(config, make_step, backend="cpu", device_kind="test",
+    if wrap is not None:
+        make_step = wrap(make_step)
+    chosen, timings = plan.choose(config, make_step, backend=backend, device_kind=device_kind,
                                   input_shape=(28, 28, 1), num_classes=10, budget_s=budget_s,
                                   cache_dir=str(tmp_path), log=runner_log)
     return chosen, timings, calls
@@ -55,8 +62,9 @@ def _choose(config, tmp_path, budget_s=60.0, log=print):
 def test_choose_times_the_candidates_then_caches_the_choice(tmp_path):
     chosen, timings, calls = _choose(SMALL, tmp_path)
     assert [t.plan for t in timings] == plan.candidates(SMALL, "cpu")
-    assert chosen == min(timings, key=lambda t: t.per_peer_s).plan
-    assert all(t.step_s > 0 and t.width in (8, 4, 1) for t in timings)
+    assert chosen == plan.pick(timings, lambda t: True).plan
+    # One measurement for all: the same 8 peers and b steps, each through its own chunk loop.
+    assert all(t.step_s > 0 and t.width == 8 and t.steps == 1 for t in timings)
     assert "ms/peer-step" in calls[0]
     (cached,) = tmp_path.glob("*.json")
     assert Plan(**json.loads(cached.read_text())["plan"]) == chosen
@@ -69,6 +77,43 @@ def test_the_budget_bounds_the_timing(tmp_path):
                                      budget_s=1e-9)
     assert len(timings) == 1 and chosen == Plan(1, "")  # The first is always timed.
     assert "not timed (budget" in calls[0]
+    assert "did not cover the minimum set (missing: chunks of 8, all peers at once)" in calls[0]
+    assert "rule: the fastest timed" in calls[0]
+
+
+def test_on_an_accelerator_a_short_budget_keeps_all_peers_at_once(tmp_path):
+    config = dataclasses.replace(SMALL, num_peers=64)
+    chosen, timings, calls = _choose(config, tmp_path, budget_s=1e-9, backend="gpu")
+    assert [t.plan for t in timings] == [Plan(0, "")] and chosen == Plan(0, "")
+    assert "rule: all peers at once unless memory says otherwise" in calls[0]
+
+
+def test_a_failing_candidate_is_skipped_with_its_reason(tmp_path):
+    def failing(make_step):
+        def make(candidate, width):
+            if candidate.peer_chunk == 4:
+                raise RuntimeError("RESOURCE_EXHAUSTED: out of memory allocating 9 GiB")
+            return make_step(candidate, width)
+        return make
+
+    chosen, timings, calls = _choose(SMALL, tmp_path, wrap=failing)
+    assert [t.plan.peer_chunk for t in timings] == [1, 0] and chosen.peer_chunk in (1, 0)
+    assert "chunks of 4: skipped (RuntimeError: RESOURCE_EXHAUSTED: out of memory" in calls[0]
+
+
+def _timing(chunk, ms, gib):
+    return plan.Timing(Plan(chunk, ""), 0.0, ms * 1e-3, 1, 1, int(gib * 2**30))
+
+
+def test_memory_decides_between_plans_about_as_fast():
+    timings = [_timing(0, 10.0, 3.0), _timing(8, 10.4, 1.0), _timing(1, 12.0, 0.5)]
+    # Chunks of 8 are within 5 % of all at once with a third of the memory.
+    assert plan.pick(timings, lambda t: True).plan.peer_chunk == 8
+    # Beyond 5 % the faster wins, and a plan that does not fit is never picked.
+    assert plan.pick([_timing(0, 10.0, 3.0), _timing(8, 10.6, 1.0)],
+                     lambda t: True).plan.peer_chunk == 0
+    assert plan.pick(timings, lambda t: t.bytes_at_n < 2**30).plan.peer_chunk == 1
+    assert plan.pick(timings, lambda t: False) is None
 
 
 def test_a_run_keeps_its_plan_when_resumed(tmp_path, monkeypatch):
@@ -92,7 +137,23 @@ def test_a_run_keeps_its_plan_when_resumed(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("setting", [dict(plan="fixed"), dict(max_iterations=1)])
 def test_fixed_and_short_runs_do_not_time(setting, tmp_path, monkeypatch):
-    monkeypatch.setattr(plan, "choose", lambda *a, **k: pytest.fail("timed"))
+    monkeypatch.setattr(plan, "time_plan", lambda *a, **k: pytest.fail("timed"))
     monkeypatch.setattr(plan, "MIN_PEER_STEPS", 9 if "max_iterations" in setting else 0)
-    runner.run(dataclasses.replace(SMALL, **setting), str(tmp_path))
-    assert json.loads((tmp_path / "plan.json").read_text())["peer_chunk"] == 0
+    monkeypatch.setenv("MARFL_PLAN_CACHE", str(tmp_path / "cache"))
+    runner.run(dataclasses.replace(SMALL, **setting), str(tmp_path / "run"))
+    assert json.loads((tmp_path / "run" / "plan.json").read_text())["peer_chunk"] == 0
+
+
+def test_a_short_run_reuses_a_cached_choice(tmp_path, monkeypatch):
+    monkeypatch.setenv("MARFL_PLAN_CACHE", str(tmp_path / "cache"))
+    import jax
+
+    # A longer run on this machine timed and cached a choice; make it one the flags would not.
+    _choose(SMALL, tmp_path / "cache", device_kind=jax.devices()[0].device_kind)
+    (path,) = (tmp_path / "cache").glob("*.json")
+    cached = Plan(4, "")
+    path.write_text(json.dumps({"plan": cached._asdict()}))
+    monkeypatch.setattr(plan, "time_plan", lambda *a, **k: pytest.fail("timed"))
+    monkeypatch.setattr(plan, "MIN_PEER_STEPS", 10**9)
+    runner.run(SMALL, str(tmp_path / "run"))
+    assert Plan(**json.loads((tmp_path / "run" / "plan.json").read_text())) == cached

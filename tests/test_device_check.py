@@ -109,6 +109,17 @@ def test_an_accelerator_is_judged_by_its_allocator_not_the_host(monkeypatch):
     assert prefixed.memory and prefixed.needed == skip.needed
 
 
+def test_running_out_of_device_memory_is_a_memory_skip():
+    gpu = FakeGpu(10 * GiB, 0.9 * GiB)
+    skip = tt._error_skip(RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to "
+                                       "allocate 5368709120 bytes."), int(5 * GiB), gpu)
+    assert skip.memory and skip.needed == int(5 * GiB)
+    assert skip.startswith("skipped: out of memory on the device (gpu NVIDIA H200; needs 5.0 GiB, "
+                           "9.1 GiB available): RuntimeError: RESOURCE_EXHAUSTED"), skip
+    other = tt._error_skip(ValueError("shapes do not match"), int(5 * GiB), gpu)
+    assert other == "skipped: ValueError: shapes do not match" and not other.memory
+
+
 def _fake_paths(monkeypatch, fits_up_to: int, available=2.5 * GiB):
     """vectorized_path: a memory skip (needing N GiB) above `fits_up_to` peers, else a no-op."""
 

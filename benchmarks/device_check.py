@@ -179,12 +179,6 @@ def training_figure(setup, asked: int, repeats: int) -> Figure:
     return Figure(asked=asked, n=n, rate=n * setup.b / seconds, shortfalls=shortfalls)
 
 
-def training(model: str, sizes: list[int], args) -> list[Figure]:
-    """`training_figure` for each N."""
-    setup = tt.Setup(model, args)
-    return [training_figure(setup, n, args.repeats) for n in sizes]
-
-
 def _gib(nbytes) -> str:
     return "? GiB" if nbytes is None else f"{nbytes / 2**30:.1f} GiB"
 
@@ -380,10 +374,6 @@ SECTION_FUNCTIONS: dict[str, Callable[[Check], None]] = {
 # --------------------------------------------------------------------------------------------
 
 
-def _host_cpu() -> str:
-    return tt._cpu_model()
-
-
 def _parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawTextHelpFormatter)
@@ -449,7 +439,7 @@ def main(argv=None) -> None:
     try:
         device = jax.devices()[0]
         report.line(f"device check: {device.platform} {device.device_kind} "
-                    f"x{jax.device_count()}; jax {jax.__version__}; host {_host_cpu()}; "
+                    f"x{jax.device_count()}; jax {jax.__version__}; host {tt._cpu_model()}; "
                     f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}; command: {command}")
         outcome = run_sections(check, start)
         counts = ", ".join(f"{sum(v == k for v in outcome.values())} {k}"

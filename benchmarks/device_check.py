@@ -1,25 +1,47 @@
 r"""One script for a GPU (or any accelerator): what this simulator does on it, in under 8 minutes.
 
-    PYTHONPATH=. python -m benchmarks.device_check --markdown=$OUT/device_check.md
+    PYTHONPATH=. python -m benchmarks.device_check --markdown=$OUT/device_check.md --budget_s=480
     python -m benchmarks.device_check --tiny          # seconds, on any machine (the tests)
 
-Prints, for the default device: the float32 and bfloat16 matmul peaks; the main job's time to
-95 % (`python -m launch.train` defaults: MAR-FL, CNN, 64 peers, embedded MNIST, --plan=auto);
-MLP local-training peer-steps/s at N = 1,000 / 10,000 / 100,000 (halving N until it fits);
-the CNN at N = 1,000; a MAR round against a copy of the state; and the per-peer PyTorch loop on
-the same device (when torch imports), with the ratios. It imports only what the core needs
-(jax, flax, optax, chex, absl, orbax), so it runs from a working tree with PYTHONPATH=.
+Each figure is one line, printed and appended to the --markdown file (flushed and fsynced) the
+moment it is measured, after a header line (device, jax version, host CPU, the command): a run
+killed half-way leaves every line it had measured. The sections, in order, each guarded (an
+exception becomes "section NAME failed: ExcType: message" and the next section runs):
+
+  peaks           matmul peaks: float32 at jax's matmul precision 'highest' and 'default' (TF32
+                  on NVIDIA GPUs), and bfloat16
+  main_job_auto   the main job's time to 95 % (`python -m launch.train` defaults: MAR-FL, CNN,
+                  64 peers, embedded MNIST, --plan=auto)
+  main_job_fixed  the same with --plan=fixed
+  determinism     two identical short runs with churn (MLP, 16 peers, dropout 0.25, 3
+                  iterations): identical rows (apart from 'seconds') and final parameters?
+  mlp_scale       MLP local-training peer-steps/s at N = 1,000 / 10,000 / 100,000, one line
+                  each; an N whose path does not fit the device's memory is halved until it
+                  does, and the line says why (the bytes needed at each N, the device's
+                  available bytes)
+  cnn             the CNN at N = 1,000
+  mar_round       a MAR round against a copy of the state
+  torch_loop      the per-peer PyTorch loop on the same device, with the ratios to the above
+                  ('skipped: torch not installed' when torch does not import)
+
+Before each section, if the time spent plus the section's rough estimate would pass --budget_s,
+it writes "section NAME not started: budget" and moves on. SIGTERM (and Ctrl-C) end the run with
+a last line saying so; the lines written stay. It imports only what the core needs (jax, flax,
+optax, chex, absl, orbax), so it runs from a working tree with PYTHONPATH=.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import platform
+import shlex
+import signal
 import sys
 import tempfile
+import threading
 import time
 import types
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -27,28 +49,106 @@ import numpy as np
 
 from benchmarks import training_throughput as tt
 
+# Rough seconds each section takes on one GPU (the budget check's estimate); --tiny scales them.
+ESTIMATE_S = {"peaks": 20, "main_job_auto": 120, "main_job_fixed": 90, "determinism": 40,
+              "mlp_scale": 90, "cnn": 40, "mar_round": 20, "torch_loop": 45}
+TINY_SCALE = 0.1
+SECTIONS = tuple(ESTIMATE_S)
+DEFAULT_BUDGET_S = 420.0
 
-def peak(dtype, size: int, repeats: int) -> float:
-    """GFLOP/s of a jitted size x size matmul in `dtype`."""
+
+# --------------------------------------------------------------------------------------------
+# The report: every line printed and made durable the moment it is measured.
+# --------------------------------------------------------------------------------------------
+
+
+class Report:
+    """Prints each line (flushed) and appends it to `path` as "- line", flushed and fsynced."""
+
+    def __init__(self, path: str = ""):
+        self.file = None
+        if path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            self.file = open(path, "a")  # noqa: SIM115 (closed by close()).
+
+    def line(self, text: str) -> None:
+        print(text, flush=True)
+        if self.file is not None:
+            self.file.write(f"- {text}\n")
+            self.file.flush()
+            os.fsync(self.file.fileno())
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+class Check:
+    """What the sections share: the flags, the report and the figures measured so far."""
+
+    def __init__(self, args, report: Report):
+        self.args, self.report, self.tiny = args, report, args.tiny
+        self.repeats = 1 if args.tiny else 3
+        self.results: dict = {}
+
+    def line(self, text: str) -> None:
+        self.report.line(text)
+
+
+# --------------------------------------------------------------------------------------------
+# Measurements (reused by the sections).
+# --------------------------------------------------------------------------------------------
+
+
+def peak(dtype, size: int, repeats: int, precision: str | None = None) -> float:
+    """GFLOP/s of a jitted size x size matmul in `dtype`, traced under jax's
+    `default_matmul_precision(precision)` when given."""
     a = jax.random.normal(jax.random.key(0), (size, size)).astype(dtype)
     b = jax.random.normal(jax.random.key(1), (size, size)).astype(dtype)
-    f = jax.jit(jnp.dot)
-    return 2 * size**3 / tt._median_time(lambda: jax.block_until_ready(f(a, b)), repeats) / 1e9
+
+    def timed():
+        f = jax.jit(lambda x, y: jnp.dot(x, y))  # A fresh trace under the current precision.
+        return tt._median_time(lambda: jax.block_until_ready(f(a, b)), repeats)
+
+    if precision is None:
+        seconds = timed()
+    else:
+        with jax.default_matmul_precision(precision):
+            seconds = timed()
+    return 2 * size**3 / seconds / 1e9
 
 
-def main_job(tiny: bool) -> dict:
-    """The launcher's default run (or a tiny one) to its target; wall seconds and iterations."""
+def main_job(tiny: bool, plan: str = "auto") -> dict:
+    """The launcher's default run (or a tiny one) to its target with --plan=`plan`; wall seconds,
+    iterations, accuracy and the plan the run used."""
     from marfl_jax import Config, run
 
-    config = Config(max_iterations=500, checkpoint_every=0)
     if tiny:
         config = Config(model="mlp", num_peers=4, group_size=2, key_dim=2, max_iterations=2,
-                        checkpoint_every=0, target_accuracy=0.5)
+                        checkpoint_every=0, target_accuracy=0.5, plan=plan)
+    else:
+        config = Config(max_iterations=500, checkpoint_every=0, plan=plan)
     with tempfile.TemporaryDirectory() as workdir:
         start = time.perf_counter()
         summary = run(config, workdir).summary
-    return {"wall_s": time.perf_counter() - start, "iterations": summary["iterations"],
-            "reached": summary["reached_target"], "accuracy": summary["final_accuracy"]}
+        wall_s = time.perf_counter() - start
+        used = _read_plan(os.path.join(workdir, "plan.json"))
+    return {"wall_s": wall_s, "iterations": summary["iterations"],
+            "reached": summary["reached_target"], "accuracy": summary["final_accuracy"],
+            "target": summary["target_accuracy"], "plan": used}
+
+
+def _read_plan(path: str) -> str:
+    import json
+
+    from marfl_jax import plan as plan_lib
+
+    try:
+        with open(path) as f:
+            return plan_lib.Plan(**json.load(f)).describe()
+    except (OSError, ValueError, TypeError):
+        return "?"
 
 
 def _args(tiny: bool, batch: int, repeats: int):
@@ -56,30 +156,56 @@ def _args(tiny: bool, batch: int, repeats: int):
                                  batch_size=batch, repeats=repeats, group_size=0)
 
 
-def training(model: str, sizes: list[int], args) -> list[tuple[int, float | str]]:
-    """(N, peer-steps/s) of the vectorized local update, halving N while it does not fit."""
-    setup = tt.Setup(model, args)
-    results = []
-    for n in sizes:
-        while True:
-            path = tt.vectorized_path(setup, n)
-            if not isinstance(path, str) or n <= 1:
-                break
-            n //= 2
-        if isinstance(path, str):
-            results.append((n, path))
-            continue
-        seconds = tt._median_time(path.run, args.repeats)
-        results.append((n, n * setup.b / seconds))
-    return results
+class Figure(types.SimpleNamespace):
+    """One (model, N) training figure: `asked` N, the `n` measured, `rate` (peer-steps/s) and the
+    memory skips (N, tt.Skip) that halved N on the way."""
+
+
+def training_figure(setup, asked: int, repeats: int) -> Figure:
+    """Peer-steps/s of the vectorized local update at N = `asked`, halving N only while the path
+    is skipped for memory; any other failure raises."""
+    n, shortfalls = asked, []
+    while True:
+        path = tt.vectorized_path(setup, n)
+        if not isinstance(path, str):
+            break
+        if not getattr(path, "memory", False):
+            raise RuntimeError(f"{setup.name} N={n:,}: {path}")
+        shortfalls.append((n, path))
+        if n <= 1:
+            return Figure(asked=asked, n=n, rate=None, shortfalls=shortfalls)
+        n //= 2
+    seconds = tt._median_time(path.run, repeats)
+    return Figure(asked=asked, n=n, rate=n * setup.b / seconds, shortfalls=shortfalls)
+
+
+def _gib(nbytes) -> str:
+    return "? GiB" if nbytes is None else f"{nbytes / 2**30:.1f} GiB"
+
+
+def shortfall_text(figure: Figure) -> str:
+    """Why N is smaller than asked: "(asked 100,000: needs 150.0 GiB at 100,000, 75.0 GiB at
+    50,000; the device (gpu NVIDIA H200) has 60.0 GiB available)"; '' when it is not."""
+    if not figure.shortfalls:
+        return ""
+    needs = ", ".join(f"{_gib(skip.needed)} at {n:,}" for n, skip in figure.shortfalls)
+    last = figure.shortfalls[-1][1]
+    return (f" (asked {figure.asked:,}: needs {needs}; the device ({last.device}) has "
+            f"{_gib(last.available)} available)")
+
+
+def figure_line(label: str, figure: Figure, batch: int) -> str:
+    rate = (f"{figure.rate:,.0f} peer-steps/s" if figure.rate is not None
+            else "did not fit at any N")
+    return f"{label} N={figure.n:,} B={batch}: {rate}{shortfall_text(figure)}"
 
 
 def torch_loop(model: str, args, peers: int) -> float | str:
     """Peer-steps/s of the per-peer PyTorch loop on the same kind of device (cuda if any)."""
     try:
         import torch
-    except ImportError as error:
-        return f"skipped: {tt._error_text(error)}"
+    except ImportError:
+        return "skipped: torch not installed"
     device = "cuda" if torch.cuda.is_available() else "cpu"
     setup = tt.Setup(model, args)
     torch.manual_seed(0)
@@ -107,62 +233,228 @@ def torch_loop(model: str, args, peers: int) -> float | str:
     return peers * setup.b / seconds
 
 
-def check(tiny: bool) -> list[str]:
-    repeats = 1 if tiny else 3
-    device = jax.devices()[0]
-    lines = [f"device: {device.platform} {device.device_kind} x{jax.device_count()}; "
-             f"jax {jax.__version__}; host {platform.processor() or platform.machine()}"]
-    size = 256 if tiny else 8192
-    f32, bf16 = peak(jnp.float32, size, repeats), peak(jnp.bfloat16, size, repeats)
-    lines.append(f"matmul peak: float32 {f32:,.0f} GFLOP/s, bfloat16 {bf16:,.0f} GFLOP/s "
-                 f"({size}^2)")
-    job = main_job(tiny)
-    lines.append(f"main job: {job['wall_s']:.1f} s wall, {job['iterations']} iterations, "
-                 f"final accuracy {job['accuracy']:.4f}, target reached: {job['reached']}")
-    mlp_args = _args(tiny, 32, repeats)
-    mlp_sizes = [8] if tiny else [1_000, 10_000, 100_000]
-    mlp = training("mlp", mlp_sizes, mlp_args)
-    torch_peers = 4 if tiny else 64
-    torch_mlp = torch_loop("mlp", mlp_args, torch_peers)
-    for n, rate in mlp:
-        ratio = (f", {rate / torch_mlp:.1f}x the per-peer torch loop" if isinstance(rate, float)
-                 and isinstance(torch_mlp, float) else "")
-        shown = f"{rate:,.0f}" if isinstance(rate, float) else rate
-        lines.append(f"MLP N={n:,} B=32: {shown} peer-steps/s{ratio}")
-    lines.append(f"MLP per-peer torch loop ({torch_peers} peers): "
-                 + (f"{torch_mlp:,.0f} peer-steps/s" if isinstance(torch_mlp, float)
-                    else torch_mlp))
-    cnn_args = _args(tiny, 16, repeats)
-    ((n, cnn),) = training("cnn", [2 if tiny else 1_000], cnn_args)
-    torch_cnn = torch_loop("cnn", cnn_args, 2 if tiny else 32)
-    ratio = (f", {cnn / torch_cnn:.2f}x the per-peer torch loop" if isinstance(cnn, float)
-             and isinstance(torch_cnn, float) else "")
-    lines.append(f"CNN N={n:,} B=16: " + (f"{cnn:,.0f} peer-steps/s" if isinstance(cnn, float)
-                                          else cnn) + ratio)
-    lines.append("CNN per-peer torch loop: " + (f"{torch_cnn:,.0f} peer-steps/s"
-                                                if isinstance(torch_cnn, float) else torch_cnn))
-    row, note = tt.bench_mixing(tt.Setup("mlp", mlp_args), 8 if tiny else 10_000, mlp_args)
-    lines.append(note if row is None else f"MAR round vs copy (MLP N={row[1]}, M={row[2]}): "
-                 f"round {row[5]} ms, copy {row[6]} ms, ratio {row[9]}")
-    return lines
+def first_difference(first, second) -> str | None:
+    """The first field where two runs' metrics rows differ (apart from 'seconds'), or None."""
+    if len(first) != len(second):
+        return f"row count: {len(first)} vs {len(second)}"
+    for i, (a, b) in enumerate(zip(first, second, strict=True)):
+        for key in sorted(set(a) | set(b)):
+            if key == "seconds":
+                continue
+            if key not in a or key not in b or not _same(a[key], b[key]):
+                return f"row {i} field '{key}': {a.get(key)!r} vs {b.get(key)!r}"
+    return None
 
 
-def main(argv=None) -> None:
+def _same(a, b) -> bool:
+    if isinstance(a, float) and isinstance(b, float) and np.isnan(a) and np.isnan(b):
+        return True
+    return a == b
+
+
+# --------------------------------------------------------------------------------------------
+# The sections: each writes its own lines as it measures them.
+# --------------------------------------------------------------------------------------------
+
+
+def section_peaks(check: Check) -> None:
+    size = 256 if check.tiny else 8192
+    gpu = jax.devices()[0].platform == "gpu"
+    for label, dtype, precision in (
+            ("float32, precision 'highest'", jnp.float32, "highest"),
+            ("float32, precision 'default'" + (" (TF32 on NVIDIA)" if gpu else ""),
+             jnp.float32, "default"),
+            ("bfloat16", jnp.bfloat16, None)):
+        gflops = peak(dtype, size, check.repeats, precision)
+        check.results.setdefault("peaks", {})[label] = gflops
+        check.line(f"matmul peak {label}: {gflops:,.0f} GFLOP/s ({size}^2)")
+
+
+def _main_job(check: Check, plan: str) -> None:
+    job = main_job(check.tiny, plan)
+    check.line(f"main job (--plan={plan}: {job['plan']}): {job['wall_s']:.1f} s wall, "
+               f"{job['iterations']} iterations, final accuracy {job['accuracy']:.4f}, "
+               f"target {job['target']:.0%} reached: {job['reached']}")
+
+
+def section_main_job_auto(check: Check) -> None:
+    _main_job(check, "auto")
+
+
+def section_main_job_fixed(check: Check) -> None:
+    _main_job(check, "fixed")
+
+
+def section_determinism(check: Check) -> None:
+    from marfl_jax import Config, run
+
+    if check.tiny:
+        config = Config(model="mlp", num_peers=4, group_size=2, key_dim=2, dropout=0.25,
+                        max_iterations=2, eval_every=1, checkpoint_every=0, plan="fixed")
+    else:
+        config = Config(model="mlp", num_peers=16, group_size=4, key_dim=2, dropout=0.25,
+                        max_iterations=3, eval_every=1, checkpoint_every=0, plan="fixed")
+    results = []
+    for _ in range(2):
+        with tempfile.TemporaryDirectory() as workdir:
+            results.append(run(config, workdir))
+    what = (f"MLP {config.num_peers} peers, dropout {config.dropout}, "
+            f"{config.max_iterations} iterations")
+    difference = first_difference(results[0].metrics, results[1].metrics)
+    if difference is None:
+        leaves = [jax.tree.leaves(r.state.params) for r in results]
+        same = all(np.array_equal(np.asarray(a), np.asarray(b))
+                   for a, b in zip(*leaves, strict=True))
+        difference = None if same else "the final parameters"
+    check.line(f"determinism ({what}, two runs): " + (
+        "identical (rows apart from 'seconds', and the final parameters)" if difference is None
+        else f"differ: {difference}"))
+
+
+def section_mlp_scale(check: Check) -> None:
+    args = _args(check.tiny, 32, check.repeats)
+    setup = tt.Setup("mlp", args)
+    figures = check.results.setdefault("mlp", [])
+    for asked in ([4, 8] if check.tiny else [1_000, 10_000, 100_000]):
+        figure = training_figure(setup, asked, args.repeats)
+        figures.append(figure)
+        check.line(figure_line("MLP", figure, setup.batch))
+
+
+def section_cnn(check: Check) -> None:
+    args = _args(check.tiny, 16, check.repeats)
+    setup = tt.Setup("cnn", args)
+    figure = training_figure(setup, 2 if check.tiny else 1_000, args.repeats)
+    check.results["cnn"] = figure
+    check.line(figure_line("CNN", figure, setup.batch))
+
+
+def section_mar_round(check: Check) -> None:
+    args = _args(check.tiny, 32, check.repeats)
+    n = 8 if check.tiny else 10_000
+    row, note = tt.bench_mixing(tt.Setup("mlp", args), n, args)
+    if row is None:
+        if not getattr(note, "memory", False):
+            raise RuntimeError(note)
+        check.line(f"MAR round vs copy (MLP N={n:,}): {note}")
+        return
+    check.line(f"MAR round vs copy (MLP N={row[1]}, M={row[2]}): round {row[5]} ms, "
+               f"copy {row[6]} ms, ratio {row[9]}")
+
+
+def _ratios(figures: list[Figure], torch_rate: float) -> str:
+    parts = [f"{f.rate / torch_rate:.1f}x at N={f.n:,}" for f in figures if f.rate is not None]
+    return f"; the vectorized path: {', '.join(parts)} its rate" if parts else ""
+
+
+def section_torch_loop(check: Check) -> None:
+    mlp_args = _args(check.tiny, 32, check.repeats)
+    peers = 4 if check.tiny else 64
+    rate = torch_loop("mlp", mlp_args, peers)
+    if isinstance(rate, str):
+        check.line(f"MLP per-peer torch loop: {rate}")
+        check.line(f"CNN per-peer torch loop: {rate}")
+        return
+    check.line(f"MLP per-peer torch loop ({peers} peers): {rate:,.0f} peer-steps/s"
+               + _ratios(check.results.get("mlp", []), rate))
+    cnn_args = _args(check.tiny, 16, check.repeats)
+    peers = 2 if check.tiny else 32
+    rate = torch_loop("cnn", cnn_args, peers)
+    cnn = check.results.get("cnn")
+    check.line(f"CNN per-peer torch loop ({peers} peers): {rate:,.0f} peer-steps/s"
+               + _ratios([cnn] if cnn is not None else [], rate))
+
+
+SECTION_FUNCTIONS: dict[str, Callable[[Check], None]] = {
+    name: globals()[f"section_{name}"] for name in SECTIONS}
+
+
+# --------------------------------------------------------------------------------------------
+# Main: the header, the guarded sections within the budget, the closing line.
+# --------------------------------------------------------------------------------------------
+
+
+def _parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="seconds-sized shapes (tests, CPU)")
-    parser.add_argument("--markdown", default="", help="also write the lines to this file")
+    parser.add_argument("--markdown", default="",
+                        help="append each line to this file as it is measured")
+    parser.add_argument("--budget_s", type=float, default=DEFAULT_BUDGET_S,
+                        help="seconds: a section whose rough estimate would end past this is "
+                             "not started")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help="comma-separated subset of: " + ", ".join(SECTIONS))
+    parser.add_argument("--fail_section", default="",
+                        help="testing hook, not for measuring: make this section raise, to "
+                             "check that a failing section is reported and the rest still run")
     args = parser.parse_args(argv)
+    args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    bad = [s for s in args.sections + ([args.fail_section] if args.fail_section else [])
+           if s not in SECTIONS]
+    if bad:
+        parser.error(f"unknown section(s) {bad}; the sections are {', '.join(SECTIONS)}")
+    return args
+
+
+def _raise_interrupt(signum, frame):
+    del frame
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+
+def run_sections(check: Check, start: float) -> dict[str, str]:
+    """Runs the chosen sections in order, each guarded and within the budget; their outcomes."""
+    args = check.args
+    outcome = {}
+    for name in args.sections:
+        estimate = ESTIMATE_S[name] * (TINY_SCALE if check.tiny else 1.0)
+        spent = time.perf_counter() - start
+        if spent + estimate > args.budget_s:
+            check.line(f"section {name} not started: budget ({spent:.0f} s spent + ~"
+                       f"{estimate:.0f} s estimated > --budget_s={args.budget_s:g})")
+            outcome[name] = "not started"
+            continue
+        check.results["current"] = name
+        try:
+            if name == args.fail_section:
+                raise RuntimeError(f"made to fail by --fail_section={name}")
+            SECTION_FUNCTIONS[name](check)
+            outcome[name] = "ran"
+        except Exception as error:  # noqa: BLE001 (every section is guarded).
+            message = (str(error).strip().splitlines() or [""])[0][:300]
+            check.line(f"section {name} failed: {type(error).__name__}: {message}")
+            outcome[name] = "failed"
+    return outcome
+
+
+def main(argv=None) -> None:
+    args = _parse_args(argv)
+    raw = sys.argv[1:] if argv is None else list(argv)
+    command = shlex.join(["python", "-m", "benchmarks.device_check", *raw])
     start = time.perf_counter()
-    lines = check(args.tiny)
-    lines.append(f"device check: {time.perf_counter() - start:.0f} s; command: "
-                 + " ".join(["python", "-m", "benchmarks.device_check", *sys.argv[1:]]))
-    for line in lines:
-        print(line, flush=True)
-    if args.markdown:
-        os.makedirs(os.path.dirname(os.path.abspath(args.markdown)), exist_ok=True)
-        with open(args.markdown, "w") as f:
-            f.write("\n".join(f"- {line}" for line in lines) + "\n")
+    report = Report(args.markdown)
+    check = Check(args, report)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt) if in_main_thread else None
+    try:
+        device = jax.devices()[0]
+        report.line(f"device check: {device.platform} {device.device_kind} "
+                    f"x{jax.device_count()}; jax {jax.__version__}; host {tt._cpu_model()}; "
+                    f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}; command: {command}")
+        outcome = run_sections(check, start)
+        counts = ", ".join(f"{sum(v == k for v in outcome.values())} {k}"
+                           for k in ("ran", "failed", "not started"))
+        report.line(f"device check done: {time.perf_counter() - start:.0f} s; sections: "
+                    f"{counts}")
+    except KeyboardInterrupt as interrupt:
+        report.line(f"device check interrupted ({interrupt or 'KeyboardInterrupt'}) in section "
+                    f"{check.results.get('current', '-')} after "
+                    f"{time.perf_counter() - start:.0f} s; the lines above stand")
+        raise SystemExit(130) from None
+    finally:
+        report.close()
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -22,11 +22,13 @@ Measures on the current machine, every timing the median of --repeats runs after
    `mlp_train_flops_per_example` and `cnn_train_flops_per_example`) and that as % of the matmul
    peak. The loops time only the first K = --loop_peers peers and scale their time by N/K
    (`peers timed` says "K of N"). A path that does not fit in memory (XLA's buffer estimate against
-   MemAvailable) or fails is reported as "skipped: reason". A second table gives the speed ratios
-   measured in the same run (vectorized / jax loop, vectorized / torch loop, jax loop / torch loop;
-   > 1 means the first is faster), `dloss` = max |first-update loss of the vectorized path - the
-   jax loop's| over the timed peers (same initial params and data: should be ~1e-6), and the CPU
-   load of other processes while the repeats ran, in cores (0.00 = the machine was ours).
+   what the device can give: an accelerator's own allocator figures, the CPU's MemAvailable) or
+   fails is reported as "skipped: reason", a memory skip with the bytes needed and available. A
+   second table gives the speed ratios measured in the same run (vectorized / jax loop,
+   vectorized / torch loop, jax loop / torch loop; > 1 means the first is faster), `dloss` = max
+   |first-update loss of the vectorized path - the jax loop's| over the timed peers (same initial
+   params and data: should be ~1e-6), and the CPU load of other processes while the repeats ran,
+   in cores (0.00 = the machine was ours).
 3. MAR mixing round vs copy: for the stacked state of N peers (params + EMA momentum), one jitted
    `mixing.group_mean` round with group ids arange(N) // M (M = --group_size; default 5 when N is
    a power of 5, else 4) against a jitted plain copy of the same tree; both medians, the effective
@@ -63,14 +65,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.conv_lowering import _ForeignCpu
-from marfl_jax import local, mixing, models
+from marfl_jax import local, memory, mixing, models
 
 MODELS = ("mlp", "cnn")
 DEFAULT_BATCH_SIZE = {"mlp": 32, "cnn": 62}  # The paper's B for each task.
 INPUT_SHAPE = (28, 28, 1)
 NUM_CLASSES = 10
-# A path is skipped when XLA's buffer estimate exceeds this fraction of MemAvailable.
+# A path is skipped when XLA's buffer estimate exceeds this fraction of what the device it runs on
+# can still give (`memory.available_bytes`: an accelerator's allocator limit less what is in use,
+# the CPU's MemAvailable).
 MEMORY_FRACTION = 0.8
+GiB = 2**30
 
 
 def _int_list(text: str) -> list[int]:
@@ -302,13 +307,64 @@ def _needed_bytes(compiled) -> int | None:
             + m.temp_size_in_bytes)
 
 
-def _memory_skip(needed: int | None) -> str | None:
-    """A skip reason when `needed` bytes exceed MEMORY_FRACTION of MemAvailable, else None."""
-    available = _meminfo("MemAvailable")
+class Skip(str):
+    """Why a path was not timed ("skipped: ..."), a str as before. When it was skipped for memory
+    (the estimate does not fit, or the device ran out), `memory` is True, `needed` and
+    `available` are the bytes (None where unknown) and `device` names the device."""
+
+    memory: bool = False
+    needed: int | None = None
+    available: int | None = None
+    device: str = ""
+
+    def with_prefix(self, prefix: str) -> Skip:
+        """The same skip, its text prefixed."""
+        return _skip(prefix + self, memory_=self.memory, needed=self.needed,
+                     available=self.available, device=self.device)
+
+
+def _skip(text: str, *, memory_: bool = False, needed: int | None = None,
+          available: int | None = None, device: str = "") -> Skip:
+    skip = Skip(text)
+    skip.memory, skip.needed, skip.available, skip.device = memory_, needed, available, device
+    return skip
+
+
+def _gib(nbytes: int | None) -> str:
+    return "?" if nbytes is None else f"{nbytes / GiB:.1f} GiB"
+
+
+def _memory_skip(needed: int | None, device: jax.Device | None = None) -> Skip | None:
+    """A skip reason when `needed` bytes exceed MEMORY_FRACTION of what `device` (default: the
+    first device, where the paths run) can still give, judged by the device's own figures
+    (`memory.available_bytes`), else None (also when either figure is unknown)."""
+    device = device or jax.devices()[0]
+    available = memory.available_bytes(device)
     if needed is None or available is None or needed <= MEMORY_FRACTION * available:
         return None
-    return (f"skipped: needs ~{needed / 2**30:.1f} GiB (XLA buffers), "
-            f"{available / 2**30:.1f} GiB available")
+    label = memory.device_label(device)
+    return _skip(f"skipped: needs {_gib(needed)} (XLA buffers), the device ({label}) has "
+                 f"{_gib(available)} available (a path may use {MEMORY_FRACTION:.0%} of it)",
+                 memory_=True, needed=needed, available=available, device=label)
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    text = str(error)
+    return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
+
+
+def _error_skip(error: BaseException, needed: int | None = None,
+                device: jax.Device | None = None) -> Skip:
+    """"skipped: ExcType: message"; a memory skip (with the estimate and the device's available
+    bytes) when the device ran out of memory."""
+    if not _out_of_memory(error):
+        return _skip("skipped: " + _error_text(error))
+    device = device or jax.devices()[0]
+    label = memory.device_label(device)
+    available = memory.available_bytes(device)
+    return _skip(f"skipped: out of memory on the device ({label}; needs {_gib(needed)}, "
+                 f"{_gib(available)} available): {_error_text(error)}", memory_=True,
+                 needed=needed, available=available, device=label)
 
 
 # --------------------------------------------------------------------------------------------
@@ -327,18 +383,23 @@ class Path:
         self.times: list[float] = []
 
 
-def vectorized_path(setup: Setup, n: int, peer_chunk: int = 0) -> Path | str:
+def vectorized_path(setup: Setup, n: int, peer_chunk: int = 0) -> Path | Skip:
+    """The vectorized local update of n peers, or why it was skipped: a `Skip` whose `memory` is
+    True when XLA's estimate exceeds what the device (the first one, where it runs) can give or
+    the device ran out of memory."""
     chunk = {"peer_chunk": peer_chunk} if 0 < peer_chunk < n else {}
     step = jax.jit(functools.partial(local.peers_local_sgd, apply_fn=setup.apply_fn,
                                      optimizer=setup.optimizer, **chunk), donate_argnums=(0, 1))
     params_s, state_s = setup.abstract_peers(n)
     images_s, labels_s = setup.abstract_data(n)
     active = jnp.ones((n,), bool)
+    needed = None
     try:
         t0 = time.perf_counter()
         compiled = step.lower(params_s, state_s, images_s, labels_s, active).compile()
         compile_s = time.perf_counter() - t0
-        skip = _memory_skip(_needed_bytes(compiled))
+        needed = _needed_bytes(compiled)
+        skip = _memory_skip(needed)
         if skip:
             return skip
         params, state = setup.init_peers(n)
@@ -346,7 +407,7 @@ def vectorized_path(setup: Setup, n: int, peer_chunk: int = 0) -> Path | str:
         params, state, loss0 = compiled(params, state, images, labels, active)  # Warm-up.
         jax.block_until_ready((params, state, loss0))
     except Exception as error:  # E.g. XLA RESOURCE_EXHAUSTED.
-        return "skipped: " + _error_text(error)
+        return _error_skip(error, needed)
     carry = {"params": params, "state": state}
 
     def run():
@@ -514,21 +575,24 @@ def _group_size(n: int, requested: int) -> int:
 
 
 def bench_mixing(setup: Setup, n: int, args):
-    """One group_mean round vs a copy of the stacked (params, opt_state). Returns (row, note)."""
+    """One group_mean round vs a copy of the stacked (params, opt_state). Returns (row, note):
+    note (a `Skip`, its text prefixed with the model and N) when it was skipped."""
     m = _group_size(n, args.group_size)
     num_groups = -(-n // m)
     ids = jnp.arange(n, dtype=jnp.int32) // m
     mix_round = jax.jit(functools.partial(mixing.group_mean, num_groups=num_groups))
     copy = jax.jit(lambda tree: jax.tree.map(lambda x: x + 0, tree))
     abstract = setup.abstract_peers(n)
+    needed = None
     state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract))
     try:
         round_c = mix_round.lower(abstract, ids).compile()
         copy_c = copy.lower(abstract).compile()
         needs = [_needed_bytes(c) for c in (round_c, copy_c)]
-        skip = _memory_skip(None if None in needs else max(needs))
+        needed = None if None in needs else max(needs)
+        skip = _memory_skip(needed)
         if skip:
-            return None, f"{setup.name} N={n} mixing: {skip}"
+            return None, skip.with_prefix(f"{setup.name} N={n} mixing: ")
         tree = setup.init_peers(n)
         fns = {"round": lambda: jax.block_until_ready(round_c(tree, ids)),
                "copy": lambda: jax.block_until_ready(copy_c(tree))}
@@ -541,7 +605,7 @@ def bench_mixing(setup: Setup, n: int, args):
                 fn()
                 times[name].append(time.perf_counter() - t0)
     except Exception as error:
-        return None, f"{setup.name} N={n} mixing: skipped: {_error_text(error)}"
+        return None, _error_skip(error, needed).with_prefix(f"{setup.name} N={n} mixing: ")
     round_s, copy_s = statistics.median(times["round"]), statistics.median(times["copy"])
     row = [setup.name, str(n), str(m), str(num_groups), _sig(state_bytes / 2**20),
            _sig(1e3 * round_s), _sig(1e3 * copy_s), _sig(2 * state_bytes / round_s / 1e9),

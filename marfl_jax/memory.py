@@ -27,9 +27,18 @@ def tree_nbytes(tree) -> int:
                for x in jax.tree.leaves(tree) if hasattr(x, "dtype"))
 
 
+def device_label(device: jax.Device | None = None) -> str:
+    """The device as skip messages name it: 'gpu NVIDIA H200', 'tpu TPU v5 lite', 'cpu'."""
+    device = device or jax.devices()[0]
+    kind = str(getattr(device, "device_kind", "") or "")
+    return device.platform if kind.lower() in ("", device.platform) else (
+        f"{device.platform} {kind}")
+
+
 def available_bytes(device: jax.Device | None = None) -> int | None:
     """Memory one device can still give, or None when unknown. An accelerator is judged by its
-    own allocator's limit, never by the host's RAM."""
+    own allocator's figures (`memory_stats()`: bytes_limit - bytes_in_use), never by the host's
+    RAM; the CPU by the kernel's MemAvailable."""
     device = device or jax.devices()[0]
     if device.platform != "cpu":
         stats = device.memory_stats() or {}

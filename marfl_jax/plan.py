@@ -88,7 +88,9 @@ def cache_key(config, backend: str, device_kind: str, input_shape, num_classes: 
                   model=config.model, conv_impl=config.conv_impl, peer_chunk=config.peer_chunk,
                   num_peers=config.num_peers, local_batches=config.local_batches,
                   batch_size=config.batch_size, input=list(input_shape),
-                  classes=num_classes, dtype=config.compute_dtype, devices=jax.device_count())
+                  classes=num_classes, dtype=config.compute_dtype, devices=jax.device_count(),
+                  matmul_precision=config.matmul_precision,
+                  deterministic=config.deterministic)
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.util
 import json
 from collections.abc import Callable
 from typing import Any
@@ -23,6 +24,7 @@ __all__ = ["Config", "ConfigError", "SECTIONS", "field_choices", "field_help", "
 
 TEXT_DATASETS = ("bbc_news", "20newsgroups")
 PRECISIONS = ("highest", "high", "default")
+DP_ACCOUNTING = "dp-accounting==0.6.0"
 
 
 def _names(module: str, attribute: str) -> Callable[[], tuple[str, ...]]:
@@ -306,6 +308,9 @@ class Config:
     def _check_privacy(self) -> None:
         if not self.dp:
             return
+        if not installed("dp_accounting"):
+            raise ConfigError(f"--dp needs dp-accounting (its privacy accountant): pip install "
+                              f"{DP_ACCOUNTING} (or pip install -r requirements.txt -e .)")
         if self.update_fraction != self.aggregate_fraction:
             raise ConfigError(
                 f"--dp is not allowed with --update_fraction={self.update_fraction:g} != "
@@ -411,6 +416,14 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "run": ("eval_every", "eval_peers", "target_accuracy", "max_iterations", "seed", "workdir",
             "checkpoint_every"),
 }
+
+
+def installed(module: str) -> bool:
+    """Whether a top-level module can be imported, without importing it."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # Blocked (sys.modules[name] = None) or a broken spec.
+        return False
 
 
 def _check(ok: bool, name: str, value: Any, allowed: str) -> None:

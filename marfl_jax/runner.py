@@ -230,7 +230,12 @@ def run(config: Config, workdir: str | None = None) -> RunResult:
     """Runs (or resumes) the experiment described by `config`, writing its outputs to `workdir`
     (default `config.workdir`). Returns the summary, the metrics rows and the final state."""
     config.validate()
-    runtime.configure(config)  # Before the backend starts and anything is compiled.
+    runtime.prepare_backend(config)  # XLA_FLAGS, before the backend starts.
+    with runtime.matmul_precision(config):  # What this run traces; the caller's is kept.
+        return _run(config, workdir)
+
+
+def _run(config: Config, workdir: str | None) -> RunResult:
     workdir = workdir or config.workdir
     config = dataclasses.replace(config, workdir=workdir)
     previous = files.previous_config(config, workdir)

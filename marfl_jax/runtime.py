@@ -1,16 +1,17 @@
 """Process-wide numerics of a run: matmul precision and deterministic GPU ops.
 
-- `--matmul_precision` sets `jax_default_matmul_precision` for the whole process (every jitted
-  function traced afterwards): 'highest' keeps float32 matmuls and convolutions float32 on every
-  backend; on NVIDIA GPUs JAX's default ('default', also 'high') runs them in TF32.
+- `--matmul_precision` sets `jax_default_matmul_precision` for what the run traces: 'highest'
+  keeps float32 matmuls and convolutions float32 on every backend; on NVIDIA GPUs JAX's default
+  ('default', also 'high') runs them in TF32.
 - `--deterministic` adds `--xla_gpu_deterministic_ops=true` to `XLA_FLAGS`, which XLA reads once,
   when the backend starts: float scatter-adds (segment sums) are otherwise non-deterministic on
   GPUs, and a resumed run would not be bit-identical. It is added only where a GPU may be used
   (a CPU has nothing to change) and only while no backend has started; later, on a GPU without
   the flag, a warning says so.
 
-The launchers call `configure(config)` right after parsing their flags; `runner.run` calls it
-again (a no-op when already done) before anything is compiled.
+The launchers call `configure(config)` (both, for the whole process) right after parsing their
+flags; `runner.run` sets the deterministic ops too when no backend has started yet, and traces
+the run inside `matmul_precision(config)`, leaving its caller's precision as it was.
 """
 
 from __future__ import annotations
@@ -70,20 +71,36 @@ def backends_started() -> bool:
     return xla_bridge.backends_are_initialized()
 
 
-def configure(config) -> None:
-    """Applies the config's matmul precision and, before the backend starts, its deterministic
-    GPU ops (see the module docstring)."""
-    import jax
-
-    jax.config.update("jax_default_matmul_precision", _PRECISION[config.matmul_precision])
+def prepare_backend(config) -> None:
+    """Before the backend starts: the config's deterministic GPU ops in XLA_FLAGS. After: a
+    warning where a GPU backend started without them."""
     if not backends_started():
         os.environ.update(deterministic_settings(os.environ, config.deterministic))
-    elif (config.deterministic and jax.default_backend() in _GPU_PLATFORMS
-          and DETERMINISTIC_OPS not in os.environ.get("XLA_FLAGS", "").split()):
+        return
+    import jax
+
+    if (config.deterministic and jax.default_backend() in _GPU_PLATFORMS
+            and DETERMINISTIC_OPS not in os.environ.get("XLA_FLAGS", "").split()):
         logging.warning("the %s backend started without %s (set it in XLA_FLAGS before jax "
                         "starts, as the launchers do): float scatter-adds may differ from run to "
                         "run, so a resumed run may not be bit-identical", jax.default_backend(),
                         DETERMINISTIC_OPS)
+
+
+def matmul_precision(config):
+    """A context in which what is traced uses the config's matmul precision (runner.run)."""
+    import jax
+
+    return jax.default_matmul_precision(_PRECISION[config.matmul_precision])
+
+
+def configure(config) -> None:
+    """For the whole process (the launchers, right after parsing their flags): the config's
+    matmul precision and `prepare_backend`."""
+    import jax
+
+    jax.config.update("jax_default_matmul_precision", _PRECISION[config.matmul_precision])
+    prepare_backend(config)
 
 
 def describe(config) -> str:

@@ -113,3 +113,17 @@ def test_a_workdir_from_before_these_flags_still_resumes(tmp_path):
     with pytest.raises(ConfigError, match="differs in: --matmul_precision"):
         files.previous_config(Config(workdir=str(tmp_path), matmul_precision="default"),
                               str(tmp_path))
+
+
+def test_run_traces_at_the_configs_precision_and_leaves_the_callers(monkeypatch, tmp_path,
+                                                                    restore_precision):
+    from marfl_jax import runner
+
+    seen = []
+    monkeypatch.setattr(runner, "_run", lambda config, workdir: seen.append(
+        jax.config.jax_default_matmul_precision))
+    jax.config.update("jax_default_matmul_precision", "bfloat16")
+    for flag in ("highest", "default"):
+        runner.run(Config(matmul_precision=flag, workdir=str(tmp_path)))
+    assert seen == ["highest", None]
+    assert jax.config.jax_default_matmul_precision == "bfloat16"

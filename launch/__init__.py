@@ -7,6 +7,9 @@ process start, and re-executes itself once with them (set MARFL_PROCESS_SETTINGS
   (`benchmarks/RESULTS.md`, "Allocator and chunking");
 - a persistent XLA compilation cache (`$JAX_COMPILATION_CACHE_DIR`, default
   `~/.cache/marfl_jax/xla`), so a rerun or a resumed run does not compile again.
+A third setting depends on a flag, so each launcher applies it right after parsing its flags
+(`marfl_jax.runtime.configure`, no re-execution needed: XLA reads `XLA_FLAGS` when the backend
+starts): where a GPU may be used, `--xla_gpu_deterministic_ops=true` unless `--deterministic=false`.
 """
 
 import os

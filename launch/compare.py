@@ -95,7 +95,9 @@ def main(argv):
                   local_batches=FLAGS.local_batches, batch_size=FLAGS.batch_size,
                   eval_every=FLAGS.eval_every, seed=FLAGS.seed, workdir=workdir,
                   eval_peers="8", checkpoint_every=0)
-    from marfl_jax import plotting, studies
+    from marfl_jax import plotting, runtime, studies
+
+    runtime.configure(base)  # Before anything starts the backend (each run checks it again).
 
     try:
         if FLAGS.study == "scaling":

@@ -47,7 +47,10 @@ def machine() -> str:
 
 def main(argv: list[str]) -> None:
     del argv
-    from marfl_jax import reproduction
+    from marfl_jax import reproduction, runtime
+    from marfl_jax.config import Config
+
+    runtime.configure(Config())  # The runs' numerics (defaults), before machine() starts jax.
 
     scale = reproduction.SCALES[FLAGS.scale]
     if FLAGS.data_dir:

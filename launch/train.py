@@ -36,6 +36,9 @@ def main(argv: list[str]) -> None:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    from marfl_jax import runtime
+
+    runtime.configure(config)  # Before jax.distributed and the backend start.
     if flags.FLAGS.num_processes > 1:
         if not flags.FLAGS.coordinator_address or not (
                 0 <= flags.FLAGS.process_id < flags.FLAGS.num_processes):

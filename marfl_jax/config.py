@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.util
 import json
 from collections.abc import Callable
 from typing import Any
@@ -22,6 +23,8 @@ from marfl_jax.registry import ConfigError
 __all__ = ["Config", "ConfigError", "SECTIONS", "field_choices", "field_help", "peer_count"]
 
 TEXT_DATASETS = ("bbc_news", "20newsgroups")
+PRECISIONS = ("highest", "high", "default")
+DP_ACCOUNTING = "dp-accounting==0.6.0"
 
 
 def _names(module: str, attribute: str) -> Callable[[], tuple[str, ...]]:
@@ -96,6 +99,11 @@ class Config:
         "float32", "Dtype of the forward and backward passes' matmuls and convolutions; "
         "parameters, momentum, averaging and the ledger stay float32.",
         lambda: ("float32", "bfloat16"))
+    matmul_precision: str = _field(
+        "highest", "Precision of float32 matmuls and convolutions for the whole run (jax_default_"
+        "matmul_precision): 'highest' = float32 (the paper); 'high' and 'default' let NVIDIA "
+        "GPUs use TF32 (faster, 10 mantissa bits); a CPU computes float32 at each.",
+        lambda: PRECISIONS)
     local_batches: int = _field(4, "Mini-batches b of local SGD per peer per iteration.",
                                 check=_at_least(1))
     batch_size: int = _field(16, "Mini-batch size B.", check=_at_least(1))
@@ -228,6 +236,10 @@ class Config:
         0.0, "Refuse a run whose estimated device memory exceeds this (0 = the device's "
         "memory: available RAM on CPU).",
         check=((lambda v: v >= 0), "a number >= 0 (0 = the device's memory)"))
+    deterministic: bool = _field(
+        True, "GPUs: deterministic XLA ops (--xla_gpu_deterministic_ops, set before the backend "
+        "starts), so a resumed run is bit-identical; false: faster scatter-adds, runs may differ "
+        "in the last bits. No effect on CPU.")
     # Evaluation and stopping.
     eval_every: int = _field(5, "Evaluate every k iterations (from iteration 0).",
                              check=_at_least(1))
@@ -298,6 +310,9 @@ class Config:
     def _check_privacy(self) -> None:
         if not self.dp:
             return
+        if not installed("dp_accounting"):
+            raise ConfigError(f"--dp needs dp-accounting (its privacy accountant): pip install "
+                              f"{DP_ACCOUNTING} (or pip install -r requirements.txt -e .)")
         if self.update_fraction != self.aggregate_fraction:
             raise ConfigError(
                 f"--dp is not allowed with --update_fraction={self.update_fraction:g} != "
@@ -385,8 +400,8 @@ class Config:
 SECTIONS: dict[str, tuple[str, ...]] = {
     "data": ("dataset", "data_dir", "encoder", "features", "feature_dim", "feature_cache",
              "partition", "dirichlet_alpha"),
-    "model": ("model", "conv_impl", "compute_dtype", "local_batches", "batch_size",
-              "learning_rate", "momentum"),
+    "model": ("model", "conv_impl", "compute_dtype", "matmul_precision", "local_batches",
+              "batch_size", "learning_rate", "momentum"),
     "algorithm": ("algorithm", "num_peers", "group_size", "key_dim", "rounds", "schedule",
                   "wire"),
     "messages": ("codec", "codec_block", "share_momentum"),
@@ -399,10 +414,18 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "network": ("network", "network_trace", "uplink_mbps", "downlink_mbps", "latency_ms",
                 "bandwidth_sigma", "examples_per_s", "compute_sigma", "server_mbps",
                 "round_timeout_s"),
-    "scale": ("peer_chunk", "plan", "plan_budget_s", "memory_limit_gb"),
+    "scale": ("peer_chunk", "plan", "plan_budget_s", "memory_limit_gb", "deterministic"),
     "run": ("eval_every", "eval_peers", "target_accuracy", "max_iterations", "seed", "workdir",
             "checkpoint_every"),
 }
+
+
+def installed(module: str) -> bool:
+    """Whether a top-level module can be imported, without importing it."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # Blocked (sys.modules[name] = None) or a broken spec.
+        return False
 
 
 def _check(ok: bool, name: str, value: Any, allowed: str) -> None:

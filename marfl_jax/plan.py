@@ -124,10 +124,9 @@ def cache_key(config, backend: str, device_kind: str, input_shape, num_classes: 
                   num_peers=config.num_peers, local_batches=config.local_batches,
                   batch_size=config.batch_size, input=list(input_shape),
                   classes=num_classes, dtype=config.compute_dtype, devices=jax.device_count(),
-                  measured_peers=measured_peers(backend), rule=2)
-    precision = getattr(config, "matmul_precision", None)
-    if precision is not None:
-        fields["matmul_precision"] = precision
+                  measured_peers=measured_peers(backend), rule=2,
+                  matmul_precision=config.matmul_precision,
+                  deterministic=config.deterministic)
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
 
 

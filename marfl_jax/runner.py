@@ -33,6 +33,7 @@ from marfl_jax import (
     memory,
     models,
     network,
+    runtime,
     sharding,
 )
 from marfl_jax import codec as codec_lib
@@ -234,10 +235,17 @@ def run(config: Config, workdir: str | None = None) -> RunResult:
     """Runs (or resumes) the experiment described by `config`, writing its outputs to `workdir`
     (default `config.workdir`). Returns the summary, the metrics rows and the final state."""
     config.validate()
+    runtime.prepare_backend(config)  # XLA_FLAGS, before the backend starts.
+    with runtime.matmul_precision(config):  # What this run traces; the caller's is kept.
+        return _run(config, workdir)
+
+
+def _run(config: Config, workdir: str | None) -> RunResult:
     workdir = workdir or config.workdir
     config = dataclasses.replace(config, workdir=workdir)
     previous = files.previous_config(config, workdir)
     start = time.time()
+    logging.info("numerics: %s", runtime.describe(config))
 
     # -- Data, the execution plan, model, the simulation's pieces, the initial state's shapes.
     dataset, data, test_images, test_labels = load_data(config)

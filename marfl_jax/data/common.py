@@ -7,6 +7,7 @@ Every other module of marfl_jax.data may import this one; it imports none of the
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import socket
 import threading
@@ -20,6 +21,19 @@ MNIST_STD = 0.3081
 
 class DataUnavailableError(RuntimeError):
     """The requested data is not on this machine and cannot be fetched now."""
+
+
+def require(module: str, requirement: str, purpose: str) -> None:
+    """Raises DataUnavailableError saying what to install when an optional package (imported
+    only where needed) is missing."""
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise DataUnavailableError(f"{purpose} needs {requirement.split('==')[0]}, which is not "
+                                   f"installed: pip install {requirement} (or pip install -r "
+                                   "requirements.txt -e .)")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # eq=False: arrays have no truth value.

@@ -25,6 +25,7 @@ import time
 
 import numpy as np
 
+from marfl_jax.data.common import require
 from marfl_jax.data.text import TextCorpus
 
 ENCODERS = ("lsa", "npz")
@@ -59,6 +60,7 @@ def lsa_cache_path(corpus: TextCorpus, dim: int, cache_dir: str) -> str:
 def fit_lsa(train_texts: list[str], test_texts: list[str], dim: int):
     """Fits TF-IDF + truncated SVD on the training texts only; returns (x_train, x_test) float32
     (n, dim) and the fit's seconds."""
+    require("sklearn", "scikit-learn==1.9.1", "--encoder=lsa (TF-IDF + SVD)")
     from sklearn.decomposition import TruncatedSVD
     from sklearn.feature_extraction.text import TfidfVectorizer
 

@@ -24,6 +24,7 @@ from marfl_jax.data.common import (
     Dataset,
     DataUnavailableError,
     network_available,
+    require,
     stratified_split,
 )
 
@@ -220,6 +221,11 @@ def load_tfds_dataset(name: str, data_dir: str | None = None) -> Dataset:
       DataUnavailableError: not prepared in data_dir and no network (never waits for TFDS's
         download retries), or the download / preparation failed.
     """
+    try:
+        require('tensorflow_datasets', 'tensorflow-datasets==4.9.10 importlib_resources',
+                f'--dataset={name} without IDX files in --data_dir (read through TFDS)')
+    except DataUnavailableError as err:
+        raise DataUnavailableError(f'{err}\n{_offline_alternatives(name)}') from None
     import tensorflow_datasets as tfds  # Slow import; only this path needs it.
 
     builder = tfds.builder(name, data_dir=data_dir, file_format='array_record')

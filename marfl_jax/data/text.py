@@ -22,7 +22,12 @@ import tarfile
 
 import numpy as np
 
-from marfl_jax.data.common import DataUnavailableError, network_available, stratified_split
+from marfl_jax.data.common import (
+    DataUnavailableError,
+    network_available,
+    require,
+    stratified_split,
+)
 
 TEXT_DATASETS = ("bbc_news", "20newsgroups")
 BBC_SPLIT_SEED = 20260101
@@ -155,6 +160,7 @@ def _read_bydate(path: str) -> tuple[list[str], dict[str, tuple[list[str], np.nd
 
 def load_20newsgroups(data_dir: str | None = None) -> TextCorpus:
     """20 Newsgroups "bydate": a local copy in data_dir, else scikit-learn's cache or download."""
+    require("sklearn", "scikit-learn==1.9.1", "--dataset=20newsgroups (its cleaning, its fetcher)")
     if data_dir:
         path = find_bydate(data_dir)
         if path is None:

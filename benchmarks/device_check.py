@@ -436,6 +436,11 @@ def main(argv=None) -> None:
     check = Check(args, report)
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_interrupt) if in_main_thread else None
+    # Before the backend starts: the runs' deterministic GPU ops and float32 matmuls (the peaks
+    # section sets its own precision for each figure).
+    from marfl_jax import Config, runtime
+
+    runtime.configure(Config())
     try:
         device = jax.devices()[0]
         report.line(f"device check: {device.platform} {device.device_kind} "

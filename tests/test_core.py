@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from marfl_jax import Config, algorithms, core, models, runner
+from marfl_jax import Config, algorithms, core, mixing, models, runner
 from marfl_jax.core import Context, Step, build_chain, make_iteration, run_chain, step_keys
 
 TINY = Config(model="mlp", num_peers=4, group_size=2, key_dim=2, local_batches=1, batch_size=4)
@@ -85,5 +85,9 @@ def test_iteration_is_the_chain_under_jit():
     chex.assert_trees_all_close(new, step.peers, rtol=1e-5, atol=1e-8)
     # Full participation on a 2x2 grid: everyone ends at the exact mean, so exactly 0.
     assert float(info["consensus_after"]) == 0.0 < float(info["consensus_before"])
+    # The stage reports that 0 without measuring it: it holds because the copies are equal.
+    for leaf in jax.tree.leaves(new.params):
+        chex.assert_trees_all_equal(leaf, jnp.broadcast_to(leaf[:1], leaf.shape))
+    assert float(mixing.consensus_distance(new.params, jnp.ones(4, bool))) == 0.0
     assert info["member_sizes"].shape == (2, 4)
     assert algorithms.make_algorithm(TINY).exact

@@ -107,7 +107,10 @@ def build_chain(sim: Simulation, distilling: bool = False) -> list[Stage]:
                 share_momentum=sim.share_momentum)
     chain.append(privacy.private_aggregate(sim.privacy, num_groups, grid, **wire) if private
                  else aggregate.aggregate(num_groups, grid, **wire))
-    chain.append(observe.observe(num_groups))
+    # One exact mean over every grid axis leaves all peers bitwise equal.
+    agreed = (grid is not None and not private and sim.roundtrip is None
+              and {a for a, r in enumerate(grid.radices) if r > 1} <= set(grid.axes))
+    chain.append(observe.observe(num_groups, agreed))
     return chain
 
 

@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import jax.numpy as jnp
+
 from marfl_jax import comm, mixing
 from marfl_jax.core.stage import Context, Stage, Step
 
 
-def observe(num_groups: int) -> Stage:
+def observe(num_groups: int, agreed: bool = False) -> Stage:
     """Info: `member_sizes` (G, N) int32 (each peer's group size per round, 0 = absent; the
-    ledger's input), `present` (N,) bool (took part in any round) and `consensus_after`."""
+    ledger's input), `present` (N,) bool (took part in any round) and `consensus_after`.
+
+    agreed: the aggregation left every peer with bitwise the same parameters (one exact mean
+    over all of them), so `consensus_after` is exactly 0, which `consensus_distance` would
+    return after a pass over the whole state."""
 
     def stage(step: Step, context: Context):
         return step, {
             "member_sizes": comm.member_sizes(step.schedule, num_groups),
             "present": step.took_part,
-            "consensus_after": mixing.consensus_distance(step.peers.params, step.took_part),
+            "consensus_after": (jnp.float32(0.0) if agreed else
+                                mixing.consensus_distance(step.peers.params, step.took_part)),
         }
 
     return stage

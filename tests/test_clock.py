@@ -154,6 +154,7 @@ def _write_trace(path, slow=(3, 7), n=16):
     return str(path)
 
 
+@pytest.mark.slow
 def test_rows_gain_the_clock_and_keep_everything_else(tmp_path):
     plain = runner.run(TINY, str(tmp_path / "plain")).metrics
     assert not any(name in row for row in plain for name in SIM_FIELDS)
@@ -179,6 +180,7 @@ def test_rows_gain_the_clock_and_keep_everything_else(tmp_path):
     assert timed.summary["sim_seconds_to_target"] is None
 
 
+@pytest.mark.slow
 def test_the_clock_times_the_encoded_messages(tmp_path):
     config = dataclasses.replace(TINY, network="uniform", uplink_mbps=10.0, downlink_mbps=10.0,
                                  latency_ms=20.0, codec="int8", codec_block=256,
@@ -191,6 +193,7 @@ def test_the_clock_times_the_encoded_messages(tmp_path):
                                                     rel=1e-6)
 
 
+@pytest.mark.slow
 def test_a_deadline_cuts_off_the_slow_peers_only_and_the_same_per_seed(tmp_path):
     trace = _write_trace(tmp_path / "trace.csv")
     config = dataclasses.replace(TINY, network="trace", network_trace=trace,
@@ -212,6 +215,7 @@ def _strip(rows):
     return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_clock(tmp_path):
     config = dataclasses.replace(TINY, network="lognormal", round_timeout_s=3.0,
                                  checkpoint_every=1, max_iterations=4)

@@ -125,6 +125,7 @@ TINY = Config(model="mlp", num_peers=8, group_size=2, key_dim=3, local_batches=1
               checkpoint_every=0)
 
 
+@pytest.mark.slow
 def test_weights_only_halves_the_bytes_and_keeps_each_peers_momentum(tmp_path):
     both = runner.run(TINY, str(tmp_path / "both"))
     weights = runner.run(dataclasses.replace(TINY, share_momentum=False), str(tmp_path / "w"))
@@ -136,6 +137,7 @@ def test_weights_only_halves_the_bytes_and_keeps_each_peers_momentum(tmp_path):
     chex.assert_trees_all_close(params, jnp.broadcast_to(params[:1], params.shape), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_a_codec_shrinks_the_ledger_exactly_and_still_learns(tmp_path):
     plain = runner.run(TINY, str(tmp_path / "plain")).metrics
     coded = runner.run(dataclasses.replace(TINY, codec="int8", codec_block=256),
@@ -150,6 +152,7 @@ def test_a_codec_shrinks_the_ledger_exactly_and_still_learns(tmp_path):
 
 # One run per reduction and payload kind: all-gather (MAR-FL; AR-FL, RDFL and gossip share it),
 # butterfly, the server, and DP + MKD payloads through the codec.
+@pytest.mark.slow
 @pytest.mark.parametrize("algorithm, extra", [
     ("marfl", dict(codec="float16", wire="butterfly")),
     ("fedavg", dict(codec="int8", share_momentum=False)),

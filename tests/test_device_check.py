@@ -230,6 +230,7 @@ def _wait_for_lines(out, count: int, proc, timeout_s: float = 180) -> str:
     raise AssertionError(f"fewer than {count} lines after {timeout_s} s")
 
 
+@pytest.mark.smoke
 def test_a_killed_check_keeps_every_line_it_measured(tmp_path):
     out = tmp_path / "check.md"
     proc = _start(out)
@@ -249,6 +250,7 @@ def test_a_killed_check_keeps_every_line_it_measured(tmp_path):
     assert kept[2].startswith("- matmul peak float32, precision 'default': ")
 
 
+@pytest.mark.smoke
 def test_sigterm_leaves_the_lines_and_says_where_it_stopped(tmp_path):
     out = tmp_path / "check.md"
     proc = _start(out)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from marfl_jax import runner
 from marfl_jax.config import Config
@@ -31,6 +32,7 @@ def _flags(config: Config) -> list[str]:
             if f.name not in skip]
 
 
+@pytest.mark.slow
 def test_two_processes_agree_with_one(tmp_path):
     single = runner.run(CONFIG, str(tmp_path / "single")).metrics
     address = f"localhost:{_free_port()}"

@@ -75,6 +75,7 @@ class TestMechanism:
         assert Config(dp=True, num_peers=64, dp_noise_peers="drawn").privacy() == drawn._replace(
             noise_multiplier=0.5)
 
+    @pytest.mark.slow
     def test_thresholds_stay_equal_under_exact_averaging(self, tmp_path):
         """One shared draw for the indicator's noise: at full participation on a grid every
         peer averages the same indicators, so every threshold S stays the same."""
@@ -160,6 +161,7 @@ TINY = Config(model="mlp", num_peers=8, group_size=2, key_dim=3, local_batches=2
 
 class TestRuns:
 
+    @pytest.mark.slow
     def test_zero_noise_huge_clip_unit_server_step_is_plain_marfl(self, tmp_path):
         plain = runner.run(TINY, str(tmp_path / "plain")).metrics
         private = runner.run(dataclasses.replace(
@@ -171,6 +173,7 @@ class TestRuns:
                                        rtol=1e-5)
             assert b["dp_unclipped"] == 1.0 and b["epsilon_rdp"] == math.inf
 
+    @pytest.mark.slow
     @pytest.mark.parametrize("changes", [
         dict(), dict(dropout=0.3, dropout_timing="mid", mkd=True, mkd_iterations=2),
         dict(algorithm="fedavg", update_fraction=0.75, aggregate_fraction=0.75),
@@ -190,6 +193,7 @@ class TestRuns:
         if config.algorithm == "fedavg":  # 6 of 8 peers upload and download.
             assert rows[0]["present_peers"] == 6 and rows[0]["bytes"] == 2 * 6 * (3 * s + 4)
 
+    @pytest.mark.slow
     def test_resume_reproduces_the_straight_run(self, tmp_path):
         config = dataclasses.replace(TINY, dp=True, dropout=0.3, max_iterations=4,
                                      checkpoint_every=2)

@@ -19,6 +19,7 @@ def _rows(workdir):
         return [json.loads(line) for line in f]
 
 
+@pytest.mark.smoke
 def test_tiny_run_writes_outputs_and_exact_ledger(tmp_path):
     result = runner.run(TINY, str(tmp_path))
     rows = _rows(tmp_path)
@@ -46,6 +47,7 @@ def test_tiny_run_writes_outputs_and_exact_ledger(tmp_path):
         assert Config.from_dict(json.load(f)) == dataclasses.replace(TINY, workdir=str(tmp_path))
 
 
+@pytest.mark.slow
 def test_same_seed_same_run_and_consensus_eval(tmp_path):
     a = runner.run(TINY, str(tmp_path / "a")).metrics
     b = runner.run(TINY, str(tmp_path / "b")).metrics
@@ -57,6 +59,7 @@ def test_same_seed_same_run_and_consensus_eval(tmp_path):
     np.testing.assert_allclose(mean_eval.metrics[-1]["accuracy"], a[-1]["accuracy"], atol=1e-3)
 
 
+@pytest.mark.slow
 def test_stops_at_target(tmp_path):
     config = dataclasses.replace(TINY, target_accuracy=0.2, max_iterations=50)
     result = runner.run(config, str(tmp_path))
@@ -65,6 +68,7 @@ def test_stops_at_target(tmp_path):
     assert result.metrics[-1]["accuracy"] >= 0.2
 
 
+@pytest.mark.slow
 def test_bucket_schedule_and_dirichlet_partition(tmp_path):
     config = dataclasses.replace(TINY, num_peers=6, group_size=4, key_dim=2,
                                  partition="dirichlet", dirichlet_alpha=0.3, max_iterations=3)
@@ -91,6 +95,7 @@ def test_cnn_learns_in_a_few_iterations(tmp_path):
 
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("changes, rounds, exact", [
     (dict(num_peers=12, schedule="mixed_radix", key_dim=2), 2, True),  # 12 = 3 x 4.
     (dict(num_peers=9, group_size=3, key_dim=2, wire="butterfly"), 2, True),

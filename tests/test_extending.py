@@ -33,6 +33,7 @@ def test_the_readme_has_three_examples_of_about_twenty_lines():
     assert all(len(e.strip().splitlines()) <= 45 for e in examples)
 
 
+@pytest.mark.slow
 def test_own_model(in_tmp):
     namespace = {}
     exec(_examples()[0], namespace)
@@ -42,6 +43,7 @@ def test_own_model(in_tmp):
     assert os.path.exists(in_tmp / "runs" / "tiny_mlp" / "metrics.jsonl")
 
 
+@pytest.mark.slow
 def test_own_data_and_partition(in_tmp):
     namespace = {}
     exec(_examples()[1], namespace)
@@ -52,6 +54,7 @@ def test_own_data_and_partition(in_tmp):
     assert index.counts.tolist() == [100] * 6
 
 
+@pytest.mark.slow
 def test_own_schedule_and_wire_model(in_tmp):
     namespace = {}
     exec(_examples()[2], namespace)

@@ -19,6 +19,7 @@ def _train(*args, timeout=120):
                           capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("flag,expected", [
     ("--num_peers=0", "--num_peers=0 is not allowed; it must be an integer >= 1"),
     ("--algorithm=sgd", "--algorithm='sgd' is not allowed; choose one of: marfl, fedavg"),
@@ -34,6 +35,7 @@ def test_bad_flag_is_one_clear_line(flag, expected, tmp_path):
     assert not os.listdir(tmp_path)  # Refused before any work.
 
 
+@pytest.mark.smoke
 def test_missing_dataset_fails_fast_with_alternatives(tmp_path):
     env = dict(os.environ, MARFL_OFFLINE="1")
     result = subprocess.run(
@@ -55,6 +57,7 @@ def test_flagfiles_give_valid_configs(path):
     assert config.group_size ** config.key_dim == config.num_peers  # Perfect grids: exact MAR.
 
 
+@pytest.mark.slow
 def test_main_job_runs_briefly(tmp_path):
     result = _train("--model=mlp", "--num_peers=4", "--group_size=2", "--key_dim=2",
                     "--max_iterations=2", f"--workdir={tmp_path}", timeout=300)

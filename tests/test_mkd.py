@@ -128,7 +128,7 @@ class TestDistillRound:
                                                apply_fn(_peer(params, q), images[p, b]),
                                                atol=1e-5)
 
-    @pytest.mark.parametrize("fraction", [0.4, 1.0])
+    @pytest.mark.parametrize("fraction", [pytest.param(0.4, marks=pytest.mark.slow), 1.0])
     def test_equals_a_per_peer_reference(self, fraction):
         group_ids = jnp.array([0, 0, 0, 0, -1, 1, 1, 2], jnp.int32)
         params, images, labels, apply_fn = _mlp_setup(8, seed=3)
@@ -159,6 +159,7 @@ class TestDistillRound:
             chex.assert_trees_all_close(_peer(new_params, p), student, atol=1e-5)
             assert int(stats.teachers[p]) == len(keep)
 
+    @pytest.mark.slow
     def test_a_teacher_identical_to_the_student_teaches_nothing(self):
         params, images, labels, apply_fn = _mlp_setup(2)
         params = jax.tree.map(lambda x: jnp.broadcast_to(x[:1], x.shape), params)  # Twins.
@@ -206,6 +207,7 @@ class TestLedgerAndRuns:
             "payloads"] * 3
         assert kd["mkd_bytes"] == n * d * (m - 1) * s and plain["mkd_bytes"] == 0
 
+    @pytest.mark.slow
     @pytest.mark.parametrize("changes", [
         dict(), dict(dropout=0.5), dict(dropout=0.5, dropout_timing="mid"),
         dict(availability="markov", mean_on_iterations=2.0, mean_off_iterations=2.0,
@@ -229,6 +231,7 @@ class TestLedgerAndRuns:
         assert rows[2]["mkd_bytes"] == 0
         assert np.isfinite(rows[-1]["accuracy"])
 
+    @pytest.mark.slow
     def test_full_participation_distils_every_peer_then_averages_exactly(self, tmp_path):
         config = Config(model="mlp", num_peers=8, group_size=2, key_dim=3, local_batches=1,
                         batch_size=8, eval_every=1, eval_peers="all", max_iterations=1,

@@ -116,6 +116,7 @@ def test_memory_decides_between_plans_about_as_fast():
     assert plan.pick(timings, lambda t: False) is None
 
 
+@pytest.mark.slow
 def test_a_run_keeps_its_plan_when_resumed(tmp_path, monkeypatch):
     monkeypatch.setattr(plan, "MIN_PEER_STEPS", 0)
     monkeypatch.setenv("MARFL_PLAN_CACHE", str(tmp_path / "cache"))
@@ -135,6 +136,7 @@ def test_a_run_keeps_its_plan_when_resumed(tmp_path, monkeypatch):
     assert [r["train_loss"] for r in resumed.metrics] == [r["train_loss"] for r in fixed.metrics]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("setting", [dict(plan="fixed"), dict(max_iterations=1)])
 def test_fixed_and_short_runs_do_not_time(setting, tmp_path, monkeypatch):
     monkeypatch.setattr(plan, "time_plan", lambda *a, **k: pytest.fail("timed"))
@@ -144,6 +146,7 @@ def test_fixed_and_short_runs_do_not_time(setting, tmp_path, monkeypatch):
     assert json.loads((tmp_path / "run" / "plan.json").read_text())["peer_chunk"] == 0
 
 
+@pytest.mark.slow
 def test_a_short_run_reuses_a_cached_choice(tmp_path, monkeypatch):
     monkeypatch.setenv("MARFL_PLAN_CACHE", str(tmp_path / "cache"))
     import jax

@@ -61,6 +61,7 @@ def test_unknown_experiment_is_refused():
         reproduction.experiments(TINY, "w", ["baselines", "churns"])
 
 
+@pytest.mark.slow
 def test_tiny_reproduction_writes_the_report(tmp_path):
     workdir, figures = str(tmp_path / "runs"), str(tmp_path / "figures")
     outcomes = [reproduction.run_experiment(e, figures)
@@ -105,6 +106,7 @@ def test_tiny_reproduction_writes_the_report(tmp_path):
         assert {k: (a[k], b[k]) for k in a if a[k] != b[k]} == {}
 
 
+@pytest.mark.smoke
 def test_launcher_refuses_a_bad_experiment_name(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "launch.reproduce", "--experiments=baselines,bogus",

@@ -31,6 +31,7 @@ def _rows(workdir):
         return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in f]
 
 
+@pytest.mark.slow
 def test_sigkill_and_resume_reproduces_the_uninterrupted_rows(tmp_path):
     runner.run(CONFIG, str(tmp_path / "straight"))
     workdir = tmp_path / "killed"
@@ -57,6 +58,7 @@ def test_sigkill_and_resume_reproduces_the_uninterrupted_rows(tmp_path):
         k: v for k, v in straight.items() if k != "wall_seconds"}
 
 
+@pytest.mark.slow
 def test_finished_run_is_not_rerun_and_can_be_extended(tmp_path):
     short = dataclasses.replace(CONFIG, max_iterations=4)
     first = runner.run(short, str(tmp_path))
@@ -67,6 +69,7 @@ def test_finished_run_is_not_rerun_and_can_be_extended(tmp_path):
     assert len(longer.metrics) == 6
 
 
+@pytest.mark.slow
 def test_workdir_with_another_config_is_refused(tmp_path):
     runner.run(dataclasses.replace(CONFIG, max_iterations=1), str(tmp_path))
     with pytest.raises(ConfigError, match="--workdir=.* different config .*--num_peers"):

@@ -115,6 +115,7 @@ def test_a_workdir_from_before_these_flags_still_resumes(tmp_path):
                               str(tmp_path))
 
 
+@pytest.mark.smoke
 def test_run_traces_at_the_configs_precision_and_leaves_the_callers(monkeypatch, tmp_path,
                                                                     restore_precision):
     from marfl_jax import runner

@@ -86,6 +86,7 @@ def test_chunk_loop_writes_in_place(local_batches):
     assert not copies, copies
 
 
+@pytest.mark.slow
 def test_run_with_peer_chunk_matches_unchunked(tmp_path):
     plain = runner.run(TINY, str(tmp_path / "a")).metrics
     chunked = runner.run(dataclasses.replace(TINY, peer_chunk=3), str(tmp_path / "b")).metrics
@@ -94,6 +95,7 @@ def test_run_with_peer_chunk_matches_unchunked(tmp_path):
         np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-4)
 
 
+@pytest.mark.smoke
 def test_run_that_would_not_fit_is_refused_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match="--num_peers=8 needs about .* GB .*--peer_chunk"):
         runner.run(dataclasses.replace(TINY, memory_limit_gb=1e-6), str(tmp_path / "run"))
@@ -124,6 +126,7 @@ print(json.dumps({"devices": jax.device_count(), "rows": result.metrics,
 """
 
 
+@pytest.mark.slow
 def test_peers_sharded_over_four_cpu_devices_match_one_device(tmp_path):
     config = dataclasses.replace(TINY, mkd=True, mkd_iterations=1, mkd_batches=1)
     single = runner.run(config, str(tmp_path / "single")).metrics

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from marfl_jax import runner, studies
 from marfl_jax.config import Config
 
@@ -50,6 +52,7 @@ def _compare(study: str, workdir, *flags: str) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_compare_mkd_study_writes_csv_and_plot(tmp_path):
     rows = _compare("mkd", tmp_path, "--churn_peers=8", "--max_iterations=2",
                     "--mkd_iterations=1", "--mkd_fractions=1.0", "--target_accuracy=0.99")
@@ -57,6 +60,7 @@ def test_compare_mkd_study_writes_csv_and_plot(tmp_path):
     assert int(rows[0]["mkd_bytes"]) == 0 < int(rows[1]["mkd_bytes"])
 
 
+@pytest.mark.slow
 def test_compare_dp_study_reports_epsilons(tmp_path):
     rows = _compare("dp", tmp_path, "--churn_peers=16", "--max_iterations=2",
                     "--dp_noise_multipliers=0.5")
@@ -79,6 +83,7 @@ def test_codec_configs_cover_every_algorithm_codec_and_momentum_setting():
         ("gossip", "int8", False)]
 
 
+@pytest.mark.slow
 def test_compare_codec_study_across_algorithms_writes_csv_and_plot(tmp_path):
     rows = _compare("codec", tmp_path, "--churn_peers=8", "--max_iterations=1", "--codecs=int8",
                     "--algorithms=fedavg,gossip", "--target_accuracy=0.99")

@@ -133,6 +133,7 @@ class TestHead:
         assert models.uses_dropout(head) and not models.uses_dropout(models.get_model("mlp", 10))
 
 
+@pytest.mark.slow
 def test_mar_fl_runs_on_text_features(bydate, tmp_path):
     config = Config(dataset="20newsgroups", data_dir=str(bydate), model="text_head",
                     feature_dim=16, feature_cache=str(tmp_path / "cache"), num_peers=4,
@@ -156,6 +157,7 @@ def test_config_pairs_models_with_inputs():
         Config(dataset="bbc_news", model="text_head", encoder="npz").validate()
 
 
+@pytest.mark.slow
 def test_20ng_flagfile_fails_clearly_without_the_corpus(tmp_path):
     env = dict(os.environ, MARFL_OFFLINE="1", SCIKIT_LEARN_DATA=str(tmp_path / "empty"))
     result = subprocess.run(

@@ -35,6 +35,7 @@ def test_rows_must_be_contiguous_and_reach_the_checkpoint(tmp_path):
         workdir.read_rows(str(path), 3)
 
 
+@pytest.mark.slow
 def test_resume_rewrites_the_rows_atomically(tmp_path, monkeypatch):
     """Kill the rewrite itself: the file on disk is the old one, whole, and a rerun recovers."""
     straight = runner.run(TINY, str(tmp_path / "straight")).metrics
@@ -60,6 +61,7 @@ def test_resume_rewrites_the_rows_atomically(tmp_path, monkeypatch):
     assert _rows(runner.run(TINY, str(tmp_path / "run")).metrics) == _rows(straight)
 
 
+@pytest.mark.slow
 def test_a_fresh_run_does_not_restore_stale_checkpoints(tmp_path):
     """Checkpoints left behind without a config.json (another run's, further along) are not
     resumed: the run and its resumption equal a run in an empty workdir."""
@@ -72,6 +74,7 @@ def test_a_fresh_run_does_not_restore_stale_checkpoints(tmp_path):
     assert _rows(resumed) == _rows(runner.run(TINY, str(tmp_path / "clean")).metrics)
 
 
+@pytest.mark.slow
 def test_resume_inside_the_mkd_window(tmp_path):
     config = dataclasses.replace(TINY, mkd=True, mkd_iterations=3, mkd_batches=1,
                                  checkpoint_every=1, max_iterations=4)
@@ -82,6 +85,7 @@ def test_resume_inside_the_mkd_window(tmp_path):
     assert _rows(resumed) == _rows(straight)
 
 
+@pytest.mark.slow
 def test_peer_chunk_is_not_a_resumable_change(tmp_path):
     runner.run(dataclasses.replace(TINY, max_iterations=1), str(tmp_path))
     with pytest.raises(ConfigError, match="--peer_chunk"):

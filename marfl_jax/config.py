@@ -257,6 +257,9 @@ class Config:
                           check=(bool, "a non-empty path"))
     checkpoint_every: int = _field(25, "Checkpoint every k iterations (0 = only at the end).",
                                    check=((lambda v: v >= 0), "an integer >= 0"))
+    wandb_project: str = _field("", "Also log the rows to this Weights & Biases project ('' = "
+                                "off; needs pip install wandb). TensorBoard files are always "
+                                "written to WORKDIR/tb/.")
 
     @property
     def eval_peer_count(self) -> int | None:
@@ -279,6 +282,7 @@ class Config:
         self._check_distillation()
         self._check_privacy()
         self._check_network()
+        self._check_tracking()
         return self
 
     def _check_data(self) -> None:
@@ -340,6 +344,10 @@ class Config:
         if self.round_timeout_s and self.network == "none":
             raise ConfigError("--round_timeout_s needs the clock: set --network to one of: "
                               "uniform, lognormal, trace")
+
+    def _check_tracking(self) -> None:
+        if self.wandb_project and not installed("wandb"):
+            raise ConfigError(wandb_missing(self.wandb_project))
 
     def section(self, name: str) -> dict[str, Any]:
         """The fields of one concern (a key of SECTIONS) and their values."""
@@ -416,7 +424,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
                 "round_timeout_s"),
     "scale": ("peer_chunk", "plan", "plan_budget_s", "memory_limit_gb", "deterministic"),
     "run": ("eval_every", "eval_peers", "target_accuracy", "max_iterations", "seed", "workdir",
-            "checkpoint_every"),
+            "checkpoint_every", "wandb_project"),
 }
 
 
@@ -426,6 +434,12 @@ def installed(module: str) -> bool:
         return importlib.util.find_spec(module) is not None
     except (ImportError, ValueError):  # Blocked (sys.modules[name] = None) or a broken spec.
         return False
+
+
+def wandb_missing(project: str) -> str:
+    """The error of --wandb_project without wandb installed."""
+    return (f"--wandb_project={project!r} needs wandb, which is not installed: pip install wandb "
+            "(or leave --wandb_project empty; TensorBoard files are written anyway)")
 
 
 def _check(ok: bool, name: str, value: Any, allowed: str) -> None:

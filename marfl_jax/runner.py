@@ -12,6 +12,7 @@ run would.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -35,6 +36,7 @@ from marfl_jax import (
     network,
     runtime,
     sharding,
+    tracking,
 )
 from marfl_jax import codec as codec_lib
 from marfl_jax import data as data_lib
@@ -236,11 +238,12 @@ def run(config: Config, workdir: str | None = None) -> RunResult:
     (default `config.workdir`). Returns the summary, the metrics rows and the final state."""
     config.validate()
     runtime.prepare_backend(config)  # XLA_FLAGS, before the backend starts.
-    with runtime.matmul_precision(config):  # What this run traces; the caller's is kept.
-        return _run(config, workdir)
+    with (runtime.matmul_precision(config),  # What this run traces; the caller's is kept.
+          contextlib.ExitStack() as closing):  # The tracker, closed on an error too.
+        return _run(config, workdir, closing)
 
 
-def _run(config: Config, workdir: str | None) -> RunResult:
+def _run(config: Config, workdir: str | None, closing: contextlib.ExitStack) -> RunResult:
     workdir = workdir or config.workdir
     config = dataclasses.replace(config, workdir=workdir)
     previous = files.previous_config(config, workdir)
@@ -352,6 +355,7 @@ def _run(config: Config, workdir: str | None) -> RunResult:
     sim_elapsed = [metrics[-1].get("cumulative_sim_seconds", 0.0) if metrics else 0.0]
     sharding.barrier("metrics read")
     rows = files.Rows(metrics_path, metrics, write=primary)
+    tracker = closing.enter_context(tracking.open(config, workdir, primary, first_iteration))
 
     # -- The loop: one jitted iteration, then the ledger, evaluation and logging on the host.
     #    An iteration whose state the host does not need (no evaluation, no checkpoint after
@@ -398,6 +402,7 @@ def _run(config: Config, workdir: str | None) -> RunResult:
         row["seconds"] = round(time.time() - start, 3)
         metrics.append(row)
         rows.append(row)
+        tracker.log(row)  # TensorBoard (WORKDIR/tb/), W&B with --wandb_project.
 
     t = first_iteration
     loop_start = time.time()
@@ -440,6 +445,7 @@ def _run(config: Config, workdir: str | None) -> RunResult:
                 "ledger": {name: getattr(ledger, name) for name in LEDGER_TOTALS},
                 **({} if accountant is None else {"privacy": accountant.state()})})
     rows.close()
+    tracker.close()
 
     # -- The summary.
     wall_seconds = round(time.time() - start, 3)

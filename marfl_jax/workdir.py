@@ -20,7 +20,7 @@ from marfl_jax.config import Config, ConfigError
 
 # Fields that may change between a run and its resumption (they do not change the trajectory).
 RESUMABLE_CHANGES = ("max_iterations", "checkpoint_every", "workdir", "memory_limit_gb",
-                     "plan_budget_s")
+                     "plan_budget_s", "wandb_project")
 
 
 def write_atomically(path: str, text: str) -> None:
@@ -38,7 +38,7 @@ def previous_config(config: Config, workdir: str) -> Config | None:
     run. A fresh run clears stale checkpoints and rows that no config.json accounts for."""
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
-        for stale in ("checkpoints", "metrics.jsonl", "summary.json", "plan.json"):
+        for stale in ("checkpoints", "metrics.jsonl", "summary.json", "plan.json", "tb"):
             stale_path = os.path.join(workdir, stale)
             if os.path.exists(stale_path) and sharding.is_primary():
                 logging.warning("fresh run: removing %s, left without a config.json", stale_path)

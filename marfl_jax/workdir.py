@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 
@@ -21,6 +22,23 @@ from marfl_jax.config import Config, ConfigError
 # Fields that may change between a run and its resumption (they do not change the trajectory).
 RESUMABLE_CHANGES = ("max_iterations", "checkpoint_every", "workdir", "memory_limit_gb",
                      "plan_budget_s")
+
+
+def strict_json(value):
+    """`value` with every non-finite float (NaN, +-inf) replaced by None, so that it is
+    written as strict JSON (null) rather than Python's NaN / Infinity."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: strict_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(item) for item in value]
+    return value
+
+
+def dumps(value, **kwargs) -> str:
+    """Strict JSON: non-finite numbers become null (`strict_json`)."""
+    return json.dumps(strict_json(value), allow_nan=False, **kwargs)
 
 
 def write_atomically(path: str, text: str) -> None:
@@ -86,7 +104,8 @@ def read_rows(path: str, before: int) -> list[dict]:
 
 
 class Rows:
-    """metrics.jsonl: the rows kept from before a resumption, then one appended per iteration.
+    """metrics.jsonl: the rows kept from before a resumption, then one appended per iteration,
+    in strict JSON (a non-finite number is written as null).
 
     Opening rewrites the kept rows atomically (a kill at any moment leaves either the old file
     or the kept rows), then appends."""
@@ -94,12 +113,12 @@ class Rows:
     def __init__(self, path: str, kept: list[dict], write: bool = True):
         self._file = None
         if write:
-            write_atomically(path, "".join(json.dumps(row) + "\n" for row in kept))
+            write_atomically(path, "".join(dumps(row) + "\n" for row in kept))
             self._file = open(path, "a")  # noqa: SIM115 (closed by close()).
 
     def append(self, row: dict) -> None:
         if self._file is not None:
-            self._file.write(json.dumps(row) + "\n")
+            self._file.write(dumps(row) + "\n")
             self._file.flush()
 
     def close(self) -> None:
@@ -141,7 +160,7 @@ class Checkpoints:
 
 
 def write_json(path: str, value: dict) -> None:
-    write_atomically(path, json.dumps(value, indent=2))
+    write_atomically(path, dumps(value, indent=2))
 
 
 def read_json(path: str) -> dict | None:

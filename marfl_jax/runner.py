@@ -12,6 +12,7 @@ run would.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -230,14 +231,17 @@ def run(config: Config, workdir: str | None = None) -> RunResult:
     """Runs (or resumes) the experiment described by `config`, writing its outputs to `workdir`
     (default `config.workdir`). Returns the summary, the metrics rows and the final state.
 
-    A non-finite train loss, evaluation loss or parameter stops it with
+    The run holds the workdir's lock throughout (`workdir.locked`: a second run on it is refused
+    at once). A non-finite train loss, evaluation loss or parameter stops it with
     `watch.DivergenceError`, after the row of the iteration that diverged and the summary are
     written. No checkpoint is written then: every checkpoint is saved only after the rows up to
     it were checked, so the latest one on disk (if any) is the last finite state saved. (The
     state before the diverging iteration is not kept: the iteration donates it.)"""
     config.validate()
     runtime.prepare_backend(config)  # XLA_FLAGS, before the backend starts.
-    with runtime.matmul_precision(config):  # What this run traces; the caller's is kept.
+    workdir = workdir or config.workdir
+    with (runtime.matmul_precision(config),  # What this run traces; the caller's is kept.
+          files.locked(workdir) if sharding.is_primary() else contextlib.nullcontext()):
         return _run(config, workdir)
 
 

@@ -7,7 +7,9 @@ a temporary name and renamed over the old one; rows are appended one line at a t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import math
 import os
@@ -22,6 +24,40 @@ from marfl_jax.config import Config, ConfigError
 # Fields that may change between a run and its resumption (they do not change the trajectory).
 RESUMABLE_CHANGES = ("max_iterations", "checkpoint_every", "workdir", "memory_limit_gb",
                      "plan_budget_s")
+
+
+class WorkdirInUseError(ConfigError):
+    """Another live process holds the workdir's lock."""
+
+
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def locked(workdir: str):
+    """Holds `WORKDIR/.lock` (an exclusive `fcntl.flock`) for the duration of the block, with
+    this process's id written in it; refuses at once a workdir another process holds.
+
+    The OS drops the lock when its holder's file is closed, however the process ends (SIGKILL
+    included), so a dead run leaves nothing that blocks: the file itself stays, unlocked.
+    flock locks belong to the open file, so a second `locked` on one workdir in the same process
+    is refused too."""
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, LOCK_FILE)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            raise WorkdirInUseError(
+                f"--workdir={workdir} is in use by another run (process {holder} holds {path}); "
+                "wait for it to end, or use another --workdir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)  # Releases the lock.
 
 
 def strict_json(value):

@@ -3,10 +3,15 @@
 import dataclasses
 import json
 import os
+import re
+import subprocess
+import sys
 
 import pytest
 
 from marfl_jax import Config, ConfigError, runner, workdir
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY = Config(model="mlp", num_peers=8, group_size=2, key_dim=3, local_batches=1, batch_size=8,
               eval_every=1, eval_peers="3", max_iterations=4, target_accuracy=1.0,
@@ -86,3 +91,32 @@ def test_peer_chunk_is_not_a_resumable_change(tmp_path):
     runner.run(dataclasses.replace(TINY, max_iterations=1), str(tmp_path))
     with pytest.raises(ConfigError, match="--peer_chunk"):
         runner.run(dataclasses.replace(TINY, peer_chunk=3), str(tmp_path))
+
+
+def test_a_workdir_held_by_another_run_is_refused_at_once(tmp_path):
+    """flock locks belong to the open file: a second open in this process conflicts too."""
+    with workdir.locked(str(tmp_path)):
+        with pytest.raises(workdir.WorkdirInUseError, match=re.escape(
+                f"--workdir={tmp_path} is in use by another run (process {os.getpid()} holds "
+                f"{tmp_path / '.lock'})")):
+            runner.run(TINY, str(tmp_path))
+    assert not (tmp_path / "config.json").exists()  # Refused before any work.
+    with workdir.locked(str(tmp_path)):  # Released with the block.
+        pass
+
+
+def test_a_killed_holder_leaves_nothing_that_blocks(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom marfl_jax import workdir\n"
+         "with workdir.locked(sys.argv[1]):\n    print('locked', flush=True)\n"
+         "    time.sleep(300)\n", str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ConfigError, match=f"process {holder.pid} holds"):
+            with workdir.locked(str(tmp_path)):
+                pass
+    finally:
+        holder.kill()  # SIGKILL: no cleanup runs in the holder.
+        holder.wait()
+    with workdir.locked(str(tmp_path)):
+        assert (tmp_path / ".lock").read_text().strip() == str(os.getpid())

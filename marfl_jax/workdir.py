@@ -14,6 +14,7 @@ import json
 import math
 import os
 import shutil
+import sys
 
 import jax
 from absl import logging
@@ -163,15 +164,22 @@ class Rows:
 
 
 class Checkpoints:
-    """The latest FLState plus host-side JSON (ledger, iteration), saved with orbax."""
+    """The last two FLStates plus host-side JSON (ledger, iteration), saved with orbax.
+
+    Two are kept so that one that cannot be restored (a file truncated by a full disk, a copy
+    cut short) falls back to the one before it."""
+
+    KEEP = 2
 
     def __init__(self, directory: str):
         import orbax.checkpoint as ocp  # Deferred: a heavy import only runs need.
 
         self._ocp = ocp
+        self.directory = os.path.abspath(directory)
         self._manager = ocp.CheckpointManager(
-            os.path.abspath(directory),
-            options=ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False))
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=self.KEEP,
+                                                 enable_async_checkpointing=False))
 
     def latest(self) -> int | None:
         return self._manager.latest_step()
@@ -183,16 +191,58 @@ class Checkpoints:
         self._manager.wait_until_finished()
 
     def restore(self, abstract, mesh=None) -> tuple[tuple, dict]:
-        """The latest state's leaves (as the tuple `abstract` describes), placed as
-        `sharding.shard_peers` would (one device without mesh), and the host JSON."""
+        """The latest state that restores: its leaves (as the tuple `abstract` describes),
+        placed as `sharding.shard_peers` would (one device without mesh), and the host JSON.
+
+        A checkpoint that fails to restore is reported in one line and the one before it is
+        tried; the failed ones are then removed (the run saves those steps again as it
+        redoes them). When none restores, raises ConfigError naming the files to remove."""
         args = self._ocp.args
         placement = (sharding.by_peer(mesh) if mesh is not None
                      else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=placement), abstract)
-        restored = self._manager.restore(self.latest(), args=args.Composite(
-            state=args.StandardRestore(abstract), host=args.JsonRestore()))
-        return restored["state"], restored["host"]
+        failed = []
+        for step in sorted(self._manager.all_steps(), reverse=True):
+            try:
+                restored = self._manager.restore(step, args=args.Composite(
+                    state=args.StandardRestore(abstract), host=args.JsonRestore()))
+            except Exception as error:  # noqa: BLE001 (any failure: try the one before).
+                reason = " ".join(f"{type(error).__name__}: {error}".split())
+                logging.warning("checkpoint %s cannot be restored (%s); trying the one "
+                                "before it", os.path.join(self.directory, str(step)),
+                                reason[:300])
+                failed.append(step)
+                _quiet_closed_loop_callbacks()
+                continue
+            for bad in failed:
+                self._manager.delete(bad)
+            if failed:
+                logging.warning("restored checkpoint %s instead; removed the ones that "
+                                "failed (%s)", os.path.join(self.directory, str(step)),
+                                ", ".join(map(str, failed)))
+            return restored["state"], restored["host"]
+        raise ConfigError(
+            f"no checkpoint under {self.directory} can be restored (tried "
+            f"{', '.join(map(str, failed))}); remove {self.directory} to start the run again "
+            "from iteration 0 (its rows are rewritten), or use another --workdir")
+
+def _quiet_closed_loop_callbacks() -> None:
+    """Drops the reports of one harmless exception from then on: after a failed restore,
+    tensorstore's reads still in flight complete on its threads and call back into the asyncio
+    loop orbax closed, each printing a traceback ('Event loop is closed') through
+    sys.unraisablehook. Every other unraisable exception is reported as before."""
+    previous = sys.unraisablehook
+    if getattr(previous, "quiets_closed_loops", False):
+        return
+
+    def hook(unraisable):
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.quiets_closed_loops = True
+    sys.unraisablehook = hook
 
 
 def write_json(path: str, value: dict) -> None:

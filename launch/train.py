@@ -7,7 +7,8 @@ Every flag is a field of `marfl_jax.config.Config`; `--helpfull` lists them. Sev
 (hosts) run one simulation together with `--coordinator_address=HOST:PORT --num_processes=K
 --process_id=I` (one command per process; the peer axis is sharded over all their devices).
 A bad value stops the launcher with one line naming the flag and the allowed values, before any
-work starts.
+work starts (exit status 2, as for a workdir another run holds); a run that diverges stops with
+one line naming the iteration and what to try (exit status 3).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from absl import app, flags
 from launch import logs
 from launch.flags import config_from_flags, define_config_flags
 from marfl_jax.config import ConfigError
+from marfl_jax.watch import DivergenceError
 
 define_config_flags()
 flags.DEFINE_string("coordinator_address", "", "Multi-process runs: host:port of process 0 "
@@ -57,6 +59,9 @@ def main(argv: list[str]) -> None:
     except (ConfigError, data.DataUnavailableError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except DivergenceError as error:  # Its rows, summary and last finite checkpoint are kept.
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(3)
     if flags.FLAGS.process_id == 0:
         from marfl_jax import plotting  # Deferred: matplotlib.
 

@@ -19,6 +19,7 @@ from marfl_jax.data import DATASETS, PARTITIONS, Dataset, DataUnavailableError, 
 from marfl_jax.models import MODELS
 from marfl_jax.registry import Registry
 from marfl_jax.runner import RunResult, run
+from marfl_jax.watch import DivergenceError
 
 __version__ = "0.1.0"
 
@@ -31,6 +32,7 @@ __all__ = [
     "DATASETS",
     "Dataset",
     "DataUnavailableError",
+    "DivergenceError",
     "FLState",
     "Ledger",
     "MODELS",

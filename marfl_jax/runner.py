@@ -37,6 +37,7 @@ from marfl_jax import (
     runtime,
     sharding,
     tracking,
+    watch,
 )
 from marfl_jax import codec as codec_lib
 from marfl_jax import data as data_lib
@@ -227,18 +228,21 @@ def format_bytes(n: int) -> str:
     raise AssertionError
 
 
-def format_duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
-
-
 def run(config: Config, workdir: str | None = None) -> RunResult:
     """Runs (or resumes) the experiment described by `config`, writing its outputs to `workdir`
-    (default `config.workdir`). Returns the summary, the metrics rows and the final state."""
+    (default `config.workdir`). Returns the summary, the metrics rows and the final state.
+
+    The run holds the workdir's lock throughout (`workdir.locked`: a second run on it is refused
+    at once). A non-finite train loss, evaluation loss or parameter stops it with
+    `watch.DivergenceError`, after the row of the iteration that diverged and the summary are
+    written. No checkpoint is written then: every checkpoint is saved only after the rows up to
+    it were checked, so the latest one on disk (if any) is the last finite state saved. (The
+    state before the diverging iteration is not kept: the iteration donates it.)"""
     config.validate()
     runtime.prepare_backend(config)  # XLA_FLAGS, before the backend starts.
+    workdir = workdir or config.workdir
     with (runtime.matmul_precision(config),  # What this run traces; the caller's is kept.
+          files.locked(workdir) if sharding.is_primary() else contextlib.nullcontext(),
           contextlib.ExitStack() as closing):  # The tracker, closed on an error too.
         return _run(config, workdir, closing)
 
@@ -378,6 +382,8 @@ def _run(config: Config, workdir: str | None, closing: contextlib.ExitStack) -> 
                    train_loss=float(info["train_loss"]),
                    consensus_before=float(info["consensus_before"]),
                    consensus_after=float(info["consensus_after"]))
+        if not info["params_finite"]:
+            row["params_finite"] = False  # Only in a row that diverged.
         if sim.clock is not None:
             row.update({name: float(info[name]) for name in SIM_SECONDS})
             row["stragglers"] = int(info["stragglers"])
@@ -407,13 +413,16 @@ def _run(config: Config, workdir: str | None, closing: contextlib.ExitStack) -> 
     t = first_iteration
     loop_start = time.time()
     pending = None  # (t, info, distilling) of an iteration not yet recorded.
+    diverged = None  # The message, once a row holds a non-finite loss or parameter.
     while reached_at is None and t < config.max_iterations:
         distilling = distillation is not None and distillation.active(t)
         weight = (np.float32(distillation.weight(t)),) if distilling else ()
         state, info = compiled_step(distilling)(state, key_at(t), data, *weight)
         if pending is not None:
-            finish(row_of(*pending))
+            finish(row := row_of(*pending))
             pending = None
+            if diverged := watch.divergence(row, config.learning_rate):
+                break
         evaluating = t % config.eval_every == 0 or t == config.max_iterations - 1
         checkpointing = config.checkpoint_every and (t + 1) % config.checkpoint_every == 0
         if not (evaluating or checkpointing):
@@ -427,15 +436,18 @@ def _run(config: Config, workdir: str | None, closing: contextlib.ExitStack) -> 
             if accountant is not None:
                 row.update(accountant.epsilons())
         finish(row)
+        if diverged := watch.divergence(row, config.learning_rate):
+            break  # Before any checkpoint of this state.
         t += 1
         if evaluating:
             rate = (t - first_iteration) / max(time.time() - loop_start, 1e-9)
             simulated = ("" if sim.clock is None else
                          f" | {row['cumulative_sim_seconds'] / 3600:.3g} h simulated")
             logging.info("iteration %d/%d | accuracy %.4f | loss %.4f | %s%s | %.3g it/s | "
-                         "ETA %s", t - 1, config.max_iterations, row["accuracy"], row["loss"],
+                         "%s", t - 1, config.max_iterations, row["accuracy"], row["loss"],
                          format_bytes(row["cumulative_bytes"]), simulated, rate,
-                         format_duration((config.max_iterations - t) / rate))
+                         watch.progress(t, config.max_iterations, rate, metrics,
+                                        config.target_accuracy))
             if row["accuracy"] >= config.target_accuracy:
                 reached_at = t - 1
         done = reached_at is not None or t == config.max_iterations
@@ -450,7 +462,8 @@ def _run(config: Config, workdir: str | None, closing: contextlib.ExitStack) -> 
     # -- The summary.
     wall_seconds = round(time.time() - start, 3)
     summary_path = os.path.join(workdir, "summary.json")
-    finished_before = files.read_json(summary_path) if t == first_iteration else None
+    finished_before = (files.read_json(summary_path) if t == first_iteration and not diverged
+                       else None)
     if finished_before is not None:  # Its time is the one it took then, not this restore's.
         wall_seconds = finished_before.get("wall_seconds", wall_seconds)
     evaluated = [r for r in metrics if "accuracy" in r]
@@ -472,7 +485,14 @@ def _run(config: Config, workdir: str | None, closing: contextlib.ExitStack) -> 
                                               if reached_at is not None else None))
     if accountant is not None:
         summary.update(dp_delta=config.privacy_delta, **accountant.epsilons())
+    if diverged:
+        latest = checkpoints.latest()
+        diverged += ("; no checkpoint was saved" if latest is None else
+                     f"; the latest checkpoint (after iteration {latest - 1}) holds a finite state")
+        summary["diverged"] = diverged
     if primary:
         files.write_json(summary_path, summary)
+    if diverged:
+        raise watch.DivergenceError(diverged)
     logging.info("done: %s", summary)
     return RunResult(summary, metrics, state)

@@ -7,10 +7,14 @@ a temporary name and renamed over the old one; rows are appended one line at a t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
+import math
 import os
 import shutil
+import sys
 
 import jax
 from absl import logging
@@ -21,6 +25,57 @@ from marfl_jax.config import Config, ConfigError
 # Fields that may change between a run and its resumption (they do not change the trajectory).
 RESUMABLE_CHANGES = ("max_iterations", "checkpoint_every", "workdir", "memory_limit_gb",
                      "plan_budget_s", "wandb_project")
+
+
+class WorkdirInUseError(ConfigError):
+    """Another live process holds the workdir's lock."""
+
+
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def locked(workdir: str):
+    """Holds `WORKDIR/.lock` (an exclusive `fcntl.flock`) for the duration of the block, with
+    this process's id written in it; refuses at once a workdir another process holds.
+
+    The OS drops the lock when its holder's file is closed, however the process ends (SIGKILL
+    included), so a dead run leaves nothing that blocks: the file itself stays, unlocked.
+    flock locks belong to the open file, so a second `locked` on one workdir in the same process
+    is refused too."""
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, LOCK_FILE)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            raise WorkdirInUseError(
+                f"--workdir={workdir} is in use by another run (process {holder} holds {path}); "
+                "wait for it to end, or use another --workdir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)  # Releases the lock.
+
+
+def strict_json(value):
+    """`value` with every non-finite float (NaN, +-inf) replaced by None, so that it is
+    written as strict JSON (null) rather than Python's NaN / Infinity."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: strict_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(item) for item in value]
+    return value
+
+
+def dumps(value, **kwargs) -> str:
+    """Strict JSON: non-finite numbers become null (`strict_json`)."""
+    return json.dumps(strict_json(value), allow_nan=False, **kwargs)
 
 
 def write_atomically(path: str, text: str) -> None:
@@ -86,7 +141,8 @@ def read_rows(path: str, before: int) -> list[dict]:
 
 
 class Rows:
-    """metrics.jsonl: the rows kept from before a resumption, then one appended per iteration.
+    """metrics.jsonl: the rows kept from before a resumption, then one appended per iteration,
+    in strict JSON (a non-finite number is written as null).
 
     Opening rewrites the kept rows atomically (a kill at any moment leaves either the old file
     or the kept rows), then appends."""
@@ -94,12 +150,12 @@ class Rows:
     def __init__(self, path: str, kept: list[dict], write: bool = True):
         self._file = None
         if write:
-            write_atomically(path, "".join(json.dumps(row) + "\n" for row in kept))
+            write_atomically(path, "".join(dumps(row) + "\n" for row in kept))
             self._file = open(path, "a")  # noqa: SIM115 (closed by close()).
 
     def append(self, row: dict) -> None:
         if self._file is not None:
-            self._file.write(json.dumps(row) + "\n")
+            self._file.write(dumps(row) + "\n")
             self._file.flush()
 
     def close(self) -> None:
@@ -108,15 +164,22 @@ class Rows:
 
 
 class Checkpoints:
-    """The latest FLState plus host-side JSON (ledger, iteration), saved with orbax."""
+    """The last two FLStates plus host-side JSON (ledger, iteration), saved with orbax.
+
+    Two are kept so that one that cannot be restored (a file truncated by a full disk, a copy
+    cut short) falls back to the one before it."""
+
+    KEEP = 2
 
     def __init__(self, directory: str):
         import orbax.checkpoint as ocp  # Deferred: a heavy import only runs need.
 
         self._ocp = ocp
+        self.directory = os.path.abspath(directory)
         self._manager = ocp.CheckpointManager(
-            os.path.abspath(directory),
-            options=ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False))
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=self.KEEP,
+                                                 enable_async_checkpointing=False))
 
     def latest(self) -> int | None:
         return self._manager.latest_step()
@@ -128,20 +191,62 @@ class Checkpoints:
         self._manager.wait_until_finished()
 
     def restore(self, abstract, mesh=None) -> tuple[tuple, dict]:
-        """The latest state's leaves (as the tuple `abstract` describes), placed as
-        `sharding.shard_peers` would (one device without mesh), and the host JSON."""
+        """The latest state that restores: its leaves (as the tuple `abstract` describes),
+        placed as `sharding.shard_peers` would (one device without mesh), and the host JSON.
+
+        A checkpoint that fails to restore is reported in one line and the one before it is
+        tried; the failed ones are then removed (the run saves those steps again as it
+        redoes them). When none restores, raises ConfigError naming the files to remove."""
         args = self._ocp.args
         placement = (sharding.by_peer(mesh) if mesh is not None
                      else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=placement), abstract)
-        restored = self._manager.restore(self.latest(), args=args.Composite(
-            state=args.StandardRestore(abstract), host=args.JsonRestore()))
-        return restored["state"], restored["host"]
+        failed = []
+        for step in sorted(self._manager.all_steps(), reverse=True):
+            try:
+                restored = self._manager.restore(step, args=args.Composite(
+                    state=args.StandardRestore(abstract), host=args.JsonRestore()))
+            except Exception as error:  # noqa: BLE001 (any failure: try the one before).
+                reason = " ".join(f"{type(error).__name__}: {error}".split())
+                logging.warning("checkpoint %s cannot be restored (%s); trying the one "
+                                "before it", os.path.join(self.directory, str(step)),
+                                reason[:300])
+                failed.append(step)
+                _quiet_closed_loop_callbacks()
+                continue
+            for bad in failed:
+                self._manager.delete(bad)
+            if failed:
+                logging.warning("restored checkpoint %s instead; removed the ones that "
+                                "failed (%s)", os.path.join(self.directory, str(step)),
+                                ", ".join(map(str, failed)))
+            return restored["state"], restored["host"]
+        raise ConfigError(
+            f"no checkpoint under {self.directory} can be restored (tried "
+            f"{', '.join(map(str, failed))}); remove {self.directory} to start the run again "
+            "from iteration 0 (its rows are rewritten), or use another --workdir")
+
+def _quiet_closed_loop_callbacks() -> None:
+    """Drops the reports of one harmless exception from then on: after a failed restore,
+    tensorstore's reads still in flight complete on its threads and call back into the asyncio
+    loop orbax closed, each printing a traceback ('Event loop is closed') through
+    sys.unraisablehook. Every other unraisable exception is reported as before."""
+    previous = sys.unraisablehook
+    if getattr(previous, "quiets_closed_loops", False):
+        return
+
+    def hook(unraisable):
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.quiets_closed_loops = True
+    sys.unraisablehook = hook
 
 
 def write_json(path: str, value: dict) -> None:
-    write_atomically(path, json.dumps(value, indent=2))
+    write_atomically(path, dumps(value, indent=2))
 
 
 def read_json(path: str) -> dict | None:

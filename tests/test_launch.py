@@ -2,6 +2,7 @@
 
 import glob
 import os
+import re
 import subprocess
 import sys
 
@@ -70,3 +71,16 @@ def test_main_job_runs_briefly(tmp_path):
         assert noise not in result.stderr, noise
     # The launcher re-executed itself with the allocator settings (Linux CPU, glibc).
     assert "process: allocator tunables on; compilation cache /" in result.stderr
+
+
+@pytest.mark.slow
+def test_a_diverging_run_stops_with_one_line_and_status_3(tmp_path):
+    result = _train("--model=mlp", "--num_peers=16", "--group_size=4", "--key_dim=2",
+                    "--learning_rate=1e4", "--max_iterations=10", "--eval_every=2",
+                    "--checkpoint_every=2", f"--workdir={tmp_path}", timeout=300)
+    assert result.returncode == 3, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr
+    assert re.fullmatch(r"error: iteration \d: .*: the run diverged; try a lower --learning_rate "
+                        r"\(now 10000\) in another --workdir; .*", errors[0]), errors[0]
+    assert os.path.exists(tmp_path / "summary.json")

@@ -42,7 +42,9 @@ def locked(workdir: str):
     The OS drops the lock when its holder's file is closed, however the process ends (SIGKILL
     included), so a dead run leaves nothing that blocks: the file itself stays, unlocked.
     flock locks belong to the open file, so a second `locked` on one workdir in the same process
-    is refused too."""
+    is refused too. A workdir this call created and the run left empty (refused before it wrote
+    anything) is removed again."""
+    created = not os.path.exists(workdir)
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, LOCK_FILE)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -58,6 +60,9 @@ def locked(workdir: str):
         os.write(fd, f"{os.getpid()}\n".encode())
         yield
     finally:
+        if created and os.listdir(workdir) == [LOCK_FILE]:
+            os.remove(path)
+            os.rmdir(workdir)
         os.close(fd)  # Releases the lock.
 
 

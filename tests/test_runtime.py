@@ -121,7 +121,7 @@ def test_run_traces_at_the_configs_precision_and_leaves_the_callers(monkeypatch,
     from marfl_jax import runner
 
     seen = []
-    monkeypatch.setattr(runner, "_run", lambda config, workdir: seen.append(
+    monkeypatch.setattr(runner, "_run", lambda config, workdir, *rest: seen.append(
         jax.config.jax_default_matmul_precision))
     jax.config.update("jax_default_matmul_precision", "bfloat16")
     for flag in ("highest", "default"):

@@ -178,6 +178,7 @@ def test_wandb_backend_with_a_fake_module(tmp_path, monkeypatch):
     assert scalars(visible(read_events(str(tmp_path / tracking.TB_DIR))))["accuracy"]
 
 
+@pytest.mark.smoke
 def test_wandb_project_without_wandb_names_the_flag(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import raises ImportError.
     config = dataclasses.replace(CONFIG, wandb_project="marfl")

@@ -98,6 +98,7 @@ def test_peer_chunk_is_not_a_resumable_change(tmp_path):
         runner.run(dataclasses.replace(TINY, peer_chunk=3), str(tmp_path))
 
 
+@pytest.mark.smoke
 def test_a_workdir_held_by_another_run_is_refused_at_once(tmp_path):
     """flock locks belong to the open file: a second open in this process conflicts too."""
     with workdir.locked(str(tmp_path)):

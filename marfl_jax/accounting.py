@@ -14,7 +14,7 @@ add-or-remove-one relation.
 * The authors' formula (`dp.authors_epsilon`, order 32, and its sweep) at the latest q_t, for
   comparison only.
 
-What the epsilon does not cover is listed in the README ("Differential privacy").
+What the epsilon does not cover is listed in docs/running.md ("Differential privacy").
 """
 
 from __future__ import annotations

@@ -193,7 +193,7 @@ class Config:
         "aggregating", "n of the noise split z_Delta, sigma_b = n/20: the peers 'aggregating' "
         "this iteration, after dropout (the authors), or the peers 'drawn' to aggregate "
         "(constant per run).", lambda: ("aggregating", "drawn"))
-    # The simulated clock (marfl_jax/clock.py, network.py; assumptions in the README).
+    # The simulated clock (marfl_jax/clock.py, network.py; assumptions in docs/running.md).
     network: str = _field(
         "none", "Peer links and speeds of the simulated clock: 'none' (no clock), 'uniform' "
         "(the flags below), 'lognormal' (each rate log-normal around its flag) or 'trace' "

@@ -11,7 +11,7 @@
   uplink_mbps, downlink_mbps, latency_ms and either examples_per_s or gflops (the training
   speed in GFLOP/s, turned into examples/s with the model's training FLOPs per example).
 
-The defaults are assumptions, stated with their sources in the README ("Simulated time").
+The defaults are assumptions, stated with their sources in docs/running.md ("Simulated time").
 """
 
 from __future__ import annotations

@@ -56,7 +56,7 @@ def churn_configs(base: Config, dropouts: Iterable[float],
         for name in algorithm_names for p in dropouts]
 
 
-# The network study's peer profiles (`--network` and its flags; the README's assumptions):
+# The network study's peer profiles (`--network` and its flags; docs/running.md, "Simulated time"):
 # everyone on the default links, log-normal links and speeds around them, and the same with a
 # round deadline that turns the slowest peers into absentees.
 NETWORK_PROFILES = {

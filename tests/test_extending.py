@@ -1,4 +1,4 @@
-"""The README's "Extending" examples, executed as written (each block in a fresh namespace)."""
+"""The examples of docs/extending.md, executed as written (each block in a fresh namespace)."""
 
 import os
 import re
@@ -11,10 +11,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _examples() -> list[str]:
-    with open(os.path.join(ROOT, "README.md")) as f:
+    with open(os.path.join(ROOT, "docs", "extending.md")) as f:
         text = f.read()
-    section = text.split("\n## Extending\n", 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"```python\n(.*?)```", section, re.S)
+    return re.findall(r"```python\n(.*?)```", text, re.S)
 
 
 @pytest.fixture
@@ -63,3 +62,16 @@ def test_own_schedule_and_wire_model(in_tmp):
     assert row["bytes"] == 8 * 2 * 2 * payload and row["messages"] == 16
     assert row["consensus_after"] == 0.0 < row["consensus_before"]  # Exact for 4 | N.
     assert row["metadata_bytes"] == 0  # Only MAR-FL announces keys through a DHT.
+
+
+def test_the_front_pages_model_example_registers_a_valid_model():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        blocks = re.findall(r"```python\n(.*?)```", f.read(), re.S)
+    (example,) = [block for block in blocks if "MODELS.register" in block]
+    try:
+        exec(example, {})
+        from marfl_jax import Config
+
+        assert Config(model="logistic").validate().model == "logistic"
+    finally:
+        MODELS.unregister("logistic")

@@ -14,7 +14,7 @@ group sizes into exact bytes. Every algorithm averages the same state (weights a
 | gossip | --rounds (default 1) | random pairs | allgather (pairs) |
 
 Adding one is a factory `(config) -> Algorithm` registered in `ALGORITHMS`; `--algorithm=NAME`
-then selects it everywhere (see the README's "Extending").
+then selects it everywhere (see docs/extending.md).
 """
 
 from __future__ import annotations

@@ -56,3 +56,21 @@ def _whole_runs_are_marked(request, monkeypatch):
     except ImportError:
         return
     monkeypatch.setattr(nbclient.NotebookClient, "execute", _refuse("a notebook"))
+
+
+def _refuse_constant(name):
+    raise ValueError(f"{name} is not JSON")
+
+
+@pytest.fixture(autouse=True)
+def _rows_are_strict_json(tmp_path):
+    """Every metrics.jsonl and summary.json a test leaves in its tmp_path parses as strict JSON
+    (no NaN or Infinity tokens)."""
+    yield
+    import json
+
+    for path in [*tmp_path.rglob("metrics.jsonl"), *tmp_path.rglob("summary.json")]:
+        text = path.read_text()
+        lines = text.splitlines() if path.suffix == ".jsonl" else [text]
+        for line in filter(str.strip, lines):
+            json.loads(line, parse_constant=_refuse_constant)

@@ -4,10 +4,12 @@ import dataclasses
 import json
 import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from marfl_jax import evaluation, runner
+from marfl_jax import algorithms, evaluation, mixing, runner
 from marfl_jax.config import Config
 
 TINY = Config(model="mlp", num_peers=8, group_size=2, key_dim=3, local_batches=2, batch_size=16,
@@ -73,7 +75,16 @@ def test_bucket_schedule_and_dirichlet_partition(tmp_path):
     config = dataclasses.replace(TINY, num_peers=6, group_size=4, key_dim=2,
                                  partition="dirichlet", dirichlet_alpha=0.3, max_iterations=3)
     rows = runner.run(config, str(tmp_path)).metrics
-    assert all(r["bytes"] > 0 for r in rows)
+    # Each member receives |g| - 1 messages of weights + momentum per round (full participation,
+    # so every iteration has the same groups).
+    algorithm = algorithms.make_algorithm(config)
+    schedule = algorithm.schedule(jnp.ones((algorithm.num_rounds, 6), bool), jax.random.key(0))
+    sizes = np.stack([mixing.member_group_sizes(ids, algorithm.num_groups) for ids in schedule])
+    messages = int((sizes * (sizes > 0) - (sizes > 0)).sum())
+    assert messages > 0
+    for row in rows:
+        assert row["messages"] == messages and row["payloads"] == 2 * messages
+        assert row["bytes"] == 2 * messages * 4 * 159_010
 
 
 def test_select_eval_peers_is_seeded():

@@ -107,9 +107,18 @@ def test_memory_estimate_parts():
     assert memory.tree_nbytes(tree) == 8 * 100 * 4 + 12
     estimate = memory.MemoryEstimate(2 * 10**9, 10**8, 5 * 10**8)
     assert estimate.total_bytes == 26 * 10**8 and "state 2.00 GB" in estimate.describe()
-    memory.check_fits(estimate, None, num_peers=8, peer_chunk=0)  # Unknown limit: allowed.
-    available = memory.available_bytes()
-    assert available is None or available > 0
+    assert memory.check_fits(estimate, None, num_peers=8, peer_chunk=0) is None  # Unknown.
+    assert memory.check_fits(estimate, 26 * 10**8, num_peers=8, peer_chunk=0) is None  # Fits.
+    with pytest.raises(ConfigError, match=r"--num_peers=8 needs about 2\.60 GB .* more than the "
+                       r"2\.00 GB available; use --peer_chunk \(e\.g\. --peer_chunk=1\)"):
+        memory.check_fits(estimate, 2 * 10**9, num_peers=8, peer_chunk=0)
+    with pytest.raises(ConfigError, match="use a smaller --peer_chunk"):
+        memory.check_fits(estimate, 10**9, num_peers=8, peer_chunk=4)
+    # On a CPU the figure is the kernel's MemAvailable.
+    with open("/proc/meminfo") as f:
+        meminfo = dict(line.split(":", 1) for line in f)
+    kernel = int(meminfo["MemAvailable"].split()[0]) * 1024
+    assert abs(memory.available_bytes() - kernel) < 0.2 * kernel
 
 
 SHARDED_RUN = """

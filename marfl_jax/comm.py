@@ -134,6 +134,17 @@ class Ledger:
     cumulative_payloads: int = 0
     cumulative_messages: int = 0
 
+    TOTALS = ("cumulative_bytes", "cumulative_payloads", "cumulative_messages",
+              "cumulative_metadata_bytes")
+
+    def state(self) -> dict[str, int]:
+        """The running totals, JSON-able (checkpoints)."""
+        return {name: getattr(self, name) for name in self.TOTALS}
+
+    def restore(self, state: dict[str, int]) -> Ledger:
+        """This ledger with the totals of `state` (a resumed run's)."""
+        return dataclasses.replace(self, **{name: int(state[name]) for name in self.TOTALS})
+
     def record(self, sizes: np.ndarray, distilled: bool = False) -> dict[str, int]:
         """sizes: (G, N) member group sizes of one iteration; distilled: an MKD iteration, whose
         weight exchange over the same groups is added (and reported as `mkd_bytes`)."""

@@ -50,8 +50,6 @@ from marfl_jax.core import DeviceData, FLState, Simulation, init_state, make_ite
 STATE_PAYLOADS = 2
 SIM_SECONDS = ("sim_seconds", "sim_compute_seconds", "sim_comm_seconds",
                "sim_coordination_seconds")
-LEDGER_TOTALS = ("cumulative_bytes", "cumulative_payloads", "cumulative_messages",
-                 "cumulative_metadata_bytes")
 
 
 class RunResult(NamedTuple):
@@ -176,8 +174,7 @@ def make_ledger(sim: Simulation, payload_bytes: int) -> comm.Ledger:
     return comm.Ledger(payload_bytes=payload_bytes,
                        payloads_per_message=STATE_PAYLOADS - (not sim.share_momentum) + private,
                        wire=sim.algorithm.wire,
-                       metadata_record_bytes=(comm.DHT_RECORD_BYTES
-                                              if sim.algorithm.name == "marfl" else 0),
+                       metadata_record_bytes=sim.algorithm.metadata_record_bytes,
                        scalar_bytes=4 if private else 0)  # DP's clip indicator.
 
 
@@ -215,8 +212,7 @@ def make_clock(config: Config, sim: Simulation, ledger: comm.Ledger, flops_per_e
         distill_message_bytes=float(ledger.payload_bytes),
         server_bps=config.server_mbps * clock.MBIT, timeout_s=config.round_timeout_s,
         examples=config.local_batches * config.batch_size,
-        barriers_per_round=(clock.MARFL_BARRIERS_PER_ROUND if sim.algorithm.name == "marfl"
-                            else clock.BASELINE_BARRIERS_PER_ROUND))
+        barriers_per_round=sim.algorithm.barriers_per_round)
 
 
 def format_bytes(n: int) -> str:
@@ -342,8 +338,7 @@ def _run(config: Config, workdir: str | None, closing: contextlib.ExitStack) -> 
         leaves, host = checkpoints.restore(abstract_state, mesh)
         state = FLState(*leaves)
         first_iteration, elapsed_before = host["iteration"], host["elapsed"]
-        for name, value in host["ledger"].items():
-            setattr(ledger, name, value)
+        ledger = ledger.restore(host["ledger"])
         if accountant is not None:
             accountant = accounting.PrivacyAccountant.from_state(
                 config.num_peers, config.dp_noise_multiplier, config.privacy_delta,
@@ -454,7 +449,7 @@ def _run(config: Config, workdir: str | None, closing: contextlib.ExitStack) -> 
         if done or checkpointing:
             checkpoints.save(t, state, {
                 "iteration": t, "elapsed": time.time() - start,
-                "ledger": {name: getattr(ledger, name) for name in LEDGER_TOTALS},
+                "ledger": ledger.state(),
                 **({} if accountant is None else {"privacy": accountant.state()})})
     rows.close()
     tracker.close()

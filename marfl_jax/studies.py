@@ -228,13 +228,14 @@ def mkd_row(config: Config, result: runner.RunResult) -> dict:
 def result_row(config: Config, result: runner.RunResult) -> dict:
     summary, metrics = result.summary, result.metrics
     reached = summary["iteration_reached_target"]
-    is_marfl = config.algorithm == "marfl"
+    algorithm = algorithms.make_algorithm(config)
+    keyed = algorithm.group_keys
     return {
         "num_peers": config.num_peers,
         "algorithm": config.algorithm,
-        "schedule": config.schedule if is_marfl else "",
-        "group_size": config.group_size if is_marfl else "",
-        "rounds": algorithms.make_algorithm(config).num_rounds,
+        "schedule": config.schedule if keyed else "",
+        "group_size": config.group_size if keyed else "",
+        "rounds": algorithm.num_rounds,
         "dropout": config.dropout,
         "bytes_per_iteration": round(summary["cumulative_bytes"] / max(len(metrics), 1)),
         "iterations": summary["iterations"],

@@ -1,5 +1,7 @@
 """Tests of the communication ledger: group sizes from jit, exact bytes on the host."""
 
+import json
+
 import chex
 import jax.numpy as jnp
 import numpy as np
@@ -79,3 +81,15 @@ class WireModelTest(chex.TestCase, parameterized.TestCase):
     def test_tree_bytes(self):
         tree = {"a": np.zeros((3, 4), np.float32), "b": np.zeros(5, np.float16)}
         self.assertEqual(comm.tree_bytes(tree), 3 * 4 * 4 + 5 * 2)
+
+
+def test_the_ledger_saves_and_restores_its_own_totals():
+    sizes = np.array([[2, 2, 2, 2], [4, 4, 4, 4]])
+    ledger = comm.Ledger(payload_bytes=100, payloads_per_message=2, metadata_record_bytes=64)
+    ledger.record(sizes)
+    state = json.loads(json.dumps(ledger.state()))  # As a checkpoint stores it.
+    resumed = comm.Ledger(payload_bytes=100, payloads_per_message=2,
+                          metadata_record_bytes=64).restore(state)
+    assert resumed.record(sizes) == ledger.record(sizes)
+    assert resumed.state() == ledger.state() and ledger.state()["cumulative_bytes"] == 2 * (
+        4 * 1 + 4 * 3) * 2 * 100

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from marfl_jax import mixing
+from marfl_jax import clock, comm, mixing
 from marfl_jax.algorithms import baselines, marfl
 from marfl_jax.registry import Registry
 
@@ -47,6 +47,10 @@ class Algorithm(NamedTuple):
         run as reshape-and-mean, without a scatter. None: always segment means.
       transfer: how the simulated clock times a round, a name in `marfl_jax.clock.PROTOCOLS`
         ('' = the wire model's name).
+      metadata_record_bytes: bytes each present peer announces per round besides its messages
+        (MAR-FL: its group key in the DHT), counted apart as metadata.
+      barriers_per_round: coordination barriers the clock charges per round.
+      group_keys: groups come from Moshpit keys (--schedule, --group_size and --key_dim apply).
     """
 
     name: str
@@ -59,6 +63,9 @@ class Algorithm(NamedTuple):
     max_group_size: int
     grid: mixing.Grid | None = None
     transfer: str = ""
+    metadata_record_bytes: int = 0
+    barriers_per_round: int = clock.BASELINE_BARRIERS_PER_ROUND
+    group_keys: bool = False
 
     @property
     def protocol(self) -> str:
@@ -103,7 +110,8 @@ def moshpit(config) -> Algorithm:
         lambda present, _key: marfl.moshpit_schedule(present, rule), config.wire,
         exact=bool(rule.exact_rounds) and rounds >= rule.exact_rounds,
         description=description, max_group_size=min(n, rule.max_group_size or n),
-        grid=mixing.grid_of(full, rule_radices))
+        grid=mixing.grid_of(full, rule_radices), metadata_record_bytes=comm.DHT_RECORD_BYTES,
+        barriers_per_round=clock.MARFL_BARRIERS_PER_ROUND, group_keys=True)
 
 
 @ALGORITHMS.register("fedavg")

@@ -6,7 +6,9 @@ group and each present peer's value is replaced by its group's mean; id -1 marks
 whose value is left as it is. An aggregation algorithm is a schedule of such rounds, shape
 (G, N) (see `marfl_jax.algorithms`). Where a schedule is a grid at full participation (Moshpit
 keys on a perfect or mixed-radix grid, one group of all peers) and every peer takes part, a
-round is a reshape and a mean along one axis instead (`Grid`, `grid_mean`).
+round is a reshape and a mean along one axis instead (`Grid`, `grid_mean`), where the step
+checks the round's groups to be the grid's (`on_grid`). A group rule other than the mean
+(`marfl_jax.rules`) gathers each group's copies into slots and combines them (`combine_groups`).
 
 The mean is a gather / segment-sum / gather-back: O(N * params) work and memory, never an N x N
 mixing matrix (measured slower by 4x at N=1024; docs/design.md).

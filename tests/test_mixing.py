@@ -156,9 +156,10 @@ def test_schedules_that_are_no_grid_have_none():
 
 
 def test_full_participation_mixes_without_scatter():
-    """The chain uses the grid only when every peer takes part; with dropout it falls back to
-    segment sums, scatters in the compiled iteration (the schedule's ranks are scatters in
-    both)."""
+    """The chain uses the grid only when every peer takes part, and then only where the step
+    finds the schedule to be the grid: a `lax.cond` between the grid mean (no scatter) and the
+    segment sums, in the aggregation and in observe's agreement shortcut. With dropout only the
+    segment sums are compiled."""
     from marfl_jax import Config, core, models, runner
 
     def hlo(config):
@@ -174,9 +175,13 @@ def test_full_participation_mixes_without_scatter():
 
     config = Config(model="mlp", num_peers=8, group_size=2, key_dim=3, local_batches=1,
                     batch_size=4)
-    text = hlo(config)
-    with_dropout = hlo(Config(**{**config.__dict__, "dropout": 0.2}))
-    assert with_dropout.count("scatter") > text.count("scatter")
+    assert hlo(config).count("stablehlo.case") == 2
+    assert "stablehlo.case" not in hlo(Config(**{**config.__dict__, "dropout": 0.2}))
+    grid = runner.make_simulation(config, models.get_model("mlp", 10, hidden=(8,))
+                                  ).algorithm.grid
+    tree = _tree(8)
+    grid_branch = jax.jit(lambda t: mixing.grid_mean(t, grid.radices, (0, 1, 2))).lower(tree)
+    assert "scatter" not in grid_branch.as_text()
 
 
 @pytest.mark.parametrize("shape", [(7,), (64, 3, 5), (5, 1000)])

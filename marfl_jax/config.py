@@ -136,6 +136,10 @@ class Config:
     share_momentum: bool = _field(True, "Messages carry the momentum beside the weights (the "
                                   "authors); false: weights only, each peer keeps its own "
                                   "momentum (1 payload per message).")
+    # How a group combines what its members receive (marfl_jax/rules.py).
+    aggregator: str = _field("mean", "The group rule: what each group's members take from the "
+                             "copies they receive in a round ('mean' = the authors' average).",
+                             _names("marfl_jax.rules", "RULES"))
     # Participation and churn (marfl_jax/churn.py).
     update_fraction: float = _field(1.0, "Fraction of peers drawn to train each iteration "
                                     "(floor(fraction * N) peers, at least 1).", check=_FRACTION)
@@ -278,6 +282,7 @@ class Config:
             if check is not None:
                 _check(check[0](value), f.name, value, check[1])
         self._check_data()
+        self._check_aggregator()
         self._check_participation()
         self._check_distillation()
         self._check_privacy()
@@ -296,6 +301,16 @@ class Config:
         if text and self.encoder == "npz" and not self.features:
             raise ConfigError("--encoder=npz needs --features=PATH.npz (arrays x_train, y_train, "
                               "x_test, y_test)")
+
+    def _check_aggregator(self) -> None:
+        from marfl_jax import codec, rules  # Deferred: they import jax.
+
+        lossy = not codec.CODECS.get(self.codec).lossless
+        if lossy and not rules.RULES.get(self.aggregator).exact_mean:
+            raise ConfigError(f"--aggregator={self.aggregator} is not allowed with the lossy "
+                              f"--codec={self.codec}: a group rule other than the mean would "
+                              "combine its own exact copy with the mates' decoded ones, which is "
+                              "not modelled; use --codec=float32 or --aggregator=mean")
 
     def _check_participation(self) -> None:
         for name in ("update_fraction", "aggregate_fraction"):
@@ -412,7 +427,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
               "batch_size", "learning_rate", "momentum"),
     "algorithm": ("algorithm", "num_peers", "group_size", "key_dim", "rounds", "schedule",
                   "wire"),
-    "messages": ("codec", "codec_block", "share_momentum"),
+    "messages": ("codec", "codec_block", "share_momentum", "aggregator"),
     "churn": ("update_fraction", "aggregate_fraction", "dropout", "dropout_timing",
               "availability", "mean_on_iterations", "mean_off_iterations"),
     "mkd": ("mkd", "mkd_iterations", "mkd_temperature", "mkd_teacher_fraction", "mkd_batches",

@@ -6,7 +6,9 @@ group and each present peer's value is replaced by its group's mean; id -1 marks
 whose value is left as it is. An aggregation algorithm is a schedule of such rounds, shape
 (G, N) (see `marfl_jax.algorithms`). Where a schedule is a grid at full participation (Moshpit
 keys on a perfect or mixed-radix grid, one group of all peers) and every peer takes part, a
-round is a reshape and a mean along one axis instead (`Grid`, `grid_mean`).
+round is a reshape and a mean along one axis instead (`Grid`, `grid_mean`), where the step
+checks the round's groups to be the grid's (`on_grid`). A group rule other than the mean
+(`marfl_jax.rules`) gathers each group's copies into slots and combines them (`combine_groups`).
 
 The mean is a gather / segment-sum / gather-back: O(N * params) work and memory, never an N x N
 mixing matrix (measured slower by 4x at N=1024; docs/design.md).
@@ -208,24 +210,98 @@ def butterfly_slice(columns: int, sizes: jax.Array, unit: int = 1) -> jax.Array:
 
 
 def mix(tree, schedule: jax.Array, num_groups: int, grid: Grid | None = None,
-        roundtrip=None, reduction: str = "allgather", unit: int = 1):
+        roundtrip=None, reduction: str = "allgather", unit: int = 1, rule=None,
+        max_group_size: int | None = None):
     """Applies the rounds of a schedule in order. schedule: (G, N) group ids; returns the tree.
 
-    With `grid` (only valid when every peer is present in every round) the rounds are means
-    along grid axes, which commute and repeat idempotently, so they run as ONE mean over the
-    axes the rounds cover (equal in exact arithmetic; members end bitwise equal).
+    `rule`: the group rule (`marfl_jax.rules`: a registered name or a Rule; None = the mean).
+    A rule with `exact_mean` takes the mean's fast paths; any other rule runs every round through
+    `combine_groups` (slots of at most `max_group_size` members, default N).
+    With `grid` (the schedule's grid at full participation) and an exact mean, the rounds are
+    means along grid axes, which commute and repeat idempotently, so they run as ONE mean over
+    the axes the rounds cover (equal in exact arithmetic; members end bitwise equal) -- but only
+    where the round's schedule is checked to be that grid (`on_grid`, O(G N) integer work in
+    the step): otherwise (someone absent, groups redrawn) the segment means run instead.
     With `roundtrip` (a lossy codec's tree -> decoded tree) every round is a
     `coded_group_mean` with that reduction and `unit` (the grid is not used: members end
-    apart)."""
+    apart); only an exact-mean rule is defined there."""
+    from marfl_jax import rules as rules_lib  # Deferred: rules is a leaf; mixing stays first.
+
+    rule = rules_lib.get(rule)
     if roundtrip is not None:
+        if not rule.exact_mean:
+            raise ValueError("a lossy codec's round trip is defined only for an exact-mean rule "
+                             "(--aggregator=mean)")
         for round_ids in schedule:
             tree = coded_group_mean(tree, round_ids, num_groups, roundtrip, reduction, unit)
         return tree
+    if not rule.exact_mean:
+        size = schedule.shape[1] if max_group_size is None else max_group_size
+        for round_ids in schedule:
+            tree = combine_groups(tree, round_ids, num_groups, rule, size)
+        return tree
+
+    def segment_means(tree):
+        for round_ids in schedule:  # G is small and static: unrolled.
+            tree = group_mean(tree, round_ids, num_groups)
+        return tree
+
     if grid is not None:
-        return grid_mean(tree, grid.radices, tuple(sorted(set(grid.axes))))
-    for round_ids in schedule:  # G is small and static: unrolled.
-        tree = group_mean(tree, round_ids, num_groups)
-    return tree
+        return jax.lax.cond(on_grid(schedule, grid, num_groups),
+                            lambda t: grid_mean(t, grid.radices, tuple(sorted(set(grid.axes)))),
+                            segment_means, tree)
+    return segment_means(tree)
+
+
+def grid_group_ids(grid: Grid) -> np.ndarray:
+    """(G, N) the grid's rounds as group ids: each peer's id is the smallest peer of its group
+    (its own id with the round's digit set to 0)."""
+    peers = np.arange(math.prod(grid.radices))
+    strides = np.cumprod((1,) + tuple(grid.radices[:-1]))
+    digits = (peers[:, None] // strides) % np.asarray(grid.radices)
+    return np.stack([peers - digits[:, a] * strides[a] for a in grid.axes]).astype(np.int32)
+
+
+def on_grid(schedule: jax.Array, grid: Grid, num_groups: int) -> jax.Array:
+    """() bool: every round of `schedule` (G, N), ids in [-1, num_groups), forms exactly the
+    groups of the grid's round, everyone present (whatever the ids' labels). O(G N) integer
+    work: each peer's group is labelled by its smallest member (a segment min) and compared with
+    the grid's label."""
+    schedule = jnp.asarray(schedule)
+    expected = grid_group_ids(grid)
+    if expected.shape != schedule.shape:
+        return jnp.bool_(False)
+    peers = jnp.arange(schedule.shape[1], dtype=schedule.dtype)
+
+    def labels(ids):
+        segment = jnp.where(ids >= 0, ids, num_groups)
+        return jax.ops.segment_min(peers, segment, num_segments=num_groups + 1)[segment]
+
+    return (schedule >= 0).all() & (jax.vmap(labels)(schedule) == expected).all()
+
+
+def combine_groups(tree, group_ids: jax.Array, num_groups: int, rule, max_group_size: int):
+    """One round under a group rule (`marfl_jax.rules.Rule`), its generic path: each floating
+    leaf is gathered into slots (num_groups, max_group_size, ...) by group id and rank in group
+    (`rank_in_group`), `rule.combine` gives each group's value and it is scattered back to the
+    members. Absent peers (id -1) keep their values; integer leaves are unchanged. Memory:
+    num_groups * max_group_size copies of a leaf (at most N members are filled)."""
+    present = group_ids >= 0
+    segment = jnp.where(present, group_ids, num_groups)  # Absent peers: a discarded group.
+    rank = jnp.minimum(rank_in_group(group_ids, num_groups), max_group_size - 1)
+    filled = jnp.zeros((num_groups + 1, max_group_size), bool).at[segment, rank].set(present)
+    filled = filled[:num_groups]
+
+    def combine_leaf(x):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            return x
+        slots = jnp.zeros((num_groups + 1, max_group_size) + x.shape[1:], x.dtype)
+        slots = slots.at[segment, rank].set(x)[:num_groups]
+        combined = rule.combine(slots, filled).astype(x.dtype)
+        mask = present.reshape((-1,) + (1,) * (x.ndim - 1))
+        return jnp.where(mask, combined[jnp.where(present, group_ids, 0)], x)
+
+    return jax.tree.map(combine_leaf, tree)
 
 
 def grid_of(schedule: np.ndarray, radices: tuple[int, ...]) -> Grid | None:

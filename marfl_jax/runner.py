@@ -117,7 +117,7 @@ def make_simulation(config: Config, model, mesh=None) -> Simulation:
         model_dropout=models.uses_dropout(model), peer_chunk=config.peer_chunk,
         distillation=config.distillation(), privacy=config.privacy(), mesh=mesh,
         roundtrip=roundtrip, slice_unit=codec.unit(config.codec_block),
-        share_momentum=config.share_momentum)
+        share_momentum=config.share_momentum, aggregator=config.aggregator)
 
 
 def build_model(config: Config, num_classes: int, chosen: plan_lib.Plan):

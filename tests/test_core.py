@@ -1,5 +1,7 @@
 """The stage chain: which stages a config composes, the contract, and a user-built chain."""
 
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -91,3 +93,45 @@ def test_iteration_is_the_chain_under_jit():
     assert float(mixing.consensus_distance(new.params, jnp.ones(4, bool))) == 0.0
     assert info["member_sizes"].shape == (2, 4)
     assert algorithms.make_algorithm(TINY).exact
+
+
+def _forget_peer(peer):
+    """A stage that makes `peer` absent after participation decided everyone takes part: a
+    source of absence `everyone_takes_part` does not know of."""
+
+    def forgotten_absence(step: Step, context: Context):
+        absent = jnp.arange(step.schedule.shape[1]) == peer
+        return step._replace(schedule=jnp.where(absent, -1, step.schedule),
+                             present=step.present & ~absent), {}
+
+    return forgotten_absence
+
+
+def test_a_forgotten_absence_is_never_averaged_over_the_grid():
+    sim, data, state = _tiny_inputs()
+    assert sim.algorithm.grid is not None  # 2 x 2 grid, full participation: the grid is passed.
+    no_grid = sim._replace(algorithm=sim.algorithm._replace(grid=None))
+    context = Context(data, step_keys(jax.random.key(4), 4))
+
+    def run(simulation):
+        chain = build_chain(simulation)
+        chain.insert(1, _forget_peer(1))
+        return jax.jit(lambda s: run_chain(chain, Step(s), context))(state)
+
+    (checked, info), (segment, segment_info) = run(sim), run(no_grid)
+    chex.assert_trees_all_close(checked.peers, segment.peers, rtol=1e-6, atol=1e-7)
+    # Peer 1 kept its own model; the others did not get the grid's mean of all four.
+    for leaf in jax.tree.leaves(checked.peers.params):
+        assert not np.allclose(leaf[1], leaf[0])
+    assert float(info["consensus_after"]) == float(segment_info["consensus_after"]) > 0
+
+
+def test_a_non_mean_rule_runs_the_chain_without_the_grid():
+    config = dataclasses.replace(TINY, aggregator="median").validate()
+    sim, model = _simulation(config)
+    _, data, state = _tiny_inputs()
+    new, info = jax.jit(make_iteration(sim))(state, jax.random.key(2), data)
+    mean_new, _ = jax.jit(make_iteration(_tiny_inputs()[0]))(state, jax.random.key(2), data)
+    # Groups of two: the median is the mean (to rounding), and the 2 x 2 grid agrees exactly.
+    chex.assert_trees_all_close(new.params, mean_new.params, rtol=1e-5, atol=1e-6)
+    assert float(info["consensus_after"]) < 1e-10

@@ -3,9 +3,11 @@
 import os
 import re
 
+import numpy as np
 import pytest
 
-from marfl_jax import ALGORITHMS, DATASETS, MODELS, PARTITIONS, WIRE_MODELS
+from marfl_jax import ALGORITHMS, DATASETS, MODELS, PARTITIONS, WIRE_MODELS, mixing
+from marfl_jax.rules import RULES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,13 +24,13 @@ def in_tmp(tmp_path, monkeypatch):
     yield tmp_path
     for registry, name in ((MODELS, "tiny_mlp"), (DATASETS, "blobs"),
                            (PARTITIONS, "label_sorted"), (WIRE_MODELS, "one_message_each"),
-                           (ALGORITHMS, "halves")):
+                           (ALGORITHMS, "halves"), (RULES, "trimmed_mean")):
         registry.unregister(name)
 
 
-def test_the_readme_has_three_examples_of_about_twenty_lines():
+def test_the_readme_has_four_examples_of_about_twenty_lines():
     examples = _examples()
-    assert len(examples) == 3
+    assert len(examples) == 4
     assert all(len(e.strip().splitlines()) <= 45 for e in examples)
 
 
@@ -62,6 +64,20 @@ def test_own_schedule_and_wire_model(in_tmp):
     assert row["bytes"] == 8 * 2 * 2 * payload and row["messages"] == 16
     assert row["consensus_after"] == 0.0 < row["consensus_before"]  # Exact for 4 | N.
     assert row["metadata_bytes"] == 0  # Only MAR-FL announces keys through a DHT.
+
+
+def test_own_group_rule(in_tmp):
+    namespace = {}
+    exec(_examples()[3], namespace)
+    np.testing.assert_allclose(np.asarray(namespace["mixed"])[:, 0],
+                               [1.5, 1.5, 1.5, 1.5, 5.0, 7.0])
+    assert "trimmed_mean" in RULES and namespace["config"].aggregator == "trimmed_mean"
+    # Under churn a trimmed mean of groups of two or fewer is their mean.
+    rule = RULES.get("trimmed_mean")
+    x = np.arange(8, dtype=np.float32)[:, None]
+    ids = np.array([[0, 0, 1, 1, -1, 2, 2, 3]], np.int32)
+    np.testing.assert_allclose(mixing.mix(x, ids, 4, rule=rule, max_group_size=2),
+                               mixing.mix(x, ids, 4), rtol=1e-6)
 
 
 def test_the_front_pages_model_example_registers_a_valid_model():

@@ -156,9 +156,10 @@ def test_schedules_that_are_no_grid_have_none():
 
 
 def test_full_participation_mixes_without_scatter():
-    """The chain uses the grid only when every peer takes part; with dropout it falls back to
-    segment sums, scatters in the compiled iteration (the schedule's ranks are scatters in
-    both)."""
+    """The chain uses the grid only when every peer takes part, and then only where the step
+    finds the schedule to be the grid: a `lax.cond` between the grid mean (no scatter) and the
+    segment sums, in the aggregation and in observe's agreement shortcut. With dropout only the
+    segment sums are compiled."""
     from marfl_jax import Config, core, models, runner
 
     def hlo(config):
@@ -174,9 +175,13 @@ def test_full_participation_mixes_without_scatter():
 
     config = Config(model="mlp", num_peers=8, group_size=2, key_dim=3, local_batches=1,
                     batch_size=4)
-    text = hlo(config)
-    with_dropout = hlo(Config(**{**config.__dict__, "dropout": 0.2}))
-    assert with_dropout.count("scatter") > text.count("scatter")
+    assert hlo(config).count("stablehlo.case") == 2
+    assert "stablehlo.case" not in hlo(Config(**{**config.__dict__, "dropout": 0.2}))
+    grid = runner.make_simulation(config, models.get_model("mlp", 10, hidden=(8,))
+                                  ).algorithm.grid
+    tree = _tree(8)
+    grid_branch = jax.jit(lambda t: mixing.grid_mean(t, grid.radices, (0, 1, 2))).lower(tree)
+    assert "scatter" not in grid_branch.as_text()
 
 
 @pytest.mark.parametrize("shape", [(7,), (64, 3, 5), (5, 1000)])
@@ -203,3 +208,88 @@ def test_grid_mean_on_any_axes_equals_the_reduction(axes):
     mixed = mixing.grid_mean(x, radices, axes)
     chex.assert_trees_all_close(mixed["w"], expected.reshape(60, 3, 2), rtol=1e-6, atol=1e-6)
     chex.assert_trees_all_equal(mixed["step"], x["step"])
+
+
+def _churned_schedules():
+    """(name, schedule (G, N), num_groups, max_group_size): several schedules under churn."""
+    n = 12
+    rng = np.random.default_rng(5)
+    peers = np.arange(n)
+    grid = np.stack([peers // 4, peers % 4])  # 3 x 4 grid rounds.
+    pairs = np.stack([rng.permutation(n) // 2 for _ in range(3)])  # Gossip-like pairs.
+    one = np.zeros((1, n), np.int64)  # One group of everyone.
+    schedules = []
+    for name, ids, groups in (("grid", grid, 4), ("pairs", pairs, n // 2), ("one", one, 1)):
+        absent = rng.random(ids.shape) < 0.3
+        absent[:, 0] = True  # Someone is always out.
+        schedules.append((name, np.where(absent, -1, ids).astype(np.int32), groups))
+    return schedules
+
+
+class GroupRuleTest(chex.TestCase, parameterized.TestCase):
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_the_mean_through_the_slots_is_the_segment_mean(self):
+        from marfl_jax import rules
+
+        tree = _tree(12, seed=3)
+        slots_mean = rules.Rule(rules.mean)  # Not exact_mean: forces the generic path.
+        for name, schedule, groups in _churned_schedules():
+            segment = self.variant(lambda t, s, g=groups: mixing.mix(t, s, g))(tree, schedule)
+            generic = self.variant(lambda t, s, g=groups: mixing.mix(
+                t, s, g, rule=slots_mean, max_group_size=12))(tree, schedule)
+            chex.assert_trees_all_close(generic, segment, atol=1e-6, rtol=1e-6,
+                                        custom_message=name)
+            chex.assert_trees_all_equal(generic["count"], tree["count"])
+
+    def test_median_is_numpys_per_group_and_absent_peers_keep_theirs(self):
+        tree = _tree(12, seed=4)
+        for name, schedule, groups in _churned_schedules():
+            out = mixing.mix(tree, schedule, groups, rule="median", max_group_size=12)
+            w = np.asarray(tree["w"])
+            for ids in schedule:
+                expected = w.copy()
+                for g in range(groups):
+                    members = np.flatnonzero(ids == g)
+                    if members.size:
+                        expected[members] = np.median(w[members], axis=0)
+                w = expected
+            np.testing.assert_allclose(np.asarray(out["w"]), w, atol=1e-6, err_msg=name)
+
+    def test_a_rule_sees_slots_by_rank_and_only_present_members(self):
+        seen = []
+
+        def spy(received, present):
+            seen.append((np.asarray(received), np.asarray(present)))
+            return received[:, 0]  # Every member takes its group's lowest peer's copy.
+
+        from marfl_jax import rules
+
+        x = jnp.arange(6, dtype=jnp.float32)[:, None] * 10
+        out = mixing.mix(x, jnp.array([[1, 0, 1, -1, 0, 1]], jnp.int32), 2,
+                         rule=rules.Rule(spy), max_group_size=3)
+        received, present = seen[0]
+        np.testing.assert_array_equal(present, [[True, True, False], [True, True, True]])
+        np.testing.assert_array_equal(received[..., 0], [[10, 40, 0], [0, 20, 50]])
+        np.testing.assert_array_equal(np.asarray(out)[:, 0], [0, 10, 0, 30, 10, 0])
+
+    def test_the_grid_is_taken_only_where_the_schedule_is_the_grid(self):
+        grid = mixing.Grid((3, 4), (0, 1))
+        ids = jnp.asarray(mixing.grid_group_ids(grid))
+        assert bool(mixing.on_grid(ids, grid, 12))
+        assert bool(mixing.on_grid(ids * 2 + 1, grid, 32))  # Relabelled: the same groups.
+        assert not bool(mixing.on_grid(ids.at[1, 5].set(-1), grid, 12))  # Someone absent.
+        assert not bool(mixing.on_grid(ids[::-1], grid, 12))  # Rounds in another order.
+        tree = _tree(12, seed=6)
+        absent = ids.at[:, 7].set(-1)
+        segment = mixing.mix(tree, absent, 12)
+        checked = jax.jit(lambda t, s: mixing.mix(t, s, 12, grid))(tree, absent)
+        chex.assert_trees_all_close(checked, segment, atol=1e-6)
+        chex.assert_trees_all_equal(checked["w"][7], tree["w"][7])
+        chex.assert_trees_all_equal(jax.jit(lambda t, s: mixing.mix(t, s, 12, grid))(tree, ids),
+                                    mixing.grid_mean(tree, (3, 4), (0, 1)))
+
+    def test_a_lossy_round_trip_takes_only_the_mean(self):
+        with pytest.raises(ValueError, match="exact-mean"):
+            mixing.mix(_tree(4), jnp.zeros((1, 4), jnp.int32), 1, roundtrip=lambda t: t,
+                       rule="median")

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import jax
 import optax
 
-from marfl_jax import churn, dp, mkd, sharding
+from marfl_jax import churn, dp, mkd, rules, sharding
 from marfl_jax.core import aggregate, distill, local_update, observe, participation, privacy, timing
 from marfl_jax.core.stage import Context, Stage, Step, run_chain, step_keys
 from marfl_jax.core.state import DeviceData, FLState
@@ -41,6 +41,7 @@ class Simulation(NamedTuple):
       roundtrip: a lossy message codec's tree -> decoded tree (`marfl_jax.codec`), or None.
       slice_unit: values a butterfly slice keeps together (the codec's block; 1 elementwise).
       share_momentum: messages carry momentum beside the weights (False: weights only).
+      aggregator: the group rule, a name in `marfl_jax.rules.RULES` ('mean': the group mean).
     """
 
     apply_fn: Any
@@ -58,6 +59,7 @@ class Simulation(NamedTuple):
     roundtrip: Any = None
     slice_unit: int = 1
     share_momentum: bool = True
+    aggregator: str = "mean"
 
     @property
     def reduction(self) -> str:
@@ -77,9 +79,11 @@ def everyone_takes_part(churn_model: churn.ChurnModel, sim_clock=None) -> bool:
 def build_chain(sim: Simulation, distilling: bool = False) -> list[Stage]:
     """The stages of one iteration; `distilling` = an MKD iteration (t < K)."""
     num_groups = sim.algorithm.num_groups
-    # Full participation on a grid schedule: rounds are reshape-and-mean (no scatter).
+    rule = rules.get(sim.aggregator)
+    # Full participation on a grid schedule with the mean: rounds are reshape-and-mean (no
+    # scatter), where the step finds the round's groups to be the grid's (`mixing.on_grid`).
     grid = (getattr(sim.algorithm, "grid", None)
-            if everyone_takes_part(sim.churn_model, sim.clock) else None)
+            if rule.exact_mean and everyone_takes_part(sim.churn_model, sim.clock) else None)
     chain = [participation.participation(sim.churn_model, sim.algorithm)]
     if sim.clock is not None:
         chain.append(timing.timing(sim.clock, sim.algorithm, distilling))
@@ -104,13 +108,14 @@ def build_chain(sim: Simulation, distilling: bool = False) -> list[Stage]:
         if private:
             chain.append(privacy.distilled_update())
     wire = dict(roundtrip=sim.roundtrip, reduction=sim.reduction, unit=sim.slice_unit,
-                share_momentum=sim.share_momentum)
+                share_momentum=sim.share_momentum, rule=rule,
+                max_group_size=sim.algorithm.max_group_size)
     chain.append(privacy.private_aggregate(sim.privacy, num_groups, grid, **wire) if private
                  else aggregate.aggregate(num_groups, grid, **wire))
     # One exact mean over every grid axis leaves all peers bitwise equal.
     agreed = (grid is not None and not private and sim.roundtrip is None
               and {a for a, r in enumerate(grid.radices) if r > 1} <= set(grid.axes))
-    chain.append(observe.observe(num_groups, agreed))
+    chain.append(observe.observe(num_groups, grid if agreed else None))
     return chain
 
 

@@ -9,24 +9,35 @@ from marfl_jax import comm, mixing
 from marfl_jax.core.stage import Context, Stage, Step
 
 
-def observe(num_groups: int, agreed: bool = False) -> Stage:
+def observe(num_groups: int, agreed: mixing.Grid | None = None) -> Stage:
     """Info: `member_sizes` (G, N) int32 (each peer's group size per round, 0 = absent; the
     ledger's input), `present` (N,) bool (took part in any round), `consensus_after` and
     `params_finite` () bool (every peer's every parameter is finite: the runner's divergence
     check: one reduction over the parameters, or over one peer's when all are equal).
 
-    agreed: the aggregation left every peer with bitwise the same parameters (one exact mean
-    over all of them), so `consensus_after` is exactly 0, which `consensus_distance` would
-    return after a pass over the whole state."""
+    agreed: the grid of an aggregation that, where the step's schedule is that grid
+    (`mixing.on_grid`), left every peer with bitwise the same parameters (one exact mean over
+    all of them), so `consensus_after` is exactly 0, which `consensus_distance` would return
+    after a pass over the whole state; where the schedule is not the grid, both are measured."""
+
+    def measured(params, took_part):
+        return mixing.consensus_distance(params, took_part), params_finite(params)
+
+    def equal(params, took_part):
+        return jnp.float32(0.0), params_finite(jax.tree.map(lambda x: x[0], params))
 
     def stage(step: Step, context: Context):
+        operands = (step.peers.params, step.took_part)
+        if agreed is None:
+            consensus, finite = measured(*operands)
+        else:
+            consensus, finite = jax.lax.cond(mixing.on_grid(step.schedule, agreed, num_groups),
+                                             equal, measured, *operands)
         return step, {
             "member_sizes": comm.member_sizes(step.schedule, num_groups),
             "present": step.took_part,
-            "consensus_after": (jnp.float32(0.0) if agreed else
-                                mixing.consensus_distance(step.peers.params, step.took_part)),
-            "params_finite": params_finite(jax.tree.map(lambda x: x[0], step.peers.params)
-                                           if agreed else step.peers.params),
+            "consensus_after": consensus,
+            "params_finite": finite,
         }
 
     return stage

@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from marfl_jax import dp, mixing
+from marfl_jax import dp, mixing, rules
 from marfl_jax.core.stage import Context, Privatized, Stage, Step
 
 
@@ -54,12 +54,15 @@ def distilled_update() -> Stage:
 
 def private_aggregate(privacy: dp.Privacy, num_groups: int, grid: mixing.Grid | None = None,
                       *, roundtrip=None, reduction: str = "allgather", unit: int = 1,
-                      share_momentum: bool = True) -> Stage:
+                      share_momentum: bool = True, rule=None,
+                      max_group_size: int | None = None) -> Stage:
     """DP's steps 2-4 over the schedule's groups; the averaged model becomes each aggregating
     peer's reference. Non-aggregating peers keep everything. The shared tensors (model,
     momentum unless `share_momentum=False`, the smoothed noised update) cross the wire through
     `roundtrip` (a lossy codec's; the noise is in them before encoding); the clip indicators are
-    float32 scalars.
+    float32 scalars. `rule` (`marfl_jax.rules`; None = the mean) combines the shared tensors;
+    the clip indicators are always averaged (their mean is the adaptive clip's quantile
+    estimate).
 
     Info: `consensus_before` (of the shared models), `aggregating` (n), `dp_split_peers` (the n
     of this iteration's noise split), `dp_clip` (mean S before
@@ -75,14 +78,14 @@ def private_aggregate(privacy: dp.Privacy, num_groups: int, grid: mixing.Grid | 
         shared = dp.where_peers(aggregating, dp.apply_delta(state.reference, smoothed,
                                                             privacy.server_lr), peers.params)
         before = mixing.consensus_distance(shared, step.took_part)
-        if roundtrip is None and share_momentum:
+        if roundtrip is None and share_momentum and rules.get(rule).exact_mean:
             shared, opt_state, smoothed, mean_indicator = mixing.mix(
                 (shared, peers.opt_state, smoothed, private.unclipped), step.schedule,
-                num_groups, grid)
+                num_groups, grid, rule=rule, max_group_size=max_group_size)
         else:
             payloads = (shared, smoothed) + ((peers.opt_state,) if share_momentum else ())
             mixed = mixing.mix(payloads, step.schedule, num_groups, grid, roundtrip, reduction,
-                               unit)
+                               unit, rule, max_group_size)
             shared, smoothed = mixed[:2]
             opt_state = mixed[2] if share_momentum else peers.opt_state
             mean_indicator = mixing.mix(private.unclipped, step.schedule, num_groups, grid)

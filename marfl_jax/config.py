@@ -305,8 +305,13 @@ class Config:
     def _check_aggregator(self) -> None:
         from marfl_jax import codec, rules  # Deferred: they import jax.
 
+        exact_mean = rules.RULES.get(self.aggregator).exact_mean
+        if self.dp and not exact_mean:
+            raise ConfigError(f"--aggregator={self.aggregator} is not allowed with --dp: DP's "
+                              "noise and accounting assume the group mean of the clipped "
+                              "updates; use --aggregator=mean")
         lossy = not codec.CODECS.get(self.codec).lossless
-        if lossy and not rules.RULES.get(self.aggregator).exact_mean:
+        if lossy and not exact_mean:
             raise ConfigError(f"--aggregator={self.aggregator} is not allowed with the lossy "
                               f"--codec={self.codec}: a group rule other than the mean would "
                               "combine its own exact copy with the mates' decoded ones, which is "

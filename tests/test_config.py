@@ -96,3 +96,5 @@ def test_the_aggregator_is_a_registered_rule_and_needs_a_lossless_codec():
                                           "--codec=int8"):
         Config(aggregator="median", codec="int8").validate()
     assert Config(codec="int8").validate().aggregator == "mean"
+    with pytest.raises(ConfigError, match="--aggregator=median is not allowed with --dp"):
+        Config(aggregator="median", dp=True).validate()

@@ -17,7 +17,7 @@ import dataclasses
 import functools
 import os
 import time
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -104,20 +104,59 @@ def make_apply_fn(model, compute_dtype: str = "float32"):
     return apply_fn
 
 
-def make_simulation(config: Config, model, mesh=None) -> Simulation:
-    """The static pieces of the run `config` describes."""
+def make_simulation(config: Config, model, mesh=None, *, algorithm=None,
+                    clock=None) -> Simulation:
+    """The static pieces of the run `config` describes (`algorithm`: the config's, when already
+    made; `clock`: the simulated clock, see `assemble`)."""
     codec = codec_lib.CODECS.get(config.codec)
     roundtrip = (None if codec.lossless else
                  functools.partial(codec_lib.roundtrip_tree, codec, block=config.codec_block))
     return Simulation(
         apply_fn=make_apply_fn(model, config.compute_dtype),
         optimizer=local.momentum_sgd(config.learning_rate, config.momentum),
-        algorithm=algorithms.make_algorithm(config), churn_model=config.churn_model(),
+        algorithm=algorithm or algorithms.make_algorithm(config),
+        churn_model=config.churn_model(),
         local_batches=config.local_batches, batch_size=config.batch_size,
         model_dropout=models.uses_dropout(model), peer_chunk=config.peer_chunk,
         distillation=config.distillation(), privacy=config.privacy(), mesh=mesh,
         roundtrip=roundtrip, slice_unit=codec.unit(config.codec_block),
-        share_momentum=config.share_momentum, aggregator=config.aggregator)
+        share_momentum=config.share_momentum, aggregator=config.aggregator, clock=clock)
+
+
+class Assembly(NamedTuple):
+    """A run's pieces, each built once from its config (`assemble`)."""
+
+    sim: Simulation
+    ledger: comm.Ledger
+    accountant: accounting.PrivacyAccountant | None
+    one_peer: Any  # One peer's params as ShapeDtypeStructs.
+
+
+def assemble(config: Config, model, sample_input, mesh=None) -> Assembly:
+    """The simulation with its clock, the ledger and the privacy accountant, in one pass: one
+    peer's parameter shapes give the payload as encoded on the wire, the payload the ledger,
+    the ledger the clock's message sizes, and the Simulation is made once, with its clock.
+
+    sample_input: (1, ...) one input example (shapes only)."""
+    algorithm = algorithms.make_algorithm(config)
+    one_peer = jax.eval_shape(lambda: model.init(jax.random.key(0), sample_input)["params"])
+    encoded = codec_lib.tree_bytes(codec_lib.CODECS.get(config.codec), one_peer,
+                                   config.codec_block)
+    private = config.dp
+    ledger = make_ledger(algorithm, encoded, private=private,
+                         share_momentum=config.share_momentum)
+
+    def flops_per_example():  # Only a trace with a gflops column asks.
+        params = model.init(jax.random.key(0), sample_input)["params"]
+        return train_flops_per_example(make_apply_fn(model, config.compute_dtype), params,
+                                       sample_input)
+
+    run_clock = (None if config.network == "none" else
+                 make_clock(config, algorithm, ledger, flops_per_example))
+    sim = make_simulation(config, model, mesh, algorithm=algorithm, clock=run_clock)
+    accountant = None if not private else accounting.PrivacyAccountant(
+        config.num_peers, config.dp_noise_multiplier, config.privacy_delta)
+    return Assembly(sim, ledger, accountant, one_peer)
 
 
 def build_model(config: Config, num_classes: int, chosen: plan_lib.Plan):
@@ -168,13 +207,14 @@ def execution_plan(config: Config, workdir: str, previous, num_classes: int, sam
     return chosen
 
 
-def make_ledger(sim: Simulation, payload_bytes: int) -> comm.Ledger:
-    """payload_bytes: one model-sized payload as encoded on the wire."""
-    private = sim.privacy is not None
+def make_ledger(algorithm, payload_bytes: int, *, private: bool = False,
+                share_momentum: bool = True) -> comm.Ledger:
+    """payload_bytes: one model-sized payload as encoded on the wire; private: DP's third
+    payload and its clip indicator; share_momentum: messages carry the momentum too."""
     return comm.Ledger(payload_bytes=payload_bytes,
-                       payloads_per_message=STATE_PAYLOADS - (not sim.share_momentum) + private,
-                       wire=sim.algorithm.wire,
-                       metadata_record_bytes=sim.algorithm.metadata_record_bytes,
+                       payloads_per_message=STATE_PAYLOADS - (not share_momentum) + private,
+                       wire=algorithm.wire,
+                       metadata_record_bytes=algorithm.metadata_record_bytes,
                        scalar_bytes=4 if private else 0)  # DP's clip indicator.
 
 
@@ -193,10 +233,10 @@ def train_flops_per_example(apply_fn, params, sample_input) -> float | None:
     return flops if flops > 0 else None
 
 
-def make_clock(config: Config, sim: Simulation, ledger: comm.Ledger, flops_per_example):
+def make_clock(config: Config, algorithm, ledger: comm.Ledger, flops_per_example):
     """The simulated clock of `--network` (None for 'none'). flops_per_example: () -> FLOPs of
     one training example, called only for a trace with a gflops column."""
-    protocol = sim.algorithm.protocol
+    protocol = algorithm.protocol
     if protocol not in clock.PROTOCOLS.names():
         raise ConfigError(f"--network={config.network}: the clock has no protocol {protocol!r} "
                           f"for --algorithm={config.algorithm} (--wire={config.wire}); "
@@ -212,7 +252,7 @@ def make_clock(config: Config, sim: Simulation, ledger: comm.Ledger, flops_per_e
         distill_message_bytes=float(ledger.payload_bytes),
         server_bps=config.server_mbps * clock.MBIT, timeout_s=config.round_timeout_s,
         examples=config.local_batches * config.batch_size,
-        barriers_per_round=sim.algorithm.barriers_per_round)
+        barriers_per_round=algorithm.barriers_per_round)
 
 
 def format_bytes(n: int) -> str:
@@ -263,8 +303,8 @@ def _run(config: Config, workdir: str | None, closing: contextlib.ExitStack) -> 
         data = DeviceData(*sharding.replicate((data.x_train, data.y_train), mesh),
                           *sharding.shard_peers((data.table, data.counts), mesh))
         test_images, test_labels = sharding.replicate((test_images, test_labels), mesh)
-    sim = make_simulation(dataclasses.replace(config, peer_chunk=chosen.peer_chunk), model,
-                          mesh)
+    sim, ledger, accountant, one_peer = assemble(
+        dataclasses.replace(config, peer_chunk=chosen.peer_chunk), model, test_images[:1], mesh)
     root_key = jax.random.key(config.seed)
 
     def initial_state():
@@ -272,19 +312,6 @@ def _run(config: Config, workdir: str | None, closing: contextlib.ExitStack) -> 
                           jax.random.fold_in(root_key, 0), sim.churn_model, sim.privacy)
 
     abstract_state = jax.eval_shape(initial_state)  # Shapes only: nothing allocated yet.
-    one_peer = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype),
-                            abstract_state.params)
-    encoded = codec_lib.tree_bytes(codec_lib.CODECS.get(config.codec), one_peer,
-                                   config.codec_block)
-    ledger = make_ledger(sim, encoded)
-    if config.network != "none":
-        def flops_per_example():
-            params = model.init(jax.random.key(0), test_images[:1])["params"]
-            return train_flops_per_example(sim.apply_fn, params, test_images[:1])
-
-        sim = sim._replace(clock=make_clock(config, sim, ledger, flops_per_example))
-    accountant = None if sim.privacy is None else accounting.PrivacyAccountant(
-        config.num_peers, config.dp_noise_multiplier, config.privacy_delta)
     algorithm = sim.algorithm
     logging.info("model %s: %d parameters, payload %d bytes; algorithm %s (%s): %d rounds%s%s",
                  config.model, models.count_params(one_peer), ledger.payload_bytes,

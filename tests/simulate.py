@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from marfl_jax import codec as codec_lib
 from marfl_jax import comm, runner
 from marfl_jax import data as data_lib
 from marfl_jax import plan as plan_lib
@@ -39,13 +38,10 @@ def simulate(config, iterations: int | None = None):
     data = synthetic_data(config)
     sample = data_lib.preprocess(data.x_train[:1])
     model = runner.build_model(config, NUM_CLASSES, plan_lib.fixed(config))
-    sim = runner.make_simulation(config, model)
+    sim, ledger, _, _ = runner.assemble(config, model, sample)
     key = jax.random.key(config.seed)
     state = init_state(model, sim.optimizer, sample, config.num_peers, jax.random.fold_in(key, 0),
                        sim.churn_model, sim.privacy)
-    one_peer = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), state.params)
-    ledger = runner.make_ledger(sim, codec_lib.tree_bytes(
-        codec_lib.CODECS.get(config.codec), one_peer, config.codec_block))
     steps = {flag: jax.jit(make_iteration(sim, flag))
              for flag in (False, True) if not flag or sim.distillation is not None}
     rows = []

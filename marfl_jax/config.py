@@ -16,7 +16,7 @@ import importlib
 import importlib.util
 import json
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from marfl_jax.registry import ConfigError
 
@@ -25,6 +25,7 @@ __all__ = ["Config", "ConfigError", "SECTIONS", "field_choices", "field_help", "
 TEXT_DATASETS = ("bbc_news", "20newsgroups")
 PRECISIONS = ("highest", "high", "default")
 DP_ACCOUNTING = "dp-accounting==0.6.0"
+T = TypeVar("T")
 
 
 def _names(module: str, attribute: str) -> Callable[[], tuple[str, ...]]:
@@ -265,11 +266,6 @@ class Config:
                                 "off; needs pip install wandb). TensorBoard files are always "
                                 "written to WORKDIR/tb/.")
 
-    @property
-    def eval_peer_count(self) -> int | None:
-        """None for 'all'/'mean', else the sample size."""
-        return None if self.eval_peers in ("all", "mean") else int(self.eval_peers)
-
     def validate(self) -> Config:
         """Returns self, or raises ConfigError naming the first bad flag."""
         for f in dataclasses.fields(self):
@@ -372,6 +368,12 @@ class Config:
     def section(self, name: str) -> dict[str, Any]:
         """The fields of one concern (a key of SECTIONS) and their values."""
         return {field: getattr(self, field) for field in SECTIONS[name]}
+
+    def settings(self, kind: type[T]) -> T:
+        """The settings a piece reads, as its own NamedTuple `kind` whose fields are Config
+        fields (`network.Settings`, `evaluation.Settings`, `plan.Request`, ...): pieces below
+        the runner receive these, never the Config."""
+        return kind(*(getattr(self, name) for name in kind._fields))
 
     def churn_model(self):
         from marfl_jax import churn  # Deferred: churn imports jax.

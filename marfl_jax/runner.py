@@ -177,7 +177,8 @@ def execution_plan(config: Config, workdir: str, previous, num_classes: int, sam
         chosen = plan_lib.Plan(**stored)
         logging.info("plan: %s (kept from %s)", chosen.describe(), path)
         return chosen
-    chosen = plan_lib.fixed(config)
+    request = config.settings(plan_lib.Request)
+    chosen = plan_lib.fixed(request)
     peer_steps = config.num_peers * config.local_batches * config.max_iterations
     if previous is not None:  # A run from before plans existed ran the flags' plan.
         logging.info("plan: %s (the flags', as when this run started)", chosen.describe())
@@ -193,10 +194,10 @@ def execution_plan(config: Config, workdir: str, previous, num_classes: int, sam
         one_peer = jax.eval_shape(lambda: build_apply_fn(chosen)[1])
         state_bytes = config.num_peers * (memory.tree_nbytes(one_peer) + memory.tree_nbytes(
             jax.eval_shape(optimizer.init, one_peer)))
-        make_step = plan_lib.local_step_factory(config, build_apply_fn, sample_input, optimizer,
+        make_step = plan_lib.local_step_factory(request, build_apply_fn, sample_input, optimizer,
                                                 num_classes)
         chosen, _ = plan_lib.choose(
-            config, make_step, backend=device.platform, device_kind=device.device_kind,
+            request, make_step, backend=device.platform, device_kind=device.device_kind,
             input_shape=tuple(sample_input.shape[1:]), num_classes=num_classes,
             budget_s=config.plan_budget_s, log=logging.info, state_bytes=state_bytes,
             available_bytes=(int(config.memory_limit_gb * memory.GB) if config.memory_limit_gb
@@ -243,7 +244,7 @@ def make_clock(config: Config, algorithm, ledger: comm.Ledger, flops_per_example
                           f"for --algorithm={config.algorithm} (--wire={config.wire}); "
                           f"register one in marfl_jax.clock.PROTOCOLS (have: "
                           f"{', '.join(clock.PROTOCOLS.names())})")
-    links = network.make_links(config, flops_per_example)
+    links = network.make_links(config.settings(network.Settings), flops_per_example)
     if links is None:
         return None
     return clock.Clock(
@@ -559,7 +560,8 @@ def train(pieces: Pieces, progress: Progress, recorder: Recorder) -> None:
 
 def evaluate(pieces: Pieces, progress: Progress, row: dict, t: int) -> None:
     """Adds the evaluation's fields (and DP's budget so far) to iteration t's row."""
-    row.update(evaluation.evaluate(pieces.config, progress.state.params, row["present"], t,
+    row.update(evaluation.evaluate(pieces.config.settings(evaluation.Settings),
+                                   progress.state.params, row["present"], t,
                                    pieces.evaluate_peers, pieces.test_images,
                                    pieces.test_labels))
     if progress.accountant is not None:

@@ -281,27 +281,38 @@ def on_grid(schedule: jax.Array, grid: Grid, num_groups: int) -> jax.Array:
 
 
 def combine_groups(tree, group_ids: jax.Array, num_groups: int, rule, max_group_size: int):
-    """One round under a group rule (`marfl_jax.rules.Rule`), its generic path: each floating
+    """One round under a group rule (`marfl_jax.rules.Rule`), its generic path: every floating
     leaf is gathered into slots (num_groups, max_group_size, ...) by group id and rank in group
-    (`rank_in_group`), `rule.combine` gives each group's value and it is scattered back to the
-    members. Absent peers (id -1) keep their values; integer leaves are unchanged. Memory:
-    num_groups * max_group_size copies of a leaf (at most N members are filled)."""
+    (`rank_in_group`), `rule.combine` is called ONCE on the whole message (the tree of slot
+    leaves, integer leaves None there, with `rule.params`) and gives each group's value, which
+    is scattered back to the members. Absent peers (id -1) keep their values; integer leaves are
+    unchanged. Memory: num_groups * max_group_size copies of the message (at most N members are
+    filled)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    floating = [jnp.issubdtype(x.dtype, jnp.floating) for x in leaves]
+    if not any(floating):
+        return tree
     present = group_ids >= 0
     segment = jnp.where(present, group_ids, num_groups)  # Absent peers: a discarded group.
     rank = jnp.minimum(rank_in_group(group_ids, num_groups), max_group_size - 1)
     filled = jnp.zeros((num_groups + 1, max_group_size), bool).at[segment, rank].set(present)
     filled = filled[:num_groups]
 
-    def combine_leaf(x):
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            return x
+    def gather(x):
         slots = jnp.zeros((num_groups + 1, max_group_size) + x.shape[1:], x.dtype)
-        slots = slots.at[segment, rank].set(x)[:num_groups]
-        combined = rule.combine(slots, filled).astype(x.dtype)
-        mask = present.reshape((-1,) + (1,) * (x.ndim - 1))
-        return jnp.where(mask, combined[jnp.where(present, group_ids, 0)], x)
+        return slots.at[segment, rank].set(x)[:num_groups]
 
-    return jax.tree.map(combine_leaf, tree)
+    slots = treedef.unflatten([gather(x) if f else None
+                               for x, f in zip(leaves, floating, strict=True)])
+    combined = treedef.flatten_up_to(rule.combine(slots, filled, rule.params))
+    own_group = jnp.where(present, group_ids, 0)
+
+    def scatter(x, value):
+        mask = present.reshape((-1,) + (1,) * (x.ndim - 1))
+        return jnp.where(mask, value.astype(x.dtype)[own_group], x)
+
+    return treedef.unflatten([scatter(x, c) if f else x
+                              for x, c, f in zip(leaves, combined, floating, strict=True)])
 
 
 def grid_of(schedule: np.ndarray, radices: tuple[int, ...]) -> Grid | None:

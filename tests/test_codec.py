@@ -86,7 +86,7 @@ def _loop(x, ids, wire):
 
 
 @pytest.mark.parametrize("wire", ["allgather", "star", "butterfly"])
-def test_coded_group_mean_equals_a_per_member_loop(wire):
+def test_each_wires_coded_combine_equals_a_per_member_loop(wire):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(9, 70)).astype(np.float32)  # 5 blocks, the last one partial.
     ids = np.array([0, 1, 0, 2, 1, -1, 0, 2, 1], np.int32)

@@ -238,17 +238,16 @@ def train_flops_per_example(apply_fn, params, sample_input) -> float | None:
 def make_clock(config: Config, algorithm, ledger: comm.Ledger, flops_per_example):
     """The simulated clock of `--network` (None for 'none'). flops_per_example: () -> FLOPs of
     one training example, called only for a trace with a gflops column."""
-    protocol = algorithm.protocol
-    if protocol not in clock.PROTOCOLS.names():
-        raise ConfigError(f"--network={config.network}: the clock has no protocol {protocol!r} "
-                          f"for --algorithm={config.algorithm} (--wire={config.wire}); "
-                          f"register one in marfl_jax.clock.PROTOCOLS (have: "
-                          f"{', '.join(clock.PROTOCOLS.names())})")
+    wire = comm.get_wire(algorithm.wire)
+    if wire.seconds is None:
+        raise ConfigError(f"--network={config.network}: the wire {comm.wire_label(algorithm.wire)}"
+                          f" of --algorithm={config.algorithm} (--wire={config.wire}) has no "
+                          "clock timing (marfl_jax.comm.Wire.seconds); give it one")
     links = network.make_links(config.settings(network.Settings), flops_per_example)
     if links is None:
         return None
     return clock.Clock(
-        links=clock.Links(*(jnp.asarray(x) for x in links)), protocol=protocol,
+        links=clock.Links(*(jnp.asarray(x) for x in links)), wire=wire,
         message_bytes=float(ledger.payloads_per_message * ledger.payload_bytes
                             + ledger.scalar_bytes),
         distill_message_bytes=float(ledger.payload_bytes),

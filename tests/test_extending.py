@@ -65,6 +65,8 @@ def test_own_schedule_and_wire_model(in_tmp):
     assert row["bytes"] == 8 * 2 * 2 * payload and row["messages"] == 16
     assert row["consensus_after"] == 0.0 < row["consensus_before"]  # Exact for 4 | N.
     assert row["metadata_bytes"] == 0  # Only MAR-FL announces keys through a DHT.
+    # The wire's own seconds: 2 rounds of one message (weights + momentum) at 10 Mbit/s.
+    np.testing.assert_allclose(row["sim_comm_seconds"], 2 * 2 * payload / 1.25e6, rtol=1e-5)
 
 
 def test_own_group_rule(in_tmp):

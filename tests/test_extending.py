@@ -28,9 +28,9 @@ def in_tmp(tmp_path, monkeypatch):
         registry.unregister(name)
 
 
-def test_the_readme_has_four_examples_of_about_twenty_lines():
+def test_the_readme_has_five_examples_of_about_twenty_lines():
     examples = _examples()
-    assert len(examples) == 4
+    assert len(examples) == 5
     assert all(len(e.strip().splitlines()) <= 45 for e in examples)
 
 
@@ -78,6 +78,21 @@ def test_own_group_rule(in_tmp):
     ids = np.array([[0, 0, 1, 1, -1, 2, 2, 3]], np.int32)
     np.testing.assert_allclose(mixing.mix(x, ids, 4, rule=rule, max_group_size=2),
                                mixing.mix(x, ids, 4), rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_own_study(in_tmp):
+    namespace = {}
+    exec(_examples()[4], namespace)
+    rows = namespace["outcome"].rows
+    assert [(r["local_batches"], r["iterations"]) for r in rows] == [(1, 2), (2, 2)]
+    with open(in_tmp / "runs" / "b" / "local_batches.csv") as f:
+        assert f.readline().startswith("local_batches,num_peers,algorithm")
+    assert os.path.getsize(in_tmp / "runs" / "b" / "local_batches.png") > 0
+    # A second pass reads the finished runs back.
+    again = namespace["sweep"].run_configs(namespace["STUDY"].configs(
+        namespace["tiny"], "runs/b"), make_row=namespace["make_row"])
+    assert again == rows
 
 
 def test_the_front_pages_model_example_registers_a_valid_model():

@@ -86,16 +86,16 @@ def write_report(outcomes: Sequence, path: str, *, scale, command: str,
     ]
     not_run = [run for o in outcomes for run in o.not_run]
     for number, outcome in enumerate(outcomes, 1):
-        experiment = outcome.study
-        lines += [f"## {number}. {experiment.title}", "",
-                  f"**The paper's claim.** {experiment.claim}", "",
-                  f"**Setting.** {experiment.setting(scale, outcome.configs)}", ""]
+        study = outcome.study
+        lines += [f"## {number}. {study.title}", "",
+                  f"**The paper's claim.** {study.claim}", "",
+                  f"**Setting.** {study.setting(scale, outcome.configs)}", ""]
         if outcome.rows:
             runs = f"{len(outcome.rows)} run{'s' if len(outcome.rows) > 1 else ''}"
             lines += [f"**Measured** ({runs}, "
                       f"{_duration(outcome.run_seconds)} of run time). "
-                      f"{experiment.summarize(outcome.rows)}", "",
-                      markdown_table(outcome.rows, experiment.columns), ""]
+                      f"{study.summarize(outcome.rows)}", "",
+                      markdown_table(outcome.rows, study.columns), ""]
         else:
             lines += ["**Measured.** Nothing: no run of this experiment could start here.", ""]
         if outcome.figure:
@@ -104,7 +104,7 @@ def write_report(outcomes: Sequence, path: str, *, scale, command: str,
                 os.path.join(os.path.dirname(outcome.figure), f)
                 for f in os.listdir(os.path.dirname(outcome.figure))
                 if f.startswith(f"{stem}_") and f.endswith(".png"))
-            lines += [f"![{experiment.title}]({os.path.relpath(f, here)})" for f in figures]
+            lines += [f"![{study.title}]({os.path.relpath(f, here)})" for f in figures]
             lines.append("")
         for whats, why in _by_reason(outcome.not_run):
             lines += [f"**Not run:** {whats}, because:", "", _quoted(why), ""]

@@ -20,7 +20,10 @@ a group are uniform; otherwise a lower bound on the rates). A message between tw
 latency (l_i + l_j) / 2 (a peer's latency_ms is its one-way latency to a typical peer, so a
 uniform profile gives every message latency_ms); a message to or from a server has the peer's.
 
-Protocols (`PROTOCOLS`: `(ids, num_groups, links, message_bytes, server_bps) -> RoundTimes`):
+A round's seconds are the `seconds` of the algorithm's wire (`marfl_jax.comm.Wire`, one object
+per way of exchanging messages, which also gives the ledger its bytes and the averaging its way of
+combining coded copies): `(ids, num_groups, links, message_bytes, server_bps) -> RoundTimes`. The
+registered wires' timings, here:
 * `allgather` (the authors' MAR-FL, AR-FL's full mesh, gossip pairs): each of a group's n
   members sends its message to the other n - 1 at once; a flow of M bytes takes
   (l_i + l_j)/2 + M (n - 1) max(1/u_i, 1/d_j).
@@ -30,10 +33,11 @@ Protocols (`PROTOCOLS`: `(ids, num_groups, links, message_bytes, server_bps) -> 
   link (`server_bps`, each direction) is shared by the n members, then downloads the mean:
   l_i + M max(1/u_i, n/s) up, l_i + M max(1/d_i, n/s) down; the download starts when the last
   upload has arrived.
-* `relay` (RDFL): the members of an arc in peer-id order form a ring; in each of n - 1 hops
-  every member forwards one message to its successor; a hop waits for the slowest link.
+* `relay` (RDFL's ring, the `relay` wire: allgather's bytes, this timing): the members of an arc
+  in peer-id order form a ring; in each of n - 1 hops every member forwards one message to its
+  successor; a hop waits for the slowest link.
 
-Every protocol reports each member's *own* time (its transfers, started at the round's start,
+Every timing reports each member's *own* time (its transfers, started at the round's start,
 each flow limited by the member's own links only: what a deadline judges, so a slow peer, not
 the mates who wait for it, is cut off) and the round's completion (the real shares and waits).
 Closed forms at uniform links are in tests/test_clock.py (MAR-FL on a 4x4x4 grid with the paper's
@@ -47,14 +51,12 @@ giving up, as the authors' barrier does). The ledger then counts only the exchan
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from marfl_jax import mixing
-from marfl_jax.registry import Registry
 
 # The authors' coordination (felix-fjm/mar-fl): every iteration starts with a participation
 # count that sleeps 5 s (peer_synchronization.count_num_participating_peers), and MAR-FL's round
@@ -136,10 +138,6 @@ def _exchange(ids, num_groups, links: Links, flow_bytes):
             jnp.where(exchanging, jnp.maximum(received, sent), 0.0))
 
 
-PROTOCOLS: Registry[Callable[..., RoundTimes]] = Registry("clock protocol")
-
-
-@PROTOCOLS.register("allgather")
 def allgather(ids, num_groups: int, links: Links, message_bytes: float,
               server_bps: float) -> RoundTimes:
     """Each member receives the other members' messages of `message_bytes`."""
@@ -148,7 +146,6 @@ def allgather(ids, num_groups: int, links: Links, message_bytes: float,
     return RoundTimes(own, done, _completion(done, ids >= 0))
 
 
-@PROTOCOLS.register("butterfly")
 def butterfly(ids, num_groups: int, links: Links, message_bytes: float,
               server_bps: float) -> RoundTimes:
     """Reduce-scatter then all-gather: two all-gathers of chunks of message_bytes / n."""
@@ -162,7 +159,6 @@ def butterfly(ids, num_groups: int, links: Links, message_bytes: float,
     return RoundTimes(2 * own, done, _completion(done, present))
 
 
-@PROTOCOLS.register("star")
 def star(ids, num_groups: int, links: Links, message_bytes: float,
          server_bps: float) -> RoundTimes:
     """Members upload to their group's server, which sends the mean back once it has all."""
@@ -178,7 +174,6 @@ def star(ids, num_groups: int, links: Links, message_bytes: float,
     return RoundTimes(own, done, _completion(done, present))
 
 
-@PROTOCOLS.register("relay")
 def relay(ids, num_groups: int, links: Links, message_bytes: float,
           server_bps: float) -> RoundTimes:
     """n - 1 hops around each arc's ring (members in peer-id order, the last one's successor
@@ -221,17 +216,17 @@ class Clock(NamedTuple):
 
     Attributes:
       links: every peer's `Links` (arrays (N,)).
-      protocol: a name in `PROTOCOLS` (the algorithm's transfer, else its wire model).
+      wire: the algorithm's `marfl_jax.comm.Wire`; its `seconds` times each round.
       message_bytes: one averaging message (payloads x payload bytes + DP's scalar).
       distill_message_bytes: one message of MKD's weight exchange (the weights).
-      server_bps: a server's link, each direction (the `star` protocol).
+      server_bps: a server's link, each direction (the `star` wire).
       timeout_s: the round deadline (0 = none).
       examples: b * B, one peer's training examples per iteration.
       barriers_per_round: coordination barriers per round (BARRIER_POLL_S each).
     """
 
     links: Links
-    protocol: str
+    wire: Any
     message_bytes: float
     distill_message_bytes: float
     server_bps: float
@@ -241,7 +236,8 @@ class Clock(NamedTuple):
 
     def round_times(self, ids: jax.Array, num_groups: int,
                     message_bytes: float | None = None) -> RoundTimes:
-        return PROTOCOLS.get(self.protocol)(
+        """One round's times on the wire. ids: (N,) group ids, -1 absent."""
+        return self.wire.seconds(
             ids, num_groups, self.links, self.message_bytes if message_bytes is None
             else message_bytes, self.server_bps)
 

@@ -1,25 +1,37 @@
 """What crosses the (simulated) network: group sizes from jit, exact bytes on the host.
 
-The jitted step returns, for every round and peer, the size of the peer's group (0 = absent):
-`member_sizes`, shape (G, N) int32. A *wire model* turns that into exact integers with numpy
-int64 / Python ints: messages, bytes and the busiest peer's bytes. A *message* is what one party
-receives from another in one round; it carries `payloads_per_message` model-sized tensors
-(MAR-FL and every baseline here: weights + momentum = 2), `S = payload_bytes` each.
+Every way of exchanging messages is ONE object, a `Wire` registered in `WIRE_MODELS` (the
+--wire values; an `Algorithm` carries one, by name or as an object), which says all it implies:
+* `cost`: the bytes the ledger counts. The jitted step returns, for every round and peer, the
+  size of the peer's group (0 = absent): `member_sizes`, shape (G, N) int32; `cost(sizes, S,
+  payloads_per_message) -> WireCost` turns that into exact integers with numpy int64 / Python
+  ints: messages, bytes and the busiest peer's bytes. A *message* is what one party receives
+  from another in one round; it carries `payloads_per_message` model-sized tensors (MAR-FL and
+  every baseline here: weights + momentum = 2), `S = payload_bytes` each.
+* `seconds`: the seconds the simulated clock charges for a round (`marfl_jax.clock`).
+* `combine`: how a group combines the copies it receives through a lossy codec
+  (`marfl_jax.mixing.coded_*`). A wire without one refuses a lossy --codec (`coded_combine`);
+  a wire without `seconds` refuses --network. No wire ever falls back on another's rules.
 
-Wire models (`WIRE_MODELS`, a registry: `cost(sizes (G, N), S, payloads_per_message) -> WireCost`):
+The registered wires (bytes; seconds and combine as named):
 * `allgather`: every member receives the other members' payloads: (|g| - 1) messages per member
-  per round, as the MAR-FL authors count. Also AR-FL (one group), RDFL (ring arcs), gossip (pairs).
+  per round, as the MAR-FL authors count. Also AR-FL (one group), gossip (pairs). Timed by
+  `clock.allgather`; each member averages its exact copy with the decoded others.
 * `butterfly`: reduce-scatter + all-gather inside each group: a group of g moves exactly
-  2(g - 1) payloads in total, 2(g - 1)/g per member.
+  2(g - 1) payloads in total, 2(g - 1)/g per member. `clock.butterfly`; each slice's owner
+  reduces it and sends it encoded.
 * `star`: a server: each present peer uploads once and downloads once per round (FedAvg).
+  `clock.star`; the server sends the decoded mean encoded.
+* `relay`: RDFL's ring arcs, every model relayed around its arc: allgather's bytes and combine
+  (each member receives every other payload unchanged), timed as n - 1 hops (`clock.relay`).
 
 MKD (`marfl_jax.mkd`) adds, in its iterations, a pass over the same groups in which members
 receive each other's weights only: (|g| - 1) single-payload messages per member per round, whatever
-the averaging's wire model (distillation needs every mate's whole model). With the allgather model
+the averaging's wire (distillation needs every mate's whole model). With the allgather wire
 a KD iteration costs 3/2 of a plain one: N*G*(M - 1)*3S at full participation.
 
 DP (`marfl_jax.dp`) averages a third model-sized tensor (the smoothed update) and a 4-byte clip
-indicator: `payloads_per_message = 3` plus `scalar_bytes = 4` sent through the same wire model.
+indicator: `payloads_per_message = 3` plus `scalar_bytes = 4` sent through the same wire.
 
 Coordination metadata is reported apart from model payloads: MAR-FL peers announce their group
 key through a DHT, one small record per present peer per round (`DHT_RECORD_BYTES`, an assumed
@@ -31,13 +43,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 
-from marfl_jax import mixing
-from marfl_jax.registry import Registry
+from marfl_jax import clock, mixing
+from marfl_jax.registry import ConfigError, Registry
 
 
 def member_sizes(schedule: jax.Array, num_groups: int) -> jax.Array:
@@ -108,11 +120,60 @@ def mean_group_size(sizes: np.ndarray) -> float:
 DHT_RECORD_BYTES = 64
 
 
-WireModel = Callable[[np.ndarray, int, int], WireCost]
-WIRE_MODELS: Registry[WireModel] = Registry("wire")
-WIRE_MODELS.register("allgather", allgather_cost)
-WIRE_MODELS.register("butterfly", butterfly_cost)
-WIRE_MODELS.register("star", star_cost)
+Cost = Callable[[np.ndarray, int, int], WireCost]
+
+
+class Wire(NamedTuple):
+    """One way of exchanging messages inside a group, all it implies in one object.
+
+    Attributes:
+      cost: the bytes the ledger counts, `(sizes (G, N) member group sizes, payload_bytes,
+        payloads_per_message) -> WireCost`, exact integers.
+      seconds: the seconds the clock charges for one round, `(ids (N,) group ids, num_groups,
+        links, message_bytes, server_bps) -> clock.RoundTimes` (inside jit); None: the wire
+        cannot be timed (a run with --network is refused).
+      combine: how a group combines the copies it receives through a lossy codec,
+        `(tree (N, ...), ids (N,), num_groups, roundtrip, unit) -> tree` (`mixing.coded_*`);
+        None: a lossy --codec is refused on this wire (never another wire's rule instead).
+    """
+
+    cost: Cost
+    seconds: Callable[..., clock.RoundTimes] | None = None
+    combine: Callable[..., Any] | None = None
+
+
+ALLGATHER = Wire(allgather_cost, clock.allgather, mixing.coded_allgather)
+# RDFL's ring: every model is relayed around the arc, so each member receives the others'
+# payloads unchanged (allgather's bytes and combine), in n - 1 hops (the relay's seconds).
+RELAY = Wire(allgather_cost, clock.relay, mixing.coded_allgather)
+
+WIRE_MODELS: Registry[Wire] = Registry("wire")
+WIRE_MODELS.register("allgather", ALLGATHER)
+WIRE_MODELS.register("butterfly", Wire(butterfly_cost, clock.butterfly, mixing.coded_butterfly))
+WIRE_MODELS.register("star", Wire(star_cost, clock.star, mixing.coded_server))
+WIRE_MODELS.register("relay", RELAY)
+
+
+def get_wire(wire: str | Wire) -> Wire:
+    """The Wire itself, or the one registered under its name (ConfigError if none)."""
+    if isinstance(wire, Wire):
+        return wire
+    return WIRE_MODELS.get(wire)
+
+
+def wire_label(wire: str | Wire) -> str:
+    """A wire for messages: its name, or its cost function's for an unregistered object."""
+    return repr(wire) if isinstance(wire, str) else repr(getattr(wire.cost, "__name__", wire))
+
+
+def coded_combine(wire: str | Wire):
+    """The wire's way of combining coded copies; ConfigError when it has none."""
+    combine = get_wire(wire).combine
+    if combine is None:
+        raise ConfigError(f"--codec: the wire {wire_label(wire)} does not say how a group "
+                          "combines copies received through a lossy codec (Wire.combine is "
+                          "None); use --codec=float32 or give the wire a combine")
+    return combine
 
 
 def tree_bytes(tree) -> int:
@@ -126,7 +187,7 @@ class Ledger:
 
     payload_bytes: int  # S: bytes of one model-sized payload.
     payloads_per_message: int
-    wire: str = "allgather"
+    wire: str | Wire = "allgather"  # A name in WIRE_MODELS or a Wire (held resolved).
     metadata_record_bytes: int = 0
     scalar_bytes: int = 0  # A small extra value averaged next to the payloads (DP's indicator).
     cumulative_bytes: int = 0
@@ -136,6 +197,9 @@ class Ledger:
 
     TOTALS = ("cumulative_bytes", "cumulative_payloads", "cumulative_messages",
               "cumulative_metadata_bytes")
+
+    def __post_init__(self):
+        self.wire = get_wire(self.wire)
 
     def state(self) -> dict[str, int]:
         """The running totals, JSON-able (checkpoints)."""
@@ -148,9 +212,10 @@ class Ledger:
     def record(self, sizes: np.ndarray, distilled: bool = False) -> dict[str, int]:
         """sizes: (G, N) member group sizes of one iteration; distilled: an MKD iteration, whose
         weight exchange over the same groups is added (and reported as `mkd_bytes`)."""
-        cost = WIRE_MODELS.get(self.wire)(sizes, self.payload_bytes, self.payloads_per_message)
-        extra = allgather_cost(sizes, self.payload_bytes, 1) if distilled else WireCost(0, 0, 0, 0)
-        scalars = (WIRE_MODELS.get(self.wire)(sizes, self.scalar_bytes, 1).bytes
+        cost = self.wire.cost(sizes, self.payload_bytes, self.payloads_per_message)
+        extra = (ALLGATHER.cost(sizes, self.payload_bytes, 1) if distilled
+                 else WireCost(0, 0, 0, 0))
+        scalars = (self.wire.cost(sizes, self.scalar_bytes, 1).bytes
                    if self.scalar_bytes else 0)
         total = int(cost.bytes) + int(extra.bytes) + int(scalars)
         self.cumulative_messages += cost.messages + extra.messages

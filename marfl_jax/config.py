@@ -15,8 +15,9 @@ import dataclasses
 import importlib
 import importlib.util
 import json
+import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from marfl_jax.registry import ConfigError
 
@@ -25,6 +26,7 @@ __all__ = ["Config", "ConfigError", "SECTIONS", "field_choices", "field_help", "
 TEXT_DATASETS = ("bbc_news", "20newsgroups")
 PRECISIONS = ("highest", "high", "default")
 DP_ACCOUNTING = "dp-accounting==0.6.0"
+T = TypeVar("T")
 
 
 def _names(module: str, attribute: str) -> Callable[[], tuple[str, ...]]:
@@ -140,6 +142,22 @@ class Config:
     aggregator: str = _field("mean", "The group rule: what each group's members take from the "
                              "copies they receive in a round ('mean' = the authors' average).",
                              _names("marfl_jax.rules", "RULES"))
+    aggregator_f: int = _field(0, "Robust rules (trimmed_mean, krum): the Byzantine copies a "
+                               "group tolerates, f (a group of n uses min(f, (n - 1) // 2)).",
+                               check=_at_least(0))
+    clip_tau: float = _field(100.0, "--aggregator=centered_clip: the clipping radius tau (the "
+                             "norm of a whole copy's difference).", check=_POSITIVE)
+    clip_iterations: int = _field(1, "--aggregator=centered_clip: the clipping iterations L.",
+                                  check=_at_least(1))
+    # Byzantine members' messages (marfl_jax/attacks.py).
+    attack: str = _field("none", "What Byzantine members send in place of their copies "
+                         "(computed from their group's honest copies).",
+                         _names("marfl_jax.attacks", "ATTACKS"))
+    attack_sigma: float = _field(1.0, "--attack=gaussian: the noise's standard deviation.",
+                                 check=_NON_NEGATIVE)
+    attack_tau: float = _field(1.5, "--attack=alie, ipm: the attack factor tau (ByzFL's "
+                               "defaults: alie 1.5, ipm 2.0; ipm needs tau > 0).",
+                               check=((lambda v: math.isfinite(v)), "a finite number"))
     # Participation and churn (marfl_jax/churn.py).
     update_fraction: float = _field(1.0, "Fraction of peers drawn to train each iteration "
                                     "(floor(fraction * N) peers, at least 1).", check=_FRACTION)
@@ -265,11 +283,6 @@ class Config:
                                 "off; needs pip install wandb). TensorBoard files are always "
                                 "written to WORKDIR/tb/.")
 
-    @property
-    def eval_peer_count(self) -> int | None:
-        """None for 'all'/'mean', else the sample size."""
-        return None if self.eval_peers in ("all", "mean") else int(self.eval_peers)
-
     def validate(self) -> Config:
         """Returns self, or raises ConfigError naming the first bad flag."""
         for f in dataclasses.fields(self):
@@ -283,6 +296,7 @@ class Config:
                 _check(check[0](value), f.name, value, check[1])
         self._check_data()
         self._check_aggregator()
+        self._check_attack()
         self._check_participation()
         self._check_distillation()
         self._check_privacy()
@@ -316,6 +330,11 @@ class Config:
                               f"--codec={self.codec}: a group rule other than the mean would "
                               "combine its own exact copy with the mates' decoded ones, which is "
                               "not modelled; use --codec=float32 or --aggregator=mean")
+
+    def _check_attack(self) -> None:
+        if self.attack == "ipm":
+            _check(self.attack_tau > 0, "attack_tau", self.attack_tau,
+                   "a number > 0 with --attack=ipm (it sends -tau times the honest mean)")
 
     def _check_participation(self) -> None:
         for name in ("update_fraction", "aggregate_fraction"):
@@ -372,6 +391,12 @@ class Config:
     def section(self, name: str) -> dict[str, Any]:
         """The fields of one concern (a key of SECTIONS) and their values."""
         return {field: getattr(self, field) for field in SECTIONS[name]}
+
+    def settings(self, kind: type[T]) -> T:
+        """The settings a piece reads, as its own NamedTuple `kind` whose fields are Config
+        fields (`network.Settings`, `evaluation.Settings`, `plan.Request`, ...): pieces below
+        the runner receive these, never the Config."""
+        return kind(*(getattr(self, name) for name in kind._fields))
 
     def churn_model(self):
         from marfl_jax import churn  # Deferred: churn imports jax.
@@ -432,7 +457,8 @@ SECTIONS: dict[str, tuple[str, ...]] = {
               "batch_size", "learning_rate", "momentum"),
     "algorithm": ("algorithm", "num_peers", "group_size", "key_dim", "rounds", "schedule",
                   "wire"),
-    "messages": ("codec", "codec_block", "share_momentum", "aggregator"),
+    "messages": ("codec", "codec_block", "share_momentum", "aggregator", "aggregator_f",
+                 "clip_tau", "clip_iterations", "attack", "attack_sigma", "attack_tau"),
     "churn": ("update_fraction", "aggregate_fraction", "dropout", "dropout_timing",
               "availability", "mean_on_iterations", "mean_off_iterations"),
     "mkd": ("mkd", "mkd_iterations", "mkd_temperature", "mkd_teacher_fraction", "mkd_batches",

@@ -9,6 +9,8 @@ compiled evaluation is reused as the number of distinct models varies.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,7 +18,20 @@ import numpy as np
 from marfl_jax import sharding
 
 
-def select_eval_peers(config, present: np.ndarray, iteration: int) -> np.ndarray | None:
+class Settings(NamedTuple):
+    """What evaluation reads (`config.settings(evaluation.Settings)`)."""
+
+    eval_peers: str  # 'all', 'mean' or a sample size.
+    seed: int
+
+    @property
+    def eval_peer_count(self) -> int | None:
+        """None for 'all'/'mean', else the sample size."""
+        return None if self.eval_peers in ("all", "mean") else int(self.eval_peers)
+
+
+def select_eval_peers(config: Settings, present: np.ndarray, iteration: int
+                      ) -> np.ndarray | None:
     """Indices of the peers evaluated at `iteration`: all present peers, or a seeded sample of
     `eval_peers` of them (every peer when none is present). None means the consensus (mean)
     model of the present peers. present: (N,) bool."""
@@ -95,8 +110,8 @@ def _padded(indices: np.ndarray) -> np.ndarray:
     return np.concatenate([indices, np.full(size - indices.size, indices[0], indices.dtype)])
 
 
-def evaluate(config, params, present: np.ndarray, iteration: int, evaluate_peers, test_images,
-             test_labels) -> dict:
+def evaluate(config: Settings, params, present: np.ndarray, iteration: int, evaluate_peers,
+             test_images, test_labels) -> dict:
     """The evaluation fields of a metrics row.
 
     Args:

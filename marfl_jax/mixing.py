@@ -140,48 +140,59 @@ def grid_mean(tree, radices: tuple[int, ...], axes: int | tuple[int, ...]):
     return jax.tree.map(mean_leaf, tree)
 
 
-# How a group's members combine payloads that cross the wire through a lossy codec.
-REDUCTIONS = ("allgather", "server", "butterfly")
+# How a group's members combine payloads that cross the wire through a lossy codec: one function
+# per way of exchanging them, `(tree, group_ids (N,), num_groups, roundtrip, unit) -> tree`, named
+# by that way's wire (`marfl_jax.comm.Wire.combine`). With d_j = roundtrip(x_j), what member j's
+# mates decode of its payload, and n the group size. Absent peers (id -1) keep their values;
+# tree: leaves (N, ...); integer leaves unchanged.
 
 
-def coded_group_mean(tree, group_ids: jax.Array, num_groups: int, roundtrip,
-                     reduction: str = "allgather", unit: int = 1):
-    """The group mean when every payload crosses the wire encoded (`marfl_jax.codec`).
+def _per_peer(v):
+    """Broadcasts a per-peer vector v (N,) against a leaf (N, ...) of its dtype."""
+    return lambda leaf: v.reshape((-1,) + (1,) * (leaf.ndim - 1)).astype(leaf.dtype)
 
-    With d_j = roundtrip(x_j), what member j's mates decode of its payload, and n the group size:
-    * `allgather`: each member averages its own exact copy with its mates' decoded ones,
-      (x_i + sum_{j != i} d_j) / n = mean_j d_j + (x_i - d_i) / n (no per-pair loop);
-    * `server`: the server averages the decoded uploads and sends the mean encoded: every member
-      gets roundtrip(mean_j d_j);
-    * `butterfly`: member r of the group (by peer id) owns the r-th of n contiguous slices of
-      each leaf's values, cut between units of `unit` values (the codec's blocks: each slice is
-      encoded on its own, and its encoding is exactly the whole leaf's restricted to it); the
-      owner reduces its slice from its exact copy and the others' decoded ones,
-      m = mean_j d_j + (x_owner - d_owner) / n there, keeps m and sends it encoded: the others
-      get roundtrip(m).
-    Absent peers (id -1) keep their values. tree: leaves (N, ...); integer leaves unchanged.
-    """
+
+def _decoded_means(tree, group_ids: jax.Array, num_groups: int, roundtrip):
+    """(present (N,), decoded tree, group sizes (N,) float32 >= 1, group means of decoded)."""
     present = group_ids >= 0
     decoded = roundtrip(tree)
     sizes = jnp.maximum(member_group_sizes(group_ids, num_groups), 1).astype(jnp.float32)
-    mean_decoded = group_mean(decoded, group_ids, num_groups)
+    return present, decoded, sizes, group_mean(decoded, group_ids, num_groups)
 
-    def per_peer(v):
-        return lambda leaf: v.reshape((-1,) + (1,) * (leaf.ndim - 1)).astype(leaf.dtype)
 
-    if reduction == "allgather":
-        def combine(x, mean_d, d):
-            if not jnp.issubdtype(x.dtype, jnp.floating):
-                return x
-            return jnp.where(per_peer(present)(x), mean_d + (x - d) / per_peer(sizes)(x), x)
+def coded_allgather(tree, group_ids: jax.Array, num_groups: int, roundtrip, unit: int = 1):
+    """Each member averages its own exact copy with its mates' decoded ones,
+    (x_i + sum_{j != i} d_j) / n = mean_j d_j + (x_i - d_i) / n (no per-pair loop)."""
+    del unit
+    present, decoded, sizes, mean_decoded = _decoded_means(tree, group_ids, num_groups,
+                                                           roundtrip)
 
-        return jax.tree.map(combine, tree, mean_decoded, decoded)
-    if reduction == "server":
-        sent = roundtrip(mean_decoded)
-        return jax.tree.map(lambda x, m: jnp.where(per_peer(present)(x), m, x)
-                            if jnp.issubdtype(x.dtype, jnp.floating) else x, tree, sent)
-    if reduction != "butterfly":
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    def combine(x, mean_d, d):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            return x
+        return jnp.where(_per_peer(present)(x), mean_d + (x - d) / _per_peer(sizes)(x), x)
+
+    return jax.tree.map(combine, tree, mean_decoded, decoded)
+
+
+def coded_server(tree, group_ids: jax.Array, num_groups: int, roundtrip, unit: int = 1):
+    """The server averages the decoded uploads and sends the mean encoded: every member gets
+    roundtrip(mean_j d_j)."""
+    del unit
+    present, _, _, mean_decoded = _decoded_means(tree, group_ids, num_groups, roundtrip)
+    sent = roundtrip(mean_decoded)
+    return jax.tree.map(lambda x, m: jnp.where(_per_peer(present)(x), m, x)
+                        if jnp.issubdtype(x.dtype, jnp.floating) else x, tree, sent)
+
+
+def coded_butterfly(tree, group_ids: jax.Array, num_groups: int, roundtrip, unit: int = 1):
+    """Member r of the group (by peer id) owns the r-th of n contiguous slices of each leaf's
+    values, cut between units of `unit` values (the codec's blocks: each slice is encoded on its
+    own, and its encoding is exactly the whole leaf's restricted to it); the owner reduces its
+    slice from its exact copy and the others' decoded ones, m = mean_j d_j + (x_owner -
+    d_owner) / n there, keeps m and sends it encoded: the others get roundtrip(m)."""
+    present, decoded, sizes, mean_decoded = _decoded_means(tree, group_ids, num_groups,
+                                                           roundtrip)
     rank = rank_in_group(group_ids, num_groups)
 
     def owned(x):  # (N, ...) True where the peer owns the value.
@@ -196,7 +207,7 @@ def coded_group_mean(tree, group_ids: jax.Array, num_groups: int, roundtrip,
                            mean_decoded, group_mean(correction, group_ids, num_groups))
     sent = roundtrip(reduced)
     return jax.tree.map(
-        lambda x, m, r: jnp.where(per_peer(present)(x), jnp.where(owned(x), m, r), x)
+        lambda x, m, r: jnp.where(_per_peer(present)(x), jnp.where(owned(x), m, r), x)
         if jnp.issubdtype(x.dtype, jnp.floating) else x, tree, reduced, sent)
 
 
@@ -210,7 +221,7 @@ def butterfly_slice(columns: int, sizes: jax.Array, unit: int = 1) -> jax.Array:
 
 
 def mix(tree, schedule: jax.Array, num_groups: int, grid: Grid | None = None,
-        roundtrip=None, reduction: str = "allgather", unit: int = 1, rule=None,
+        roundtrip=None, combine=None, unit: int = 1, rule=None,
         max_group_size: int | None = None):
     """Applies the rounds of a schedule in order. schedule: (G, N) group ids; returns the tree.
 
@@ -222,9 +233,11 @@ def mix(tree, schedule: jax.Array, num_groups: int, grid: Grid | None = None,
     the axes the rounds cover (equal in exact arithmetic; members end bitwise equal) -- but only
     where the round's schedule is checked to be that grid (`on_grid`, O(G N) integer work in
     the step): otherwise (someone absent, groups redrawn) the segment means run instead.
-    With `roundtrip` (a lossy codec's tree -> decoded tree) every round is a
-    `coded_group_mean` with that reduction and `unit` (the grid is not used: members end
-    apart); only an exact-mean rule is defined there."""
+    With `roundtrip` (a lossy codec's tree -> decoded tree) every round is
+    `combine(tree, round_ids, num_groups, roundtrip, unit)`, the wire's way of combining coded
+    copies (`coded_allgather`, `coded_server`, `coded_butterfly`: `marfl_jax.comm.Wire.combine`;
+    the grid is not used: members end apart); only an exact-mean rule is defined there, and a
+    lossy round trip without a `combine` is refused."""
     from marfl_jax import rules as rules_lib  # Deferred: rules is a leaf; mixing stays first.
 
     rule = rules_lib.get(rule)
@@ -232,8 +245,11 @@ def mix(tree, schedule: jax.Array, num_groups: int, grid: Grid | None = None,
         if not rule.exact_mean:
             raise ValueError("a lossy codec's round trip is defined only for an exact-mean rule "
                              "(--aggregator=mean)")
+        if combine is None:
+            raise ValueError("a lossy codec's round trip needs the wire's way of combining coded "
+                             "copies (marfl_jax.comm.Wire.combine); none was given")
         for round_ids in schedule:
-            tree = coded_group_mean(tree, round_ids, num_groups, roundtrip, reduction, unit)
+            tree = combine(tree, round_ids, num_groups, roundtrip, unit)
         return tree
     if not rule.exact_mean:
         size = schedule.shape[1] if max_group_size is None else max_group_size
@@ -281,27 +297,38 @@ def on_grid(schedule: jax.Array, grid: Grid, num_groups: int) -> jax.Array:
 
 
 def combine_groups(tree, group_ids: jax.Array, num_groups: int, rule, max_group_size: int):
-    """One round under a group rule (`marfl_jax.rules.Rule`), its generic path: each floating
+    """One round under a group rule (`marfl_jax.rules.Rule`), its generic path: every floating
     leaf is gathered into slots (num_groups, max_group_size, ...) by group id and rank in group
-    (`rank_in_group`), `rule.combine` gives each group's value and it is scattered back to the
-    members. Absent peers (id -1) keep their values; integer leaves are unchanged. Memory:
-    num_groups * max_group_size copies of a leaf (at most N members are filled)."""
+    (`rank_in_group`), `rule.combine` is called ONCE on the whole message (the tree of slot
+    leaves, integer leaves None there, with `rule.params`) and gives each group's value, which
+    is scattered back to the members. Absent peers (id -1) keep their values; integer leaves are
+    unchanged. Memory: num_groups * max_group_size copies of the message (at most N members are
+    filled)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    floating = [jnp.issubdtype(x.dtype, jnp.floating) for x in leaves]
+    if not any(floating):
+        return tree
     present = group_ids >= 0
     segment = jnp.where(present, group_ids, num_groups)  # Absent peers: a discarded group.
     rank = jnp.minimum(rank_in_group(group_ids, num_groups), max_group_size - 1)
     filled = jnp.zeros((num_groups + 1, max_group_size), bool).at[segment, rank].set(present)
     filled = filled[:num_groups]
 
-    def combine_leaf(x):
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            return x
+    def gather(x):
         slots = jnp.zeros((num_groups + 1, max_group_size) + x.shape[1:], x.dtype)
-        slots = slots.at[segment, rank].set(x)[:num_groups]
-        combined = rule.combine(slots, filled).astype(x.dtype)
-        mask = present.reshape((-1,) + (1,) * (x.ndim - 1))
-        return jnp.where(mask, combined[jnp.where(present, group_ids, 0)], x)
+        return slots.at[segment, rank].set(x)[:num_groups]
 
-    return jax.tree.map(combine_leaf, tree)
+    slots = treedef.unflatten([gather(x) if f else None
+                               for x, f in zip(leaves, floating, strict=True)])
+    combined = treedef.flatten_up_to(rule.combine(slots, filled, rule.params))
+    own_group = jnp.where(present, group_ids, 0)
+
+    def scatter(x, value):
+        mask = present.reshape((-1,) + (1,) * (x.ndim - 1))
+        return jnp.where(mask, value.astype(x.dtype)[own_group], x)
+
+    return treedef.unflatten([scatter(x, c) if f else x
+                              for x, c, f in zip(leaves, combined, floating, strict=True)])
 
 
 def grid_of(schedule: np.ndarray, radices: tuple[int, ...]) -> Grid | None:

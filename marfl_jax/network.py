@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import os
 from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 
@@ -86,9 +87,25 @@ def read_trace(path: str, num_peers: int, flops_per_example: Callable[[], float 
                   columns["examples_per_s"])
 
 
-def make_links(config, flops_per_example: Callable[[], float | None] = lambda: None
+class Settings(NamedTuple):
+    """What the peer profiles read (`config.settings(network.Settings)`): the flags above."""
+
+    num_peers: int
+    network: str
+    network_trace: str
+    uplink_mbps: float
+    downlink_mbps: float
+    latency_ms: float
+    examples_per_s: float
+    bandwidth_sigma: float
+    compute_sigma: float
+    seed: int
+
+
+def make_links(config: Settings, flops_per_example: Callable[[], float | None] = lambda: None
                ) -> Links | None:
     """The run's peer links (host numpy arrays), or None for --network=none.
+    config: the `Settings` (a Config has every field too).
     flops_per_example: () -> one training example's FLOPs, for a trace's gflops column."""
     n = config.num_peers
     if config.network == "none":

@@ -50,6 +50,21 @@ MIN_PEER_STEPS = 2_000
 SPEED_TOLERANCE = 0.05
 
 
+class Request(NamedTuple):
+    """What the plan depends on (`config.settings(plan.Request)`): the model and its local
+    update at N peers, the flags that fix a formulation, and the numerics."""
+
+    model: str
+    conv_impl: str  # '' lets the plan choose.
+    peer_chunk: int  # 0 lets the plan choose.
+    num_peers: int
+    local_batches: int
+    batch_size: int
+    compute_dtype: str
+    matmul_precision: str
+    deterministic: bool
+
+
 def measured_peers(backend: str) -> int:
     """K, the peers every candidate's measurement trains: enough for chunks of 8 to loop on a
     CPU and for an accelerator's widest formulation to fill the device."""
@@ -65,34 +80,34 @@ class Plan(NamedTuple):
         return chunk + (f", conv {self.conv_impl}" if self.conv_impl else "")
 
 
-def fixed(config) -> Plan:
+def fixed(request) -> Plan:
     """The plan the flags name (the model's default lowering when --conv_impl is '')."""
     from marfl_jax import layers
 
-    conv = config.conv_impl or (layers.DEFAULT_CONV_IMPL if config.model == "cnn" else "")
-    return Plan(config.peer_chunk, conv)
+    conv = request.conv_impl or (layers.DEFAULT_CONV_IMPL if request.model == "cnn" else "")
+    return Plan(request.peer_chunk, conv)
 
 
-def candidates(config, backend: str) -> list[Plan]:
+def candidates(request, backend: str) -> list[Plan]:
     """The formulations worth timing, in the order they are timed: the minimum set of each
     lowering (the default first), then the other chunks; narrowest first on a CPU, widest
     first on accelerators. Explicitly set flags stay fixed. Chunks as wide as the measured K
     peers or wider are all peers at once for the measurement, so they are left out."""
     from marfl_jax import layers
 
-    width = min(config.num_peers, measured_peers(backend))
-    chunks = ([config.peer_chunk] if config.peer_chunk
+    width = min(request.num_peers, measured_peers(backend))
+    chunks = ([request.peer_chunk] if request.peer_chunk
               else [0] + [c for c in CHUNKS if c < width])
-    if config.model != "cnn":
+    if request.model != "cnn":
         convs = [""]
-    elif config.conv_impl:
-        convs = [config.conv_impl]
+    elif request.conv_impl:
+        convs = [request.conv_impl]
     else:  # The backend's natural lowering first: XLA's own convolution on accelerators.
         first = layers.DEFAULT_CONV_IMPL if backend == "cpu" else "lax"
         convs = [first] + [c for c in layers.CONV_IMPLS if c != first]
     # XLA:CPU runs the vmapped convolution as one grouped convolution, ~100x slower than gather
     # here (benchmarks/RESULTS.md): not worth a timing that alone would outlast the budget.
-    convs = [c for c in convs if not (backend == "cpu" and c == "lax" and c != config.conv_impl)]
+    convs = [c for c in convs if not (backend == "cpu" and c == "lax" and c != request.conv_impl)]
     core = minimum_set(chunks, width)
     rest = sorted((c for c in chunks if c not in core), key=lambda c: c or width,
                   reverse=backend != "cpu")
@@ -117,16 +132,16 @@ def _version(package: str) -> str:
         return ""
 
 
-def cache_key(config, backend: str, device_kind: str, input_shape, num_classes: int) -> str:
+def cache_key(request, backend: str, device_kind: str, input_shape, num_classes: int) -> str:
     fields = dict(backend=backend, device=device_kind, jax=jax.__version__,
                   jaxlib=_version("jaxlib"),
-                  model=config.model, conv_impl=config.conv_impl, peer_chunk=config.peer_chunk,
-                  num_peers=config.num_peers, local_batches=config.local_batches,
-                  batch_size=config.batch_size, input=list(input_shape),
-                  classes=num_classes, dtype=config.compute_dtype, devices=jax.device_count(),
+                  model=request.model, conv_impl=request.conv_impl, peer_chunk=request.peer_chunk,
+                  num_peers=request.num_peers, local_batches=request.local_batches,
+                  batch_size=request.batch_size, input=list(input_shape),
+                  classes=num_classes, dtype=request.compute_dtype, devices=jax.device_count(),
                   measured_peers=measured_peers(backend), rule=2,
-                  matmul_precision=config.matmul_precision,
-                  deterministic=config.deterministic)
+                  matmul_precision=request.matmul_precision,
+                  deterministic=request.deterministic)
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -195,7 +210,7 @@ def time_plan(plan: Plan, make_step, num_peers: int, width: int, *,
                   bytes_at_n)
 
 
-def local_step_factory(config, build_apply_fn, sample_input, optimizer, num_classes: int):
+def local_step_factory(request, build_apply_fn, sample_input, optimizer, num_classes: int):
     """make_step for `time_plan`: the run's local update (b SGD steps) of the model with the
     plan's lowering and chunking, on random inputs of the run's shapes, for `width` peers."""
     from marfl_jax import local
@@ -211,7 +226,7 @@ def local_step_factory(config, build_apply_fn, sample_input, optimizer, num_clas
         key = jax.random.key(0)
         # The run's b steps: a one-step scan compiles differently (XLA inlines it and, for a
         # 64-wide CNN step, ran it 5x slower per peer-step than inside the 4-step scan).
-        batches = (width, config.local_batches, config.batch_size)
+        batches = (width, request.local_batches, request.batch_size)
         images = jax.random.normal(key, batches + sample_input.shape[1:])
         labels = jax.random.randint(key, batches, 0, num_classes)
         active = jnp.ones(width, bool)
@@ -242,7 +257,7 @@ def pick(timings: list[Timing], fits) -> Timing | None:
     return min(close, key=lambda t: (t.bytes_at_n, t.per_peer_s))
 
 
-def choose(config, make_step, *, backend: str, device_kind: str, input_shape, num_classes: int,
+def choose(request, make_step, *, backend: str, device_kind: str, input_shape, num_classes: int,
            budget_s: float, cache_dir: str | None = None, log=print,
            state_bytes: int = 0, available_bytes: int | None = None,
            time_candidates: bool = True) -> tuple[Plan, list]:
@@ -255,7 +270,7 @@ def choose(config, make_step, *, backend: str, device_kind: str, input_shape, nu
       (plan, timings): timings empty when the choice came from the cache or nothing was timed.
     """
     cache_dir = cache_dir or default_cache_dir()
-    path = os.path.join(cache_dir, cache_key(config, backend, device_kind, input_shape,
+    path = os.path.join(cache_dir, cache_key(request, backend, device_kind, input_shape,
                                              num_classes) + ".json")
     if os.path.exists(path):
         with open(path) as f:
@@ -264,10 +279,10 @@ def choose(config, make_step, *, backend: str, device_kind: str, input_shape, nu
         log(f"plan: {plan.describe()} (cached in {path})")
         return plan, []
     if not time_candidates:
-        log(f"plan: {fixed(config).describe()} (a short run: nothing cached, nothing timed)")
-        return fixed(config), []
-    width = min(config.num_peers, measured_peers(backend))
-    options = candidates(config, backend)
+        log(f"plan: {fixed(request).describe()} (a short run: nothing cached, nothing timed)")
+        return fixed(request), []
+    width = min(request.num_peers, measured_peers(backend))
+    options = candidates(request, backend)
     core = {Plan(c, p.conv_impl) for p in options
             for c in minimum_set(sorted({q.peer_chunk for q in options}), width)}
     timings, skipped, spent, compiling = [], [], 0.0, 0.0
@@ -277,7 +292,7 @@ def choose(config, make_step, *, backend: str, device_kind: str, input_shape, nu
             continue
         started = time.perf_counter()
         try:
-            timing = time_plan(plan, make_step, config.num_peers, width,
+            timing = time_plan(plan, make_step, request.num_peers, width,
                                deadline=started + max(budget_s - spent, 0.0))
         except Exception as error:  # noqa: BLE001 - a candidate may fail in any way (OOM, ...)
             skipped.append(Skipped(plan, _error_text(error)))
@@ -300,7 +315,7 @@ def choose(config, make_step, *, backend: str, device_kind: str, input_shape, nu
     else:
         best = pick(timings, fits) or min(timings, key=lambda t: t.bytes_at_n)
     lines = [f"{t.plan.describe():>32}: {1e3 * t.per_peer_s:8.3f} ms/peer-step, "
-             f"{t.bytes_at_n / 2**30:6.2f} GiB at N={config.num_peers} (compile "
+             f"{t.bytes_at_n / 2**30:6.2f} GiB at N={request.num_peers} (compile "
              f"{t.compile_s:.1f} s){'' if fits(t) else ', does not fit'}" for t in timings]
     lines += [f"{s.plan.describe():>32}: skipped ({s.reason})" for s in skipped
               if s.reason != "budget"]
@@ -312,7 +327,7 @@ def choose(config, make_step, *, backend: str, device_kind: str, input_shape, nu
                         + ", ".join(p.describe() for p in missing) + "); rule: "
                         + ("all peers at once unless memory says otherwise" if backend != "cpu"
                            else "the fastest timed"))
-    log(f"plan: {len(timings)} candidates timed on {width} peers x {config.local_batches} "
+    log(f"plan: {len(timings)} candidates timed on {width} peers x {request.local_batches} "
         f"steps in {spent:.1f} s (+ {compiling:.1f} s compiling), chose {best.plan.describe()}"
         + "".join("\n  " + line for line in lines) + budget_note)
     os.makedirs(cache_dir, exist_ok=True)

@@ -1,28 +1,51 @@
 """Group rules: how a group's member combines the copies it receives in one round (`--aggregator`).
 
-A rule sees one round's groups gathered into slots: `received` (num_groups, max_group_size, ...)
-holds member r of group g's copy at [g, r] (r = its rank by peer id, `mixing.rank_in_group`) and
+A rule sees one round's groups gathered into slots, the whole message at once: `received` is a
+pytree (the message's structure: weights and momentum of every layer) whose floating leaves are
+(num_groups, max_group_size, ...), member r of group g's copy at [g, r] (r = its rank by peer
+id, `mixing.rank_in_group`); integer leaves are None there (they are never combined).
 `present` (num_groups, max_group_size) bool marks the filled slots (empty slots hold zeros and
-must not count). `combine(received, present)` returns (num_groups, ...): the value every present
-member of the group takes. `mixing.combine_groups` gathers, applies the rule and scatters back;
-absent peers keep their values and integer leaves are never combined.
+must not count). `combine(received, present, params)` returns the same tree with (num_groups,
+...) leaves: the value every present member of the group takes. `params` (`Params`: f, tau,
+iterations; the flags --aggregator_f, --clip_tau, --clip_iterations) is the Rule's own
+`params` field (`Rule.with_params`, `get(name, params)`). `mixing.combine_groups` gathers,
+applies the rule once per round and scatters back; absent peers keep their values.
+
+`coordinatewise(fn)` lifts a per-leaf function `fn(received (G, M, ...), present) -> (G, ...)`
+(mean, median) to a rule over the tree. Rules that need the whole copy (krum's distances,
+centered clipping's norms) sum over all leaves.
 
 `exact_mean=True` promises that the rule IS the unweighted mean of the present members, which
 lets `mixing.mix` use the mean's fast paths instead of the slots: the grid reshape-mean
 (`mixing.grid_mean`), segment sums (`mixing.group_mean`) and the lossy codecs' algebra
 (`mixing.coded_group_mean`). Any other rule runs through the slots.
 
-    from marfl_jax.rules import RULES, Rule
+    from marfl_jax.rules import RULES, Rule, coordinatewise
 
-    RULES.register("midrange", Rule(lambda received, present: 0.5 * (
+    RULES.register("midrange", Rule(coordinatewise(lambda received, present: 0.5 * (
         jnp.where(present[..., None], received, jnp.inf).min(1)
-        + jnp.where(present[..., None], received, -jnp.inf).max(1))))
+        + jnp.where(present[..., None], received, -jnp.inf).max(1)))))
+
+The robust rules follow ByzFL's definitions (LPD-EPFL/byzfl, byzfl/aggregators/aggregators.py:
+TrMean, Krum, CenteredClipping). A group's number of present copies n varies (churn, small
+groups), so each rule uses f_g = min(f, (n - 1) // 2) in a group of n: the largest f <= --f
+with 2 f_g < n, ByzFL's requirement (it raises for 2f >= n). With n <= 2 that is f_g = 0.
+* `trimmed_mean`: per coordinate, drop the f_g largest and f_g smallest present copies and
+  average the other n - 2 f_g.
+* `krum`: the present copy with the smallest sum of squared whole-copy distances (all leaves
+  together) to its n - f_g - 1 nearest other present copies (ByzFL: its n - f nearest
+  neighbours counting itself, i.e. sorted distance row [1 : n - f]; not Blanchard et al.'s
+  n - f - 2). With f_g <= (n - 1) // 2 that is >= 1 neighbour whenever n >= 2; n = 1 takes
+  the only copy. Ties go to the lowest rank.
+* `centered_clip`: v_0 = the group's coordinate-wise median (there is no server momentum to
+  start from; ByzFL starts from 0, then from its previous output), then `iterations` times
+  v <- v + (1/n) sum_i (x_i - v) min(1, tau / ||x_i - v||), norms over the whole copy.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,22 +53,55 @@ import jax.numpy as jnp
 from marfl_jax.registry import Registry
 
 
+class Params(NamedTuple):
+    """A rule's parameters (hashable: static under jit). ByzFL's defaults."""
+
+    f: int = 0  # --aggregator_f: the Byzantine copies a group should tolerate.
+    tau: float = 100.0  # --clip_tau: centered clipping's radius.
+    iterations: int = 1  # --clip_iterations: centered clipping's L.
+
+    @classmethod
+    def of(cls, config) -> Params:
+        """The parameters a Config's flags set."""
+        return cls(int(config.aggregator_f), float(config.clip_tau),
+                   int(config.clip_iterations))
+
+
 class Rule(NamedTuple):
     """A group rule.
 
     Attributes:
-      combine: (received (G, M, ...), present (G, M) bool) -> (G, ...), the value every present
-        member of each group takes (same dtype as `received`).
+      combine: (received tree of (G, M, ...) leaves, present (G, M) bool, params: Params) ->
+        tree of (G, ...) leaves, the value every present member of each group takes (same
+        structure; leaves in any floating dtype, cast back by `combine_groups`).
       exact_mean: the rule is the unweighted mean of the present members (the fast paths).
       description: one line for the log and --help.
+      params: what `combine` gets as `params`.
     """
 
-    combine: Callable[[jax.Array, jax.Array], jax.Array]
+    combine: Callable[[Any, jax.Array, Params], Any]
     exact_mean: bool = False
     description: str = ""
+    params: Params = Params()
+
+    def with_params(self, params: Params) -> Rule:
+        return self._replace(params=params)
 
 
 RULES: Registry[Rule] = Registry("aggregator")
+
+
+def coordinatewise(fn: Callable[[jax.Array, jax.Array], jax.Array]):
+    """A rule's `combine` that applies a per-leaf fn(received (G, M, ...), present) -> (G, ...)
+    to every leaf of the message (None leaves, the integer ones, stay None)."""
+
+    def combine(received, present, params=None):
+        del params
+        return jax.tree.map(lambda x: fn(x, present), received)
+
+    combine.__name__ = getattr(fn, "__name__", "coordinatewise")
+    combine.__doc__ = fn.__doc__
+    return combine
 
 
 def present_like(present: jax.Array, received: jax.Array) -> jax.Array:
@@ -53,8 +109,19 @@ def present_like(present: jax.Array, received: jax.Array) -> jax.Array:
     return present.reshape(present.shape + (1,) * (received.ndim - 2))
 
 
+def _per_group(v: jax.Array, like: jax.Array) -> jax.Array:
+    """v (G,) broadcast against like (G, ...)."""
+    return v.reshape(v.shape + (1,) * (like.ndim - 1))
+
+
+def tolerated(f: int, present: jax.Array) -> jax.Array:
+    """Each group's f_g = min(f, (n - 1) // 2), n its present copies (0 if none). (G,) int32."""
+    count = present.sum(axis=1).astype(jnp.int32)
+    return jnp.minimum(f, jnp.maximum(count - 1, 0) // 2)
+
+
 def mean(received: jax.Array, present: jax.Array) -> jax.Array:
-    """The unweighted mean of the present members' copies."""
+    """The unweighted mean of the present members' copies (one leaf)."""
     mask = present_like(present, received)
     count = jnp.maximum(present.sum(axis=1), 1).astype(received.dtype)
     total = jnp.where(mask, received, 0).sum(axis=1)
@@ -63,7 +130,7 @@ def mean(received: jax.Array, present: jax.Array) -> jax.Array:
 
 def median(received: jax.Array, present: jax.Array) -> jax.Array:
     """The coordinate-wise median of the present members' copies (the mean of the two middle
-    values for an even count)."""
+    values for an even count; one leaf)."""
     mask = present_like(present, received)
     ordered = jnp.sort(jnp.where(mask, received, jnp.inf), axis=1)  # Empty slots sort last.
     count = present.sum(axis=1)
@@ -74,12 +141,101 @@ def median(received: jax.Array, present: jax.Array) -> jax.Array:
     return jnp.where(count.reshape(count.shape + (1,) * (middle.ndim - 1)) > 0, middle, 0)
 
 
-RULES.register("mean", Rule(mean, exact_mean=True, description="the unweighted group mean"))
-RULES.register("median", Rule(median, description="the coordinate-wise median of the group"))
+def trimmed_mean_leaf(received: jax.Array, present: jax.Array, f: int) -> jax.Array:
+    """Per coordinate, the mean of the present copies without the f_g largest and f_g smallest
+    (f_g = `tolerated(f, present)`); 0 for a group with nobody present. One leaf."""
+    mask = present_like(present, received)
+    ordered = jnp.sort(jnp.where(mask, received, jnp.inf), axis=1)  # Empty slots sort last.
+    count = present.sum(axis=1).astype(jnp.int32)
+    trim = tolerated(f, present)
+    rank = jnp.arange(received.shape[1]).reshape((1, -1) + (1,) * (received.ndim - 2))
+    low, high = present_like(trim[:, None], received), present_like((count - trim)[:, None],
+                                                                    received)
+    total = jnp.where((rank >= low) & (rank < high), ordered, 0).sum(axis=1)
+    kept = jnp.maximum(count - 2 * trim, 1).astype(received.dtype)
+    return total / _per_group(kept, total)
 
 
-def get(rule: str | Rule | None) -> Rule:
-    """A Rule from a registered name, a Rule, or None (the mean)."""
+def trimmed_mean(received, present: jax.Array, params: Params):
+    """ByzFL's TrMean with f_g per group, coordinate-wise over every leaf."""
+    return jax.tree.map(lambda x: trimmed_mean_leaf(x, present, params.f), received)
+
+
+def _squared_norms(tree) -> jax.Array:
+    """sum over leaves and coordinates of x^2 for leaves (G, M, ...) -> (G, M) float32."""
+    return sum(jnp.square(x.astype(jnp.float32)).reshape(x.shape[:2] + (-1,)).sum(-1)
+               for x in jax.tree.leaves(tree))
+
+
+def squared_distances(received, present: jax.Array) -> jax.Array:
+    """(G, M, M) squared whole-copy distances ||x_i - x_j||^2 summed over the leaves, from Gram
+    matrices of the copies centred on their group's present mean (so rounding scales with the
+    spread, not the weights' size); float32, clamped at 0."""
+    gram = 0.0
+    for x in jax.tree.leaves(received):
+        flat = x.astype(jnp.float32).reshape(x.shape[:2] + (-1,))
+        centred = jnp.where(present[..., None], flat - mean(flat, present)[:, None], 0.0)
+        gram = gram + jnp.einsum("gip,gjp->gij", centred, centred,
+                                 precision=jax.lax.Precision.HIGHEST)
+    diagonal = jnp.diagonal(gram, axis1=1, axis2=2)
+    return jnp.maximum(diagonal[:, :, None] + diagonal[:, None, :] - 2.0 * gram, 0.0)
+
+
+def krum_choice(received, present: jax.Array, f: int) -> jax.Array:
+    """(G,) the rank of each group's Krum copy (0 where nobody is present)."""
+    slots = present.shape[1]
+    distances = squared_distances(received, present)
+    others = present[:, None, :] & ~jnp.eye(slots, dtype=bool)[None]
+    ordered = jnp.sort(jnp.where(others, distances, jnp.inf), axis=2)  # Nearest first.
+    neighbours = present.sum(axis=1).astype(jnp.int32) - tolerated(f, present) - 1
+    nearest = jnp.arange(slots)[None, None, :] < neighbours[:, None, None]
+    scores = jnp.where(nearest, ordered, 0.0).sum(axis=2)
+    return jnp.argmin(jnp.where(present, scores, jnp.inf), axis=1)
+
+
+def krum(received, present: jax.Array, params: Params):
+    """ByzFL's Krum with f_g per group and whole-copy distances: the chosen member's copy."""
+    choice = krum_choice(received, present, params.f)
+    # A group with nobody present picks slot 0, which holds zeros.
+    return jax.tree.map(
+        lambda x: jnp.take_along_axis(x, present_like(choice[:, None], x), axis=1)[:, 0],
+        received)
+
+
+def centered_clip(received, present: jax.Array, params: Params):
+    """ByzFL's CenteredClipping from the group's coordinate-wise median, norms over the whole
+    copy: `params.iterations` steps of radius `params.tau`."""
+    count = jnp.maximum(present.sum(axis=1), 1).astype(jnp.float32)
+    start = jax.tree.map(lambda x: median(x, present), received)
+
+    def step(_, v):
+        differences = jax.tree.map(lambda x, c: x - c[:, None], received, v)
+        norms = jnp.sqrt(_squared_norms(differences))
+        scale = jnp.where(norms > params.tau, params.tau / jnp.maximum(norms, 1e-30), 1.0)
+        weights = jnp.where(present, scale, 0.0) / count[:, None]
+        return jax.tree.map(
+            lambda c, d: c + (present_like(weights, d).astype(d.dtype) * d).sum(axis=1),
+            v, differences)
+
+    return jax.lax.fori_loop(0, params.iterations, step, start)
+
+
+RULES.register("mean", Rule(coordinatewise(mean), exact_mean=True,
+                            description="the unweighted group mean"))
+RULES.register("median", Rule(coordinatewise(median),
+                              description="the coordinate-wise median of the group"))
+RULES.register("trimmed_mean", Rule(trimmed_mean, description="the coordinate-wise mean without "
+                                    "the f largest and f smallest copies (--aggregator_f)"))
+RULES.register("centered_clip", Rule(centered_clip, description="centered clipping from the "
+                                     "median (--clip_tau, --clip_iterations)"))
+RULES.register("krum", Rule(krum, description="the copy nearest its n - f - 1 nearest mates "
+                            "(--aggregator_f)"))
+
+
+def get(rule: str | Rule | None, params: Params | None = None) -> Rule:
+    """A Rule from a registered name, a Rule, or None (the mean); with `params`, bound to them."""
     if rule is None:
-        return RULES.get("mean")
-    return RULES.get(rule) if isinstance(rule, str) else rule
+        rule = RULES.get("mean")
+    elif isinstance(rule, str):
+        rule = RULES.get(rule)
+    return rule if params is None else rule.with_params(params)

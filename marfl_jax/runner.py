@@ -48,8 +48,6 @@ from marfl_jax.core import DeviceData, FLState, Simulation, init_state, make_ite
 
 # What every algorithm averages: weights and momentum (DP adds the smoothed update).
 STATE_PAYLOADS = 2
-SIM_SECONDS = ("sim_seconds", "sim_compute_seconds", "sim_comm_seconds",
-               "sim_coordination_seconds")
 
 
 class RunResult(NamedTuple):
@@ -104,15 +102,15 @@ def make_apply_fn(model, compute_dtype: str = "float32"):
     return apply_fn
 
 
-def make_simulation(config: Config, model, mesh=None, *, algorithm=None,
-                    clock=None) -> Simulation:
-    """The static pieces of the run `config` describes (`algorithm`: the config's, when already
-    made; `clock`: the simulated clock, see `assemble`)."""
+def make_simulation(config: Config, model, mesh=None, *, algorithm=None, clock=None,
+                    apply_fn=None) -> Simulation:
+    """The static pieces of the run `config` describes (`algorithm`, `apply_fn`: the config's,
+    when already made; `clock`: the simulated clock, see `assemble`)."""
     codec = codec_lib.CODECS.get(config.codec)
     roundtrip = (None if codec.lossless else
                  functools.partial(codec_lib.roundtrip_tree, codec, block=config.codec_block))
     return Simulation(
-        apply_fn=make_apply_fn(model, config.compute_dtype),
+        apply_fn=apply_fn or make_apply_fn(model, config.compute_dtype),
         optimizer=local.momentum_sgd(config.learning_rate, config.momentum),
         algorithm=algorithm or algorithms.make_algorithm(config),
         churn_model=config.churn_model(),
@@ -130,6 +128,7 @@ class Assembly(NamedTuple):
     ledger: comm.Ledger
     accountant: accounting.PrivacyAccountant | None
     one_peer: Any  # One peer's params as ShapeDtypeStructs.
+    model: Any  # The flax module every peer runs.
 
 
 def assemble(config: Config, model, sample_input, mesh=None) -> Assembly:
@@ -146,17 +145,19 @@ def assemble(config: Config, model, sample_input, mesh=None) -> Assembly:
     ledger = make_ledger(algorithm, encoded, private=private,
                          share_momentum=config.share_momentum)
 
+    apply_fn = make_apply_fn(model, config.compute_dtype)
+
     def flops_per_example():  # Only a trace with a gflops column asks.
         params = model.init(jax.random.key(0), sample_input)["params"]
-        return train_flops_per_example(make_apply_fn(model, config.compute_dtype), params,
-                                       sample_input)
+        return train_flops_per_example(apply_fn, params, sample_input)
 
     run_clock = (None if config.network == "none" else
                  make_clock(config, algorithm, ledger, flops_per_example))
-    sim = make_simulation(config, model, mesh, algorithm=algorithm, clock=run_clock)
+    sim = make_simulation(config, model, mesh, algorithm=algorithm, clock=run_clock,
+                          apply_fn=apply_fn)
     accountant = None if not private else accounting.PrivacyAccountant(
         config.num_peers, config.dp_noise_multiplier, config.privacy_delta)
-    return Assembly(sim, ledger, accountant, one_peer)
+    return Assembly(sim, ledger, accountant, one_peer, model)
 
 
 def build_model(config: Config, num_classes: int, chosen: plan_lib.Plan):
@@ -176,7 +177,8 @@ def execution_plan(config: Config, workdir: str, previous, num_classes: int, sam
         chosen = plan_lib.Plan(**stored)
         logging.info("plan: %s (kept from %s)", chosen.describe(), path)
         return chosen
-    chosen = plan_lib.fixed(config)
+    request = config.settings(plan_lib.Request)
+    chosen = plan_lib.fixed(request)
     peer_steps = config.num_peers * config.local_batches * config.max_iterations
     if previous is not None:  # A run from before plans existed ran the flags' plan.
         logging.info("plan: %s (the flags', as when this run started)", chosen.describe())
@@ -192,10 +194,10 @@ def execution_plan(config: Config, workdir: str, previous, num_classes: int, sam
         one_peer = jax.eval_shape(lambda: build_apply_fn(chosen)[1])
         state_bytes = config.num_peers * (memory.tree_nbytes(one_peer) + memory.tree_nbytes(
             jax.eval_shape(optimizer.init, one_peer)))
-        make_step = plan_lib.local_step_factory(config, build_apply_fn, sample_input, optimizer,
+        make_step = plan_lib.local_step_factory(request, build_apply_fn, sample_input, optimizer,
                                                 num_classes)
         chosen, _ = plan_lib.choose(
-            config, make_step, backend=device.platform, device_kind=device.device_kind,
+            request, make_step, backend=device.platform, device_kind=device.device_kind,
             input_shape=tuple(sample_input.shape[1:]), num_classes=num_classes,
             budget_s=config.plan_budget_s, log=logging.info, state_bytes=state_bytes,
             available_bytes=(int(config.memory_limit_gb * memory.GB) if config.memory_limit_gb
@@ -236,17 +238,16 @@ def train_flops_per_example(apply_fn, params, sample_input) -> float | None:
 def make_clock(config: Config, algorithm, ledger: comm.Ledger, flops_per_example):
     """The simulated clock of `--network` (None for 'none'). flops_per_example: () -> FLOPs of
     one training example, called only for a trace with a gflops column."""
-    protocol = algorithm.protocol
-    if protocol not in clock.PROTOCOLS.names():
-        raise ConfigError(f"--network={config.network}: the clock has no protocol {protocol!r} "
-                          f"for --algorithm={config.algorithm} (--wire={config.wire}); "
-                          f"register one in marfl_jax.clock.PROTOCOLS (have: "
-                          f"{', '.join(clock.PROTOCOLS.names())})")
-    links = network.make_links(config, flops_per_example)
+    wire = comm.get_wire(algorithm.wire)
+    if wire.seconds is None:
+        raise ConfigError(f"--network={config.network}: the wire {comm.wire_label(algorithm.wire)}"
+                          f" of --algorithm={config.algorithm} (--wire={config.wire}) has no "
+                          "clock timing (marfl_jax.comm.Wire.seconds); give it one")
+    links = network.make_links(config.settings(network.Settings), flops_per_example)
     if links is None:
         return None
     return clock.Clock(
-        links=clock.Links(*(jnp.asarray(x) for x in links)), protocol=protocol,
+        links=clock.Links(*(jnp.asarray(x) for x in links)), wire=wire,
         message_bytes=float(ledger.payloads_per_message * ledger.payload_bytes
                             + ledger.scalar_bytes),
         distill_message_bytes=float(ledger.payload_bytes),
@@ -277,94 +278,154 @@ def run(config: Config, workdir: str | None = None) -> RunResult:
     config.validate()
     runtime.prepare_backend(config)  # XLA_FLAGS, before the backend starts.
     workdir = workdir or config.workdir
+    config = dataclasses.replace(config, workdir=workdir)
     with (runtime.matmul_precision(config),  # What this run traces; the caller's is kept.
           files.locked(workdir) if sharding.is_primary() else contextlib.nullcontext(),
           contextlib.ExitStack() as closing):  # The tracker, closed on an error too.
-        return _run(config, workdir, closing)
+        start = time.time()
+        previous = files.previous_config(config, workdir)
+        logging.info("numerics: %s", runtime.describe(config))
+        pieces = build(config, workdir, previous)
+        progress = resume(pieces, previous)
+        start -= progress.elapsed_before
+        recorder = Recorder(pieces, progress, start, closing)
+        train(pieces, progress, recorder)
+        return summarize(pieces, progress, recorder)
 
 
-def _run(config: Config, workdir: str | None, closing: contextlib.ExitStack) -> RunResult:
-    workdir = workdir or config.workdir
-    config = dataclasses.replace(config, workdir=workdir)
-    previous = files.previous_config(config, workdir)
-    start = time.time()
-    logging.info("numerics: %s", runtime.describe(config))
+class Pieces(NamedTuple):
+    """What a run is made of, each built once from its config (`build`)."""
 
-    # -- Data, the execution plan, model, the simulation's pieces, the initial state's shapes.
+    config: Config
+    workdir: str
+    plan: plan_lib.Plan
+    mesh: Any  # The device mesh over the peer axis, or None on one device.
+    sim: Simulation
+    assembly: Assembly
+    data: DeviceData
+    test_images: jax.Array  # (n_test, ...) float32.
+    test_labels: jax.Array  # (n_test,) int32.
+    abstract_state: FLState  # Shapes only.
+    steps: Steps
+    evaluate_peers: Any  # Jitted (params (K, ...), images, labels) -> (accuracy, loss) (K,).
+
+
+class Steps:
+    """The compiled iterations of a run, compiled once each for the state's shapes (MKD's
+    variant takes lambda as a fourth argument), and the iterations' keys."""
+
+    def __init__(self, sim: Simulation, abstract_state, data: DeviceData, seed: int, mesh):
+        self._sim, self._abstract_state, self._data, self._mesh = sim, abstract_state, data, mesh
+        self._iteration_key = jax.random.fold_in(jax.random.key(seed), 1)
+        self._compiled = {}
+
+    def key_at(self, t: int):
+        """Iteration t's key, replicated over the mesh when there is one."""
+        key = jax.random.fold_in(self._iteration_key, t)
+        if self._mesh is None:
+            return key
+        return jax.random.wrap_key_data(sharding.replicate(jax.random.key_data(key),
+                                                           self._mesh))
+
+    def compiled(self, distilling: bool):
+        if distilling not in self._compiled:
+            step = jax.jit(make_iteration(self._sim, distilling), donate_argnums=0)
+            weight = (jax.ShapeDtypeStruct((), jnp.float32),) if distilling else ()
+            self._compiled[distilling] = step.lower(
+                sharding.abstract_by_peer(self._abstract_state, self._mesh), self.key_at(0),
+                self._data, *weight).compile()
+        return self._compiled[distilling]
+
+    def __call__(self, state: FLState, t: int, distillation) -> tuple[FLState, dict, bool]:
+        """Runs iteration t: (the new state, its info, whether it distilled)."""
+        distilling = distillation is not None and distillation.active(t)
+        weight = (np.float32(distillation.weight(t)),) if distilling else ()
+        state, info = self.compiled(distilling)(state, self.key_at(t), self._data, *weight)
+        return state, info, distilling
+
+
+def initial_state(pieces: Pieces) -> FLState:
+    """Iteration 0's state, every peer from the seed (sharded over the mesh, if any)."""
+    config, sim = pieces.config, pieces.sim
+    state = init_state(pieces.assembly.model, sim.optimizer, pieces.test_images[:1],
+                       config.num_peers, jax.random.fold_in(jax.random.key(config.seed), 0),
+                       sim.churn_model, sim.privacy)
+    return sharding.shard_peers(state, pieces.mesh)
+
+
+def build(config: Config, workdir: str, previous) -> Pieces:
+    """The data, the plan, the model and the simulation with its ledger and accountant; the
+    iteration compiled for the state's shapes, refusing a run that would not fit."""
     dataset, data, test_images, test_labels = load_data(config)
     mesh = sharding.peer_mesh(config.num_peers)  # None on one device.
-    chosen = execution_plan(config, workdir, previous, dataset.num_classes, test_images[:1],
-                            mesh)
-    model = build_model(config, dataset.num_classes, chosen)
     if mesh is None and jax.process_count() > 1:
         raise ConfigError(f"--num_peers={config.num_peers} must be divisible by the "
                           f"{jax.device_count()} devices of a multi-process run")
+    chosen = execution_plan(config, workdir, previous, dataset.num_classes, test_images[:1],
+                            mesh)
     if mesh is not None:
         data = DeviceData(*sharding.replicate((data.x_train, data.y_train), mesh),
                           *sharding.shard_peers((data.table, data.counts), mesh))
         test_images, test_labels = sharding.replicate((test_images, test_labels), mesh)
-    sim, ledger, accountant, one_peer = assemble(
-        dataclasses.replace(config, peer_chunk=chosen.peer_chunk), model, test_images[:1], mesh)
-    root_key = jax.random.key(config.seed)
-
-    def initial_state():
-        return init_state(model, sim.optimizer, test_images[:1], config.num_peers,
-                          jax.random.fold_in(root_key, 0), sim.churn_model, sim.privacy)
-
-    abstract_state = jax.eval_shape(initial_state)  # Shapes only: nothing allocated yet.
+    assembly = assemble(dataclasses.replace(config, peer_chunk=chosen.peer_chunk),
+                        build_model(config, dataset.num_classes, chosen), test_images[:1], mesh)
+    sim = assembly.sim
+    pieces = Pieces(config, workdir, chosen, mesh, sim, assembly, data, test_images, test_labels,
+                    None, None, jax.jit(functools.partial(local.evaluate_peers,
+                                                          apply_fn=sim.apply_fn)))
+    abstract_state = jax.eval_shape(lambda: initial_state(pieces._replace(mesh=None)))
+    pieces = pieces._replace(abstract_state=abstract_state,
+                             steps=Steps(sim, abstract_state, data, config.seed, mesh))
     algorithm = sim.algorithm
     logging.info("model %s: %d parameters, payload %d bytes; algorithm %s (%s): %d rounds%s%s",
-                 config.model, models.count_params(one_peer), ledger.payload_bytes,
-                 algorithm.name, algorithm.description, algorithm.num_rounds,
-                 ", exact at full participation" if algorithm.exact else "",
+                 config.model, models.count_params(assembly.one_peer),
+                 assembly.ledger.payload_bytes, algorithm.name, algorithm.description,
+                 algorithm.num_rounds, ", exact at full participation" if algorithm.exact else "",
                  f"; peers sharded over {mesh.size} devices" if mesh is not None else "")
-
-    # -- Compile the iteration for the state's shapes, and refuse a run that would not fit.
-    iteration_key = jax.random.fold_in(root_key, 1)
-
-    def key_at(t: int):
-        """This iteration's key, replicated over the mesh when there is one."""
-        key = jax.random.fold_in(iteration_key, t)
-        if mesh is None:
-            return key
-        return jax.random.wrap_key_data(sharding.replicate(jax.random.key_data(key), mesh))
-
-    compiled = {}
-
-    def compiled_step(distilling: bool):
-        """The compiled iteration (MKD's variant takes lambda as a fourth argument)."""
-        if distilling not in compiled:
-            step = jax.jit(make_iteration(sim, distilling), donate_argnums=0)
-            weight = (jax.ShapeDtypeStruct((), jnp.float32),) if distilling else ()
-            compiled[distilling] = step.lower(sharding.abstract_by_peer(abstract_state, mesh),
-                                              key_at(0), data, *weight).compile()
-        return compiled[distilling]
-
     estimate = memory.MemoryEstimate(
         memory.tree_nbytes(abstract_state) // (mesh.size if mesh is not None else 1),
         memory.tree_nbytes((data, test_images, test_labels)),
-        memory.step_bytes(compiled_step(sim.distillation is not None)))
+        memory.step_bytes(pieces.steps.compiled(sim.distillation is not None)))
     logging.info("memory estimate: %s", estimate.describe())
     memory.check_fits(estimate, (int(config.memory_limit_gb * memory.GB)
                                  if config.memory_limit_gb else memory.available_bytes()),
                       num_peers=config.num_peers, peer_chunk=sim.peer_chunk)
-    evaluate_peers = jax.jit(functools.partial(local.evaluate_peers, apply_fn=sim.apply_fn))
+    return pieces
 
-    # -- Resume from the last checkpoint, if any. (In a multi-process run the first process
-    #    writes the files; the barriers keep the others from reading a file being rewritten.)
-    primary = sharding.is_primary()
+
+class Progress:
+    """Where the run stands on the host: the state, the next iteration, the ledger's and the
+    accountant's totals, the rows so far and the iteration that reached the target."""
+
+    def __init__(self, state: FLState, first_iteration: int, elapsed_before: float, ledger,
+                 accountant, metrics: list[dict], target_accuracy: float,
+                 checkpoints: files.Checkpoints):
+        self.state, self.first_iteration, self.elapsed_before = (state, first_iteration,
+                                                                 elapsed_before)
+        self.checkpoints = checkpoints
+        self.t = first_iteration
+        self.ledger, self.accountant, self.metrics = ledger, accountant, metrics
+        self.reached_at = next((r["iteration"] for r in metrics
+                                if r.get("accuracy", -1.0) >= target_accuracy), None)
+        self.diverged: str | None = None  # The message, once a row is not finite.
+
+
+def resume(pieces: Pieces, previous) -> Progress:
+    """Writes the plan and config to the workdir, then restores the last checkpoint and the
+    rows before it, if any. (In a multi-process run the first process writes the files; the
+    barriers keep the others from reading a file being rewritten.)"""
+    config, workdir, assembly = pieces.config, pieces.workdir, pieces.assembly
     sharding.barrier("workdir checked")
-    if primary:
+    if sharding.is_primary():
         os.makedirs(workdir, exist_ok=True)
-        files.write_json(os.path.join(workdir, "plan.json"), chosen._asdict())
+        files.write_json(os.path.join(workdir, "plan.json"), pieces.plan._asdict())
         files.write_atomically(os.path.join(workdir, "config.json"), config.to_json())
     sharding.barrier("workdir written")
     checkpoints = files.Checkpoints(os.path.join(workdir, "checkpoints"))
-    first_iteration, elapsed_before = 0, 0.0
+    ledger, accountant = assembly.ledger, assembly.accountant
     if previous is not None and checkpoints.latest() is not None:
-        leaves, host = checkpoints.restore(abstract_state, mesh)
-        state = FLState(*leaves)
-        first_iteration, elapsed_before = host["iteration"], host["elapsed"]
+        leaves, host = checkpoints.restore(pieces.abstract_state, pieces.mesh)
+        state, first_iteration, elapsed = FLState(*leaves), host["iteration"], host["elapsed"]
         ledger = ledger.restore(host["ledger"])
         if accountant is not None:
             accountant = accounting.PrivacyAccountant.from_state(
@@ -372,120 +433,169 @@ def _run(config: Config, workdir: str | None, closing: contextlib.ExitStack) -> 
                 host["privacy"])
         logging.info("resuming %s after iteration %d", workdir, first_iteration - 1)
     else:
-        state = sharding.shard_peers(initial_state(), mesh)
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
-    metrics = files.read_rows(metrics_path, first_iteration)
-    reached_at = next((r["iteration"] for r in metrics
-                       if r.get("accuracy", -1.0) >= config.target_accuracy), None)
-    start -= elapsed_before
-    sim_elapsed = [metrics[-1].get("cumulative_sim_seconds", 0.0) if metrics else 0.0]
+        state, first_iteration, elapsed = initial_state(pieces), 0, 0.0
+    metrics = files.read_rows(os.path.join(workdir, "metrics.jsonl"), first_iteration)
     sharding.barrier("metrics read")
-    rows = files.Rows(metrics_path, metrics, write=primary)
-    tracker = closing.enter_context(tracking.open(config, workdir, primary, first_iteration))
+    return Progress(state, first_iteration, elapsed, ledger, accountant, metrics,
+                    config.target_accuracy, checkpoints)
 
-    # -- The loop: one jitted iteration, then the ledger, evaluation and logging on the host.
-    #    An iteration whose state the host does not need (no evaluation, no checkpoint after
-    #    it) is recorded only after the next one is dispatched, so the device never waits for
-    #    the host's bookkeeping; rows are the same either way.
-    distillation = sim.distillation
 
-    def row_of(t: int, info, distilling: bool) -> dict:
-        """Iteration t's row from its info (gathered to the host here)."""
-        info = sharding.to_host(info)
-        sizes = np.asarray(info["member_sizes"])
-        present = np.asarray(info["present"])
+def stage_metrics(info: dict) -> dict:
+    """The fields the stages' metrics give a row: every 0-d entry of `info`, converted by type
+    (a float, an int or a bool); entries with a peer or round axis are the host's inputs."""
+    row = {}
+    for name, value in info.items():
+        value = np.asarray(value)
+        if value.ndim:
+            continue
+        if np.issubdtype(value.dtype, np.bool_):
+            row[name] = bool(value)
+        elif np.issubdtype(value.dtype, np.integer):
+            row[name] = int(value)
+        else:
+            row[name] = float(value)
+    return row
+
+
+class Recorder:
+    """Iteration rows on the host: the ledger's exact bytes, the stages' metrics, the simulated
+    clock's running total and the accountant's budget, appended to metrics.jsonl and the
+    trackers (TensorBoard in WORKDIR/tb/, W&B with --wandb_project)."""
+
+    def __init__(self, pieces: Pieces, progress: Progress, start: float,
+                 closing: contextlib.ExitStack):
+        self.config, self.sim, self.progress, self.start = (pieces.config, pieces.sim, progress,
+                                                            start)
+        metrics = progress.metrics
+        self.sim_elapsed = metrics[-1].get("cumulative_sim_seconds", 0.0) if metrics else 0.0
+        primary = sharding.is_primary()
+        self.rows = files.Rows(os.path.join(pieces.workdir, "metrics.jsonl"), metrics,
+                               write=primary)
+        self.tracker = closing.enter_context(tracking.open(
+            pieces.config, pieces.workdir, primary, progress.first_iteration))
+
+    def row(self, t: int, info, distilling: bool) -> dict:
+        """Iteration t's row from its info (gathered to the host here). The host reads the
+        group sizes (the ledger), who took part, whether the parameters stayed finite and, under
+        DP, how many peers aggregated (the accountant); every other 0-d entry is a field."""
+        info = dict(sharding.to_host(info))
+        sizes, present = np.asarray(info["member_sizes"]), np.asarray(info["present"])
+        finite, aggregating = info.pop("params_finite"), info.pop("aggregating", None)
+        algorithm, progress = self.sim.algorithm, self.progress
         if distilling and sizes.max(initial=0) > algorithm.max_group_size:
             raise RuntimeError(f"a group of {sizes.max()} peers exceeds the bound of "
                                f"{algorithm.max_group_size} that MKD's mates table assumed")
-        row = {"iteration": t, **ledger.record(sizes, distilled=distilling)}
-        row.update(present_peers=int(present.sum()),
-                   updating_peers=int(info["updating_peers"]),
-                   mean_group_size=comm.mean_group_size(sizes),
-                   train_loss=float(info["train_loss"]),
-                   consensus_before=float(info["consensus_before"]),
-                   consensus_after=float(info["consensus_after"]))
-        if not info["params_finite"]:
+        row = {"iteration": t, **progress.ledger.record(sizes, distilled=distilling),
+               "present_peers": int(present.sum()),
+               "mean_group_size": comm.mean_group_size(sizes), **stage_metrics(info)}
+        if not finite:
             row["params_finite"] = False  # Only in a row that diverged.
-        if sim.clock is not None:
-            row.update({name: float(info[name]) for name in SIM_SECONDS})
-            row["stragglers"] = int(info["stragglers"])
-            sim_elapsed[0] += row["sim_seconds"]
-            row["cumulative_sim_seconds"] = sim_elapsed[0]
+        if "sim_seconds" in row:
+            self.sim_elapsed += row["sim_seconds"]
+            row["cumulative_sim_seconds"] = self.sim_elapsed
         if distilling:
+            distillation = self.sim.distillation
             row["distill_weight"] = 1.0 if not distillation.blend else distillation.weight(t)
-            row.update({name: float(info[name]) for name in (
-                "distilled_peers", "distill_teachers", "distill_kl", "distill_loss")})
-        if accountant is not None:
-            accountant.record(int(info["aggregating"]))
-            row.update({name: float(info[name]) for name in (
-                "dp_clip", "dp_unclipped", "dp_update_norm")})
-            row["dp_split_peers"] = int(info["dp_split_peers"])
+        if progress.accountant is not None:
+            progress.accountant.record(int(aggregating))
         if row["present_peers"] == 0 and row["updating_peers"] == 0:
             logging.info("iteration %d: no peer present; nothing trained or exchanged", t)
         row["present"] = present  # Popped before the row is written.
         return row
 
-    def finish(row: dict) -> None:
+    def finish(self, row: dict) -> None:
+        """Writes a row; stops the run (`progress.diverged`) when it is not finite."""
         row.pop("present")
-        row["seconds"] = round(time.time() - start, 3)
-        metrics.append(row)
-        rows.append(row)
-        tracker.log(row)  # TensorBoard (WORKDIR/tb/), W&B with --wandb_project.
+        row["seconds"] = round(time.time() - self.start, 3)
+        self.progress.metrics.append(row)
+        self.rows.append(row)
+        self.tracker.log(row)
+        self.progress.diverged = watch.divergence(row, self.config.learning_rate)
 
-    t = first_iteration
+    def close(self) -> None:
+        self.rows.close()
+        self.tracker.close()
+
+
+def train(pieces: Pieces, progress: Progress, recorder: Recorder) -> None:
+    """The loop: one jitted iteration, then the ledger, evaluation and logging on the host.
+
+    An iteration whose state the host does not need (no evaluation, no checkpoint after it) is
+    recorded only after the next one is dispatched, so the device never waits for the host's
+    bookkeeping; rows are the same either way."""
+    config, steps = pieces.config, pieces.steps
+    distillation = pieces.sim.distillation
     loop_start = time.time()
     pending = None  # (t, info, distilling) of an iteration not yet recorded.
-    diverged = None  # The message, once a row holds a non-finite loss or parameter.
-    while reached_at is None and t < config.max_iterations:
-        distilling = distillation is not None and distillation.active(t)
-        weight = (np.float32(distillation.weight(t)),) if distilling else ()
-        state, info = compiled_step(distilling)(state, key_at(t), data, *weight)
+    while progress.reached_at is None and progress.t < config.max_iterations:
+        t = progress.t
+        progress.state, info, distilling = steps(progress.state, t, distillation)
         if pending is not None:
-            finish(row := row_of(*pending))
+            recorder.finish(recorder.row(*pending))
             pending = None
-            if diverged := watch.divergence(row, config.learning_rate):
+            if progress.diverged:
                 break
         evaluating = t % config.eval_every == 0 or t == config.max_iterations - 1
         checkpointing = config.checkpoint_every and (t + 1) % config.checkpoint_every == 0
         if not (evaluating or checkpointing):
             pending = (t, info, distilling)
-            t += 1
+            progress.t += 1
             continue
-        row = row_of(t, info, distilling)
+        row = recorder.row(t, info, distilling)
         if evaluating:
-            row.update(evaluation.evaluate(config, state.params, row["present"], t,
-                                           evaluate_peers, test_images, test_labels))
-            if accountant is not None:
-                row.update(accountant.epsilons())
-        finish(row)
-        if diverged := watch.divergence(row, config.learning_rate):
+            evaluate(pieces, progress, row, t)
+        recorder.finish(row)
+        if progress.diverged:
             break  # Before any checkpoint of this state.
-        t += 1
+        progress.t += 1
         if evaluating:
-            rate = (t - first_iteration) / max(time.time() - loop_start, 1e-9)
-            simulated = ("" if sim.clock is None else
-                         f" | {row['cumulative_sim_seconds'] / 3600:.3g} h simulated")
-            logging.info("iteration %d/%d | accuracy %.4f | loss %.4f | %s%s | %.3g it/s | "
-                         "%s", t - 1, config.max_iterations, row["accuracy"], row["loss"],
-                         format_bytes(row["cumulative_bytes"]), simulated, rate,
-                         watch.progress(t, config.max_iterations, rate, metrics,
-                                        config.target_accuracy))
+            log_progress(pieces, progress, row, loop_start)
             if row["accuracy"] >= config.target_accuracy:
-                reached_at = t - 1
-        done = reached_at is not None or t == config.max_iterations
-        if done or checkpointing:
-            checkpoints.save(t, state, {
-                "iteration": t, "elapsed": time.time() - start,
-                "ledger": ledger.state(),
-                **({} if accountant is None else {"privacy": accountant.state()})})
-    rows.close()
-    tracker.close()
+                progress.reached_at = t
+        if progress.reached_at is not None or progress.t == config.max_iterations or checkpointing:
+            save_checkpoint(progress, recorder)
+    recorder.close()
 
-    # -- The summary.
-    wall_seconds = round(time.time() - start, 3)
-    summary_path = os.path.join(workdir, "summary.json")
-    finished_before = (files.read_json(summary_path) if t == first_iteration and not diverged
-                       else None)
+
+def evaluate(pieces: Pieces, progress: Progress, row: dict, t: int) -> None:
+    """Adds the evaluation's fields (and DP's budget so far) to iteration t's row."""
+    row.update(evaluation.evaluate(pieces.config.settings(evaluation.Settings),
+                                   progress.state.params, row["present"], t,
+                                   pieces.evaluate_peers, pieces.test_images,
+                                   pieces.test_labels))
+    if progress.accountant is not None:
+        row.update(progress.accountant.epsilons())
+
+
+def log_progress(pieces: Pieces, progress: Progress, row: dict, loop_start: float) -> None:
+    config, t = pieces.config, progress.t
+    rate = (t - progress.first_iteration) / max(time.time() - loop_start, 1e-9)
+    simulated = ("" if pieces.sim.clock is None else
+                 f" | {row['cumulative_sim_seconds'] / 3600:.3g} h simulated")
+    logging.info("iteration %d/%d | accuracy %.4f | loss %.4f | %s%s | %.3g it/s | %s", t - 1,
+                 config.max_iterations, row["accuracy"], row["loss"],
+                 format_bytes(row["cumulative_bytes"]), simulated, rate,
+                 watch.progress(t, config.max_iterations, rate, progress.metrics,
+                                config.target_accuracy))
+
+
+def save_checkpoint(progress: Progress, recorder: Recorder) -> None:
+    """The state after iteration t - 1 with the host's totals (rows already checked finite)."""
+    accountant = progress.accountant
+    progress.checkpoints.save(progress.t, progress.state, {
+        "iteration": progress.t, "elapsed": time.time() - recorder.start,
+        "ledger": progress.ledger.state(),
+        **({} if accountant is None else {"privacy": accountant.state()})})
+
+
+def summarize(pieces: Pieces, progress: Progress, recorder: Recorder) -> RunResult:
+    """Writes summary.json; raises `watch.DivergenceError` for a run that diverged."""
+    config, metrics, reached_at = pieces.config, progress.metrics, progress.reached_at
+    diverged = progress.diverged
+    wall_seconds = round(time.time() - recorder.start, 3)
+    summary_path = os.path.join(pieces.workdir, "summary.json")
+    finished_before = (files.read_json(summary_path)
+                       if progress.t == progress.first_iteration and not diverged else None)
     if finished_before is not None:  # Its time is the one it took then, not this restore's.
         wall_seconds = finished_before.get("wall_seconds", wall_seconds)
     evaluated = [r for r in metrics if "accuracy" in r]
@@ -493,7 +603,7 @@ def _run(config: Config, workdir: str | None, closing: contextlib.ExitStack) -> 
         "final_accuracy": evaluated[-1]["accuracy"] if evaluated else None,
         "best_accuracy": max((r["accuracy"] for r in evaluated), default=None),
         "iterations": len(metrics),
-        "cumulative_bytes": ledger.cumulative_bytes,
+        "cumulative_bytes": progress.ledger.cumulative_bytes,
         "reached_target": reached_at is not None,
         "target_accuracy": config.target_accuracy,
         "iteration_reached_target": reached_at,
@@ -501,20 +611,20 @@ def _run(config: Config, workdir: str | None, closing: contextlib.ExitStack) -> 
                             if reached_at is not None else None),
         "wall_seconds": wall_seconds,
     }
-    if sim.clock is not None:
-        summary.update(cumulative_sim_seconds=sim_elapsed[0],
+    if pieces.sim.clock is not None:
+        summary.update(cumulative_sim_seconds=recorder.sim_elapsed,
                        sim_seconds_to_target=(metrics[reached_at]["cumulative_sim_seconds"]
                                               if reached_at is not None else None))
-    if accountant is not None:
-        summary.update(dp_delta=config.privacy_delta, **accountant.epsilons())
+    if progress.accountant is not None:
+        summary.update(dp_delta=config.privacy_delta, **progress.accountant.epsilons())
     if diverged:
-        latest = checkpoints.latest()
+        latest = progress.checkpoints.latest()
         diverged += ("; no checkpoint was saved" if latest is None else
                      f"; the latest checkpoint (after iteration {latest - 1}) holds a finite state")
         summary["diverged"] = diverged
-    if primary:
+    if sharding.is_primary():
         files.write_json(summary_path, summary)
     if diverged:
         raise watch.DivergenceError(diverged)
     logging.info("done: %s", summary)
-    return RunResult(summary, metrics, state)
+    return RunResult(summary, metrics, progress.state)

@@ -28,7 +28,7 @@ def _run(config, present=None, seed=0):
     present = jnp.broadcast_to(present, (algorithm.num_rounds, n))
     schedule = algorithm.schedule(present, jax.random.key(seed))
     sizes = np.asarray(comm.member_sizes(schedule, algorithm.num_groups))
-    cost = comm.WIRE_MODELS[algorithm.wire](sizes, S, 2)  # Weights + momentum.
+    cost = comm.get_wire(algorithm.wire).cost(sizes, S, 2)  # Weights + momentum.
     return algorithm, schedule, cost
 
 

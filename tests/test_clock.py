@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from marfl_jax import algorithms, clock, network, runner
+from marfl_jax import algorithms, clock, comm, mixing, network, runner
 from marfl_jax.config import Config, ConfigError
 
 CNN_PAYLOAD = 4_799_528  # The paper CNN's float32 weights, bytes.
@@ -103,7 +103,8 @@ def test_the_server_link_bounds_fedavg():
 
 def test_the_ring_relays_hops_add_up():
     algorithm, schedule = full_schedule(Config(num_peers=8, algorithm="rdfl"))
-    assert algorithm.protocol == "relay"
+    assert comm.get_wire(algorithm.wire) == comm.Wire(comm.allgather_cost, clock.relay,
+                                                       mixing.coded_allgather)
     links = uniform(8, latency_s=0.02)
     hop = 0.02 + 1e6 * 8 / 10e6
     times = clock.relay(schedule[0], algorithm.num_groups, links, 1e6, 0.0)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from marfl_jax import codec, mixing, runner
+from marfl_jax import codec, comm, mixing, runner
 from marfl_jax.config import Config
 from tests.simulate import simulate
 
@@ -62,7 +62,7 @@ def _encoded(values):
     return np.asarray(_int8(jnp.asarray(values[None])))[0]
 
 
-def _loop(x, ids, reduction):
+def _loop(x, ids, wire):
     """Per member: what it ends with, from its exact copy and the decoded payloads it gets."""
     out = x.copy()
     for i in range(len(ids)):
@@ -70,9 +70,9 @@ def _loop(x, ids, reduction):
             continue
         group = [j for j in range(len(ids)) if ids[j] == ids[i]]
         n = len(group)
-        if reduction == "allgather":
+        if wire == "allgather":
             out[i] = (x[i] + sum(_encoded(x[j]) for j in group if j != i)) / n
-        elif reduction == "server":
+        elif wire == "star":
             out[i] = _encoded(sum(_encoded(x[j]) for j in group) / n)
         else:  # Butterfly: the r-th member owns the r-th slice, cut between whole blocks.
             columns = x.shape[1]
@@ -85,16 +85,15 @@ def _loop(x, ids, reduction):
     return out
 
 
-@pytest.mark.parametrize("reduction", mixing.REDUCTIONS)
-def test_coded_group_mean_equals_a_per_member_loop(reduction):
+@pytest.mark.parametrize("wire", ["allgather", "star", "butterfly"])
+def test_each_wires_coded_combine_equals_a_per_member_loop(wire):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(9, 70)).astype(np.float32)  # 5 blocks, the last one partial.
     ids = np.array([0, 1, 0, 2, 1, -1, 0, 2, 1], np.int32)
-    got = mixing.coded_group_mean(jnp.asarray(x), jnp.asarray(ids), 3, _int8, reduction,
-                                  unit=BLOCK)
-    chex.assert_trees_all_close(got, _loop(x, ids, reduction), atol=1e-6)
+    got = comm.coded_combine(wire)(jnp.asarray(x), jnp.asarray(ids), 3, _int8, unit=BLOCK)
+    chex.assert_trees_all_close(got, _loop(x, ids, wire), atol=1e-6)
     # Peers 0 and 2 share a group: apart with their exact own copies, equal through a server.
-    assert np.array_equal(np.asarray(got)[0], np.asarray(got)[2]) == (reduction == "server")
+    assert np.array_equal(np.asarray(got)[0], np.asarray(got)[2]) == (wire == "star")
 
 
 @pytest.mark.parametrize("columns, unit", [(70, 16), (4096 * 3 + 5, 4096), (13, 1)])
@@ -113,11 +112,11 @@ def test_butterfly_slices_hold_whole_blocks_and_their_bytes_add_up(columns, unit
             columns, unit)
 
 
-@pytest.mark.parametrize("reduction", mixing.REDUCTIONS)
-def test_a_lossless_roundtrip_gives_the_exact_group_mean(reduction):
+@pytest.mark.parametrize("wire", list(comm.WIRE_MODELS))
+def test_a_lossless_roundtrip_gives_the_exact_group_mean(wire):
     x = jax.random.normal(jax.random.key(1), (8, 5, 3))
     ids = jnp.array([0, 0, 1, 1, 1, -1, 0, 1], jnp.int32)
-    got = mixing.coded_group_mean(x, ids, 2, lambda tree: tree, reduction)
+    got = comm.coded_combine(wire)(x, ids, 2, lambda tree: tree)
     chex.assert_trees_all_close(got, mixing.group_mean(x, ids, 2), atol=1e-6)
 
 
@@ -151,8 +150,8 @@ def test_a_codec_shrinks_the_ledger_exactly_and_still_learns(tmp_path):
     assert coded[-1]["accuracy_std"] > 0 == plain[-1]["accuracy_std"]
 
 
-# One run per reduction and payload kind: all-gather (MAR-FL; AR-FL, RDFL and gossip share it),
-# butterfly, the server, and DP + MKD payloads through the codec.
+# One run per wire's combine and payload kind: all-gather (MAR-FL; AR-FL, gossip and RDFL's relay
+# share it), butterfly, the server, and DP + MKD payloads through the codec.
 @pytest.mark.parametrize("algorithm, extra", [
     pytest.param("marfl", dict(codec="float16", wire="butterfly"), marks=pytest.mark.slow),
     ("fedavg", dict(codec="int8", share_momentum=False)),

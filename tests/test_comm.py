@@ -1,14 +1,19 @@
 """Tests of the communication ledger: group sizes from jit, exact bytes on the host."""
 
+import dataclasses
 import json
 
 import chex
+import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from absl.testing import parameterized
 
-from marfl_jax import comm
+from marfl_jax import clock, codec, comm, mixing
 from marfl_jax.algorithms import marfl
+from marfl_jax.config import Config, ConfigError
+from tests.simulate import simulate
 
 CNN_BYTES = 4 * 1_199_882  # The paper's CNN in float32.
 
@@ -93,3 +98,78 @@ def test_the_ledger_saves_and_restores_its_own_totals():
     assert resumed.record(sizes) == ledger.record(sizes)
     assert resumed.state() == ledger.state() and ledger.state()["cumulative_bytes"] == 2 * (
         4 * 1 + 4 * 3) * 2 * 100
+
+
+# A user's own wire: one message per member of a group of two or more, each sent in the time its
+# uplink alone takes, and the server's way of combining coded copies.
+def one_message_each(sizes, payload_bytes, payloads_per_message):
+    messages = int((np.asarray(sizes) > 1).sum())
+    per_message = payloads_per_message * payload_bytes
+    return comm.WireCost(messages, messages * payloads_per_message, messages * per_message,
+                         per_message if messages else 0)
+
+
+def uplink_only(ids, num_groups, links, message_bytes, server_bps):
+    del num_groups, server_bps
+    own = jnp.where(ids >= 0, message_bytes / links.uplink_bps, 0.0)
+    return clock.RoundTimes(own, own, jnp.max(own))
+
+
+TINY = Config(model="mlp", num_peers=8, group_size=2, key_dim=3, local_batches=1, batch_size=8,
+              max_iterations=1, checkpoint_every=0, network="uniform", codec="int8")
+
+
+@pytest.fixture
+def own_wires():
+    yield comm.WIRE_MODELS
+    for name in ("one_message_each", "no_combine", "untimed"):
+        comm.WIRE_MODELS.unregister(name)
+
+
+def test_a_users_own_wire_sets_the_bytes_the_seconds_and_the_coded_combine(own_wires):
+    combined = []
+
+    def server_combine(tree, ids, num_groups, roundtrip, unit):
+        combined.append(ids.shape)  # At trace time: once per round.
+        return mixing.coded_server(tree, ids, num_groups, roundtrip, unit)
+
+    own_wires.register("one_message_each",
+                       comm.Wire(one_message_each, uplink_only, server_combine))
+    config = dataclasses.replace(TINY, wire="one_message_each").validate()
+    (row,), state = simulate(config)
+    one_peer = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), state.params)
+    encoded = codec.tree_bytes(codec.CODECS.get("int8"), one_peer, config.codec_block)
+    # 3 rounds of 8 present members in pairs: 24 messages of weights + momentum.
+    assert row["messages"] == 24 and row["bytes"] == 24 * 2 * encoded
+    assert row["max_peer_bytes"] == 2 * encoded
+    seconds = 3 * 2 * encoded / (config.uplink_mbps * clock.MBIT)
+    np.testing.assert_allclose(row["sim_comm_seconds"], seconds, rtol=1e-5)
+    assert combined == [(8,)] * 3
+
+
+def test_a_wire_without_a_coded_combine_refuses_a_lossy_codec(own_wires):
+    own_wires.register("no_combine", comm.Wire(comm.allgather_cost, clock.allgather))
+    config = dataclasses.replace(TINY, wire="no_combine", network="none")
+    with pytest.raises(ConfigError, match="'no_combine' does not say how a group combines"):
+        simulate(config)
+    (row,), _ = simulate(dataclasses.replace(config, codec="float32"))  # Lossless: fine.
+    assert row["messages"] == 8 * 3
+    with pytest.raises(ValueError, match="needs the wire's way of combining"):
+        mixing.mix(jnp.ones((4, 2)), jnp.zeros((1, 4), jnp.int32), 1, roundtrip=lambda t: t)
+
+
+def test_a_wire_without_seconds_refuses_the_clock(own_wires):
+    own_wires.register("untimed", comm.Wire(comm.allgather_cost, None, mixing.coded_allgather))
+    with pytest.raises(ConfigError, match="'untimed' .* has no clock timing"):
+        simulate(dataclasses.replace(TINY, wire="untimed"))
+
+
+def test_every_registered_wire_has_bytes_seconds_and_a_combine():
+    assert comm.WIRE_MODELS.names()[:4] == ("allgather", "butterfly", "star", "relay")
+    for name in comm.WIRE_MODELS:
+        wire = comm.get_wire(name)
+        assert wire.seconds is not None and comm.coded_combine(name) is wire.combine
+    # RDFL's ring: allgather's bytes and combine, its own (hop by hop) seconds.
+    relay, allgather = comm.get_wire("relay"), comm.get_wire("allgather")
+    assert relay.cost is allgather.cost and relay.combine is allgather.combine
+    assert relay.seconds is clock.relay is not allgather.seconds

@@ -46,7 +46,7 @@ def test_a_fingerprint_collision_never_merges_two_models(monkeypatch):
 @pytest.mark.parametrize("eval_peers", ["all", "3", "8"])
 def test_same_accuracies_as_evaluating_every_peer(eval_peers):
     params, images, labels, evaluate_peers = _setup()
-    config = Config(eval_peers=eval_peers, num_peers=8)
+    config = Config(eval_peers=eval_peers, num_peers=8).settings(evaluation.Settings)
     present = np.ones(8, bool)
     row = evaluation.evaluate(config, params, present, 5, evaluate_peers, images, labels)
     peers = evaluation.select_eval_peers(config, present, 5)

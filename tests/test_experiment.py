@@ -88,13 +88,13 @@ def test_bucket_schedule_and_dirichlet_partition(tmp_path):
 
 
 def test_select_eval_peers_is_seeded():
-    config = Config(eval_peers="3", seed=1)
+    config = evaluation.Settings(eval_peers="3", seed=1)
     present = np.array([True, False, True, True, True, False, True])
     a = evaluation.select_eval_peers(config, present, 5)
     assert len(a) == 3 and set(a) <= set(np.flatnonzero(present))
     np.testing.assert_array_equal(a, evaluation.select_eval_peers(config, present, 5))
-    assert evaluation.select_eval_peers(Config(eval_peers="mean"), present, 5) is None
-    assert len(evaluation.select_eval_peers(Config(eval_peers="all"), present, 0)) == 5
+    assert evaluation.select_eval_peers(evaluation.Settings("mean", 0), present, 5) is None
+    assert len(evaluation.select_eval_peers(evaluation.Settings("all", 0), present, 0)) == 5
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from marfl_jax import ALGORITHMS, DATASETS, MODELS, PARTITIONS, WIRE_MODELS, mixing
+from marfl_jax.attacks import ATTACKS
 from marfl_jax.rules import RULES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,13 +25,13 @@ def in_tmp(tmp_path, monkeypatch):
     yield tmp_path
     for registry, name in ((MODELS, "tiny_mlp"), (DATASETS, "blobs"),
                            (PARTITIONS, "label_sorted"), (WIRE_MODELS, "one_message_each"),
-                           (ALGORITHMS, "halves"), (RULES, "trimmed_mean")):
+                           (ALGORITHMS, "halves"), (RULES, "medoid"), (ATTACKS, "mimic")):
         registry.unregister(name)
 
 
-def test_the_readme_has_five_examples_of_about_twenty_lines():
+def test_the_readme_has_six_examples_of_about_twenty_lines():
     examples = _examples()
-    assert len(examples) == 5
+    assert len(examples) == 6
     assert all(len(e.strip().splitlines()) <= 45 for e in examples)
 
 
@@ -64,26 +65,36 @@ def test_own_schedule_and_wire_model(in_tmp):
     assert row["bytes"] == 8 * 2 * 2 * payload and row["messages"] == 16
     assert row["consensus_after"] == 0.0 < row["consensus_before"]  # Exact for 4 | N.
     assert row["metadata_bytes"] == 0  # Only MAR-FL announces keys through a DHT.
+    # The wire's own seconds: 2 rounds of one message (weights + momentum) at 10 Mbit/s.
+    np.testing.assert_allclose(row["sim_comm_seconds"], 2 * 2 * payload / 1.25e6, rtol=1e-5)
 
 
 def test_own_group_rule(in_tmp):
     namespace = {}
     exec(_examples()[3], namespace)
-    np.testing.assert_allclose(np.asarray(namespace["mixed"])[:, 0],
-                               [1.5, 1.5, 1.5, 1.5, 5.0, 7.0])
-    assert "trimmed_mean" in RULES and namespace["config"].aggregator == "trimmed_mean"
-    # Under churn a trimmed mean of groups of two or fewer is their mean.
-    rule = RULES.get("trimmed_mean")
+    np.testing.assert_allclose(np.asarray(namespace["mixed"]["w"])[:, 0],
+                               [2.0, 2.0, 2.0, 2.0, 5.0, 7.0])
+    assert "medoid" in RULES and namespace["config"].aggregator == "medoid"
+    # Under churn the medoid of a pair is its lower-ranked member's copy.
+    rule = RULES.get("medoid")
     x = np.arange(8, dtype=np.float32)[:, None]
     ids = np.array([[0, 0, 1, 1, -1, 2, 2, 3]], np.int32)
-    np.testing.assert_allclose(mixing.mix(x, ids, 4, rule=rule, max_group_size=2),
-                               mixing.mix(x, ids, 4), rtol=1e-6)
+    np.testing.assert_allclose(mixing.mix(x, ids, 4, rule=rule, max_group_size=2)[:, 0],
+                               [0, 0, 2, 2, 4, 5, 5, 7])
+
+
+def test_own_attack(in_tmp):
+    namespace = {}
+    exec(_examples()[4], namespace)
+    np.testing.assert_allclose(np.asarray(namespace["sent"]["w"])[..., 0],
+                               [[2.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    assert "mimic" in ATTACKS and namespace["config"].attack == "mimic"
 
 
 @pytest.mark.slow
 def test_own_study(in_tmp):
     namespace = {}
-    exec(_examples()[4], namespace)
+    exec(_examples()[5], namespace)
     rows = namespace["outcome"].rows
     assert [(r["local_batches"], r["iterations"]) for r in rows] == [(1, 2), (2, 2)]
     with open(in_tmp / "runs" / "b" / "local_batches.csv") as f:

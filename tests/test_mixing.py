@@ -233,7 +233,8 @@ class GroupRuleTest(chex.TestCase, parameterized.TestCase):
         from marfl_jax import rules
 
         tree = _tree(12, seed=3)
-        slots_mean = rules.Rule(rules.mean)  # Not exact_mean: forces the generic path.
+        # Not exact_mean: forces the generic path.
+        slots_mean = rules.Rule(rules.coordinatewise(rules.mean))
         for name, schedule, groups in _churned_schedules():
             segment = self.variant(lambda t, s, g=groups: mixing.mix(t, s, g))(tree, schedule)
             generic = self.variant(lambda t, s, g=groups: mixing.mix(
@@ -267,7 +268,7 @@ class GroupRuleTest(chex.TestCase, parameterized.TestCase):
 
         x = jnp.arange(6, dtype=jnp.float32)[:, None] * 10
         out = mixing.mix(x, jnp.array([[1, 0, 1, -1, 0, 1]], jnp.int32), 2,
-                         rule=rules.Rule(spy), max_group_size=3)
+                         rule=rules.Rule(rules.coordinatewise(spy)), max_group_size=3)
         received, present = seen[0]
         np.testing.assert_array_equal(present, [[True, True, False], [True, True, True]])
         np.testing.assert_array_equal(received[..., 0], [[10, 40, 0], [0, 20, 50]])

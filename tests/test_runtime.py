@@ -121,10 +121,18 @@ def test_run_traces_at_the_configs_precision_and_leaves_the_callers(monkeypatch,
     from marfl_jax import runner
 
     seen = []
-    monkeypatch.setattr(runner, "_run", lambda config, workdir, *rest: seen.append(
-        jax.config.jax_default_matmul_precision))
+
+    class Traced(Exception):
+        pass
+
+    def build(*args):  # Where the run starts building what it traces.
+        seen.append(jax.config.jax_default_matmul_precision)
+        raise Traced
+
+    monkeypatch.setattr(runner, "build", build)
     jax.config.update("jax_default_matmul_precision", "bfloat16")
     for flag in ("highest", "default"):
-        runner.run(Config(matmul_precision=flag, workdir=str(tmp_path)))
+        with pytest.raises(Traced):
+            runner.run(Config(matmul_precision=flag, workdir=str(tmp_path)))
     assert seen == ["highest", None]
     assert jax.config.jax_default_matmul_precision == "bfloat16"

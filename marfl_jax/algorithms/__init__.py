@@ -1,16 +1,18 @@
-"""Aggregation algorithms: each is a schedule of group assignments plus a wire-cost model.
+"""Aggregation algorithms: each is a schedule of group assignments plus one wire.
 
 `Algorithm.schedule(present (G, N) bool, key) -> (G, N) int32` gives the group ids
 (-1 = absent) of one iteration's mixing rounds from each round's present peers (inside jit);
-`Algorithm.wire` names the cost model in `marfl_jax.comm.WIRE_MODELS` that turns the resulting
-group sizes into exact bytes. Every algorithm averages the same state (weights and momentum).
+`Algorithm.wire` is how its groups exchange messages, one `marfl_jax.comm.Wire` (a name in
+`marfl_jax.comm.WIRE_MODELS`, or the object): the bytes the ledger counts, the seconds the
+clock charges and how coded copies are combined, all from that one wire. Every algorithm
+averages the same state (weights and momentum).
 
 | algorithm | rounds G | groups | wire |
 |---|---|---|---|
 | marfl  | key_dim (or --rounds) | Moshpit keys (authors or mixed radix) | --wire (allgather) |
 | fedavg | 1 | all present peers | star (server) |
 | arfl   | 1 | all present peers | allgather (full mesh) |
-| rdfl   | 1 | ring arcs between absent peers | allgather (relay around the arc) |
+| rdfl   | 1 | ring arcs between absent peers | relay (allgather's bytes, timed hop by hop) |
 | gossip | --rounds (default 1) | random pairs | allgather (pairs) |
 
 Adding one is a factory `(config) -> Algorithm` registered in `ALGORITHMS`; `--algorithm=NAME`
@@ -39,14 +41,13 @@ class Algorithm(NamedTuple):
       num_rounds: G, mixing rounds per iteration.
       num_groups: static bound on the group ids the schedule returns.
       schedule: (present (G, N) bool, key) -> (G, N) int32 group ids, -1 = absent.
-      wire: a name in `marfl_jax.comm.WIRE_MODELS`.
+      wire: how groups exchange messages: a name in `marfl_jax.comm.WIRE_MODELS` or a
+        `marfl_jax.comm.Wire` (bytes, seconds and the combine of coded copies).
       exact: full participation ends every iteration at the exact global mean.
       description: one line for the log.
       max_group_size: no group of any round has more members (under churn as drawn).
       grid: at full participation the rounds are axes of this grid (`mixing.Grid`): then they
         run as reshape-and-mean, without a scatter. None: always segment means.
-      transfer: how the simulated clock times a round, a name in `marfl_jax.clock.PROTOCOLS`
-        ('' = the wire model's name).
       metadata_record_bytes: bytes each present peer announces per round besides its messages
         (MAR-FL: its group key in the DHT), counted apart as metadata.
       barriers_per_round: coordination barriers the clock charges per round.
@@ -57,20 +58,14 @@ class Algorithm(NamedTuple):
     num_rounds: int
     num_groups: int
     schedule: Callable[[jax.Array, jax.Array], jax.Array]
-    wire: str
+    wire: str | comm.Wire
     exact: bool
     description: str
     max_group_size: int
     grid: mixing.Grid | None = None
-    transfer: str = ""
     metadata_record_bytes: int = 0
     barriers_per_round: int = clock.BASELINE_BARRIERS_PER_ROUND
     group_keys: bool = False
-
-    @property
-    def protocol(self) -> str:
-        """The clock's protocol for this algorithm's rounds."""
-        return self.transfer or self.wire
 
 
 ALGORITHMS: Registry[Callable[..., Algorithm]] = Registry("algorithm")
@@ -135,9 +130,8 @@ def ring(config) -> Algorithm:
     """RDFL: the ring, split into arcs at absent peers; every model relayed around its arc."""
     n = config.num_peers
     return Algorithm("rdfl", 1, n, lambda present, _key: jax.vmap(baselines.ring_arcs)(present),
-                     "allgather", exact=True, description="ring relay", max_group_size=n,
-                     grid=_one_group(n),  # Everyone present: one closed ring.
-                     transfer="relay")
+                     "relay", exact=True, description="ring relay", max_group_size=n,
+                     grid=_one_group(n))  # Everyone present: one closed ring.
 
 
 @ALGORITHMS.register("gossip")

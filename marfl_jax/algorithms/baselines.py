@@ -1,12 +1,12 @@
 """The baselines MAR-FL is compared with, as group schedules over the peer axis.
 
-Each returns (G, N) int32 group ids for one iteration (-1 = absent peer); the wire-cost model that
-goes with each is named in `marfl_jax.algorithms.make_algorithm`.
+Each returns (G, N) int32 group ids for one iteration (-1 = absent peer); the wire that goes with
+each (`marfl_jax.comm.Wire`) is named in `marfl_jax.algorithms.make_algorithm`.
 
 * FedAvg: one group of all present peers, through a server (star).
 * AR-FL: one group of all present peers, full-mesh all-to-all.
 * RDFL: the ring of peers 0..N-1; every model is relayed around it until each peer has seen all.
-  Absent peers break the ring into arcs, each of which averages on its own.
+  Absent peers break the ring into arcs, each of which averages on its own (the `relay` wire).
 * Gossip: in each round, a random perfect matching of the present peers; pairs average.
 """
 

@@ -7,13 +7,13 @@ from marfl_jax.core.stage import Context, Stage, Step
 
 
 def aggregate(num_groups: int, grid: mixing.Grid | None = None, *, roundtrip=None,
-              reduction: str = "allgather", unit: int = 1, share_momentum: bool = True,
+              combine=None, unit: int = 1, share_momentum: bool = True,
               rule=None, max_group_size: int | None = None) -> Stage:
     """Each round replaces every present peer's weights and momentum by its group's mean, or
     what the group `rule` combines (`marfl_jax.rules`; None = the mean) (`grid`: the schedule's
-    grid, given only when every peer takes part; `roundtrip`: a lossy codec's, then
-    `mixing.coded_group_mean` with `reduction` and `unit`; `share_momentum=False`: weights
-    only, each peer keeps its momentum).
+    grid, given only when every peer takes part; `roundtrip`: a lossy codec's, then each
+    round is the wire's `combine` of coded copies (`marfl_jax.comm.Wire.combine`) with
+    `unit`; `share_momentum=False`: weights only, each peer keeps its momentum).
 
     Info: `consensus_before`, the present peers' disagreement before averaging.
     """
@@ -22,7 +22,7 @@ def aggregate(num_groups: int, grid: mixing.Grid | None = None, *, roundtrip=Non
         peers = step.peers
         before = mixing.consensus_distance(peers.params, step.took_part)
         shared = (peers.params, peers.opt_state) if share_momentum else (peers.params,)
-        mixed = mixing.mix(shared, step.schedule, num_groups, grid, roundtrip, reduction, unit,
+        mixed = mixing.mix(shared, step.schedule, num_groups, grid, roundtrip, combine, unit,
                            rule, max_group_size)
         params, opt_state = mixed if share_momentum else (mixed[0], peers.opt_state)
         return (step._replace(peers=peers._replace(params=params, opt_state=opt_state)),

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import jax
 import optax
 
-from marfl_jax import churn, dp, mkd, rules, sharding
+from marfl_jax import churn, comm, dp, mkd, rules, sharding
 from marfl_jax.core import aggregate, distill, local_update, observe, participation, privacy, timing
 from marfl_jax.core.stage import Context, Stage, Step, run_chain, step_keys
 from marfl_jax.core.state import DeviceData, FLState
@@ -29,7 +29,7 @@ class Simulation(NamedTuple):
     Attributes:
       apply_fn: (params, x, rng) -> logits (rng None: evaluation mode, a key: training mode).
       optimizer: every peer's optax transformation (its state is averaged as momentum).
-      algorithm: a `marfl_jax.algorithms.Algorithm` (group schedule + wire model).
+      algorithm: a `marfl_jax.algorithms.Algorithm` (group schedule + wire).
       churn_model: participation, dropout and availability.
       local_batches, batch_size: b and B of local training.
       model_dropout: the model trains with dropout (per-peer keys).
@@ -62,10 +62,11 @@ class Simulation(NamedTuple):
     aggregator: str = "mean"
 
     @property
-    def reduction(self) -> str:
-        """How a group combines coded payloads (`marfl_jax.mixing.REDUCTIONS`), by wire."""
-        return {"star": "server", "butterfly": "butterfly"}.get(self.algorithm.wire,
-                                                                 "allgather")
+    def combine(self):
+        """How a group combines coded payloads: the algorithm's wire's `combine`
+        (`marfl_jax.comm.Wire`); None without a lossy codec. ConfigError when the wire has
+        none and a lossy codec is on."""
+        return None if self.roundtrip is None else comm.coded_combine(self.algorithm.wire)
 
 
 def everyone_takes_part(churn_model: churn.ChurnModel, sim_clock=None) -> bool:
@@ -107,7 +108,7 @@ def build_chain(sim: Simulation, distilling: bool = False) -> list[Stage]:
             roundtrip=sim.roundtrip))
         if private:
             chain.append(privacy.distilled_update())
-    wire = dict(roundtrip=sim.roundtrip, reduction=sim.reduction, unit=sim.slice_unit,
+    wire = dict(roundtrip=sim.roundtrip, combine=sim.combine, unit=sim.slice_unit,
                 share_momentum=sim.share_momentum, rule=rule,
                 max_group_size=sim.algorithm.max_group_size)
     chain.append(privacy.private_aggregate(sim.privacy, num_groups, grid, **wire) if private

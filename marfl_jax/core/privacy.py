@@ -53,14 +53,15 @@ def distilled_update() -> Stage:
 
 
 def private_aggregate(privacy: dp.Privacy, num_groups: int, grid: mixing.Grid | None = None,
-                      *, roundtrip=None, reduction: str = "allgather", unit: int = 1,
+                      *, roundtrip=None, combine=None, unit: int = 1,
                       share_momentum: bool = True, rule=None,
                       max_group_size: int | None = None) -> Stage:
     """DP's steps 2-4 over the schedule's groups; the averaged model becomes each aggregating
     peer's reference. Non-aggregating peers keep everything. The shared tensors (model,
     momentum unless `share_momentum=False`, the smoothed noised update) cross the wire through
-    `roundtrip` (a lossy codec's; the noise is in them before encoding); the clip indicators are
-    float32 scalars. `rule` (`marfl_jax.rules`; None = the mean) combines the shared tensors;
+    `roundtrip` (a lossy codec's; the noise is in them before encoding), each round combined by
+    the wire's `combine` (`marfl_jax.comm.Wire.combine`); the clip indicators are float32
+    scalars. `rule` (`marfl_jax.rules`; None = the mean) combines the shared tensors;
     the clip indicators are always averaged (their mean is the adaptive clip's quantile
     estimate).
 
@@ -84,7 +85,7 @@ def private_aggregate(privacy: dp.Privacy, num_groups: int, grid: mixing.Grid | 
                 num_groups, grid, rule=rule, max_group_size=max_group_size)
         else:
             payloads = (shared, smoothed) + ((peers.opt_state,) if share_momentum else ())
-            mixed = mixing.mix(payloads, step.schedule, num_groups, grid, roundtrip, reduction,
+            mixed = mixing.mix(payloads, step.schedule, num_groups, grid, roundtrip, combine,
                                unit, rule, max_group_size)
             shared, smoothed = mixed[:2]
             opt_state = mixed[2] if share_momentum else peers.opt_state

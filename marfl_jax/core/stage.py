@@ -4,11 +4,16 @@
 
 `Step` carries the peers' state through the iteration together with what earlier stages decided
 (who trains, who takes part in which round, the groups, DP's privatized update); a stage returns
-it updated with `_replace` and adds scalars or per-peer arrays to the iteration's `info` (the
-metrics the runner turns into rows). `Context` holds what no stage changes: the device data,
-this iteration's named random keys and MKD's lambda. Stages close over their static settings
-(built once per config by `marfl_jax.core.iteration.build_chain`); everything runs inside one
-`jit`.
+it updated with `_replace` and adds its metrics to the iteration's `info`. A 0-d entry IS a
+metric: the runner writes every one as a field of the iteration's row, converted by its dtype
+(float, int or bool), so a new metric is one entry here and nothing else. Entries with a round
+or peer axis (observe's `member_sizes` (G, N) and `present` (N,)) are the host's inputs (the
+ledger's bytes, who is evaluated), as are two 0-d entries the host reads instead of writing:
+`params_finite` (the divergence watch) and DP's `aggregating` (the accountant).
+
+`Context` holds what no stage changes: the device data, this iteration's named random keys and
+MKD's lambda. Stages close over their static settings (built once per config by
+`marfl_jax.core.iteration.build_chain`); everything runs inside one `jit`.
 """
 
 from __future__ import annotations

@@ -1,0 +1,165 @@
+"""Group rules over the whole message (marfl_jax/rules.py) against plain per-group NumPy."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl.testing import parameterized
+
+from marfl_jax import mixing, rules
+
+SHAPES = ((3, 2), (4,), ())  # Three leaves of different shapes per member.
+# (groups, slots, f): including groups of n <= 2f present copies.
+CASES = ((4, 4, 1), (5, 5, 2), (3, 3, 1), (2, 6, 0), (6, 4, 3))
+
+
+def _slots(groups, slots, seed):
+    rng = np.random.default_rng(seed)
+    tree = {f"l{i}": rng.normal(size=(groups, slots) + shape).astype(np.float32)
+            for i, shape in enumerate(SHAPES)}
+    present = rng.random((groups, slots)) < 0.7
+    present[0] = False  # Nobody.
+    present[1] = np.arange(slots) == 1  # One member, not in slot 0.
+    for name in tree:  # Empty slots hold zeros, as combine_groups fills them.
+        tree[name] = np.where(present.reshape(present.shape + (1,) * (tree[name].ndim - 2)),
+                              tree[name], 0).astype(np.float32)
+    return tree, present
+
+
+def _reference(rule, tree, present, params):
+    """The rule written plainly: a loop over groups, float64."""
+    out = {name: np.zeros(x.shape[:1] + x.shape[2:]) for name, x in tree.items()}
+    for g in range(present.shape[0]):
+        members = np.flatnonzero(present[g])
+        n = members.size
+        if n == 0:
+            continue
+        copies = {name: x[g, members].astype(np.float64) for name, x in tree.items()}
+        f = min(params.f, (n - 1) // 2)
+        if rule == "mean":
+            value = {name: c.mean(0) for name, c in copies.items()}
+        elif rule == "median":
+            value = {name: np.median(c, 0) for name, c in copies.items()}
+        elif rule == "trimmed_mean":
+            value = {name: np.sort(c, 0)[f:n - f].mean(0) for name, c in copies.items()}
+        elif rule == "krum":
+            flat = np.concatenate([c.reshape(n, -1) for c in copies.values()], axis=1)
+            scores = []
+            for i in range(n):
+                others = [np.sum((flat[i] - flat[j]) ** 2) for j in range(n) if j != i]
+                scores.append(sum(sorted(others)[:n - f - 1]))
+            best = int(np.argmin(scores))
+            value = {name: c[best] for name, c in copies.items()}
+        elif rule == "centered_clip":
+            value = {name: np.median(c, 0) for name, c in copies.items()}
+            for _ in range(params.iterations):
+                diffs = {name: c - value[name] for name, c in copies.items()}
+                norms = np.sqrt(sum((d.reshape(n, -1) ** 2).sum(1) for d in diffs.values()))
+                scale = np.minimum(1.0, params.tau / np.maximum(norms, 1e-30))
+                value = {name: value[name] + (d * scale.reshape((n,) + (1,) * (d.ndim - 1))
+                                              ).mean(0) for name, d in diffs.items()}
+        for name in out:
+            out[name][g] = value[name]
+    return out
+
+
+class RuleTest(chex.TestCase, parameterized.TestCase):
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.parameters("mean", "median", "trimmed_mean", "krum", "centered_clip")
+    def test_every_rule_is_its_per_group_definition(self, name):
+        for case, (groups, slots, f) in enumerate(CASES):
+            for tau, iterations in ((0.5, 1), (3.0, 3), (100.0, 2)):
+                params = rules.Params(f=f, tau=tau, iterations=iterations)
+                rule = rules.get(name, params)
+                tree, present = _slots(groups, slots, seed=case)
+                got = self.variant(lambda t, p, rule=rule: rule.combine(t, p, rule.params))(
+                    jax.tree.map(jnp.asarray, tree), jnp.asarray(present))
+                want = _reference(name, tree, present, params)
+                for leaf in tree:
+                    np.testing.assert_allclose(np.asarray(got[leaf]), want[leaf], atol=2e-5,
+                                               rtol=2e-5, err_msg=f"{name} {case} {leaf} {tau}")
+
+    def test_f_is_capped_per_group_so_a_huge_f_trims_to_the_median(self):
+        tree, present = _slots(5, 5, seed=7)
+        trimmed = rules.get("trimmed_mean", rules.Params(f=99)).combine(
+            tree, jnp.asarray(present), rules.Params(f=99))
+        chex.assert_trees_all_close(trimmed, rules.coordinatewise(rules.median)(
+            tree, jnp.asarray(present)), atol=1e-6)
+        assert rules.tolerated(3, jnp.asarray(present)).tolist() == [
+            min(3, max(n - 1, 0) // 2) for n in present.sum(1)]
+
+    def test_krum_of_two_takes_the_lower_rank_and_of_one_the_only_copy(self):
+        x = {"w": jnp.array([[[1.0], [5.0]], [[0.0], [7.0]]])}
+        present = jnp.array([[True, True], [False, True]])
+        out = rules.krum(x, present, rules.Params(f=3))
+        np.testing.assert_array_equal(np.asarray(out["w"])[:, 0], [1.0, 7.0])
+
+    def test_krum_uses_whole_copy_distances_not_per_leaf(self):
+        # Per leaf, copy 2 is nearest on "a" and copy 0 on "b"; over the whole copy copy 1 wins.
+        x = {"a": jnp.array([[[0.0], [1.0], [1.1], [10.0]]]),
+             "b": jnp.array([[[5.0], [5.0], [9.0], [5.0]]])}
+        out = rules.krum(x, jnp.ones((1, 4), bool), rules.Params(f=1))
+        assert float(out["a"][0, 0]) == 1.0 and float(out["b"][0, 0]) == 5.0
+
+
+class CombineGroupsTest(chex.TestCase):
+
+    def test_the_rule_is_called_once_per_round_on_the_whole_message(self):
+        calls = []
+
+        def spy(received, present, params):
+            calls.append(jax.tree.map(lambda x: x.shape, received))
+            return jax.tree.map(lambda x: x[:, 0], received)
+
+        tree = {"w": jnp.ones((6, 3, 2)), "b": jnp.ones(6), "count": jnp.arange(6)}
+        schedule = jnp.array([[0, 0, 1, 1, -1, 1], [0, 1, 0, 1, 0, 1]], jnp.int32)
+        out = mixing.mix(tree, schedule, 2, rule=rules.Rule(spy), max_group_size=3)
+        assert calls == [{"w": (2, 3, 3, 2), "b": (2, 3), "count": None}] * 2
+        chex.assert_trees_all_equal(out["count"], tree["count"])
+
+    def test_robust_rules_through_mix_match_the_reference_and_absent_peers_keep_theirs(self):
+        rng = np.random.default_rng(3)
+        tree = {"w": jnp.asarray(rng.normal(size=(10, 3)), jnp.float32),
+                "b": jnp.asarray(rng.normal(size=(10,)), jnp.float32)}
+        ids = np.array([0, 1, 0, 2, -1, 1, 0, 2, 0, 1], np.int32)
+        params = rules.Params(f=1, tau=0.7, iterations=2)
+        for name in ("trimmed_mean", "krum", "centered_clip"):
+            out = jax.jit(lambda t, s, n=name: mixing.mix(
+                t, s, 3, rule=rules.get(n, params), max_group_size=4))(tree, ids[None])
+            for g in range(3):
+                members = np.flatnonzero(ids == g)
+                slots = {k: np.asarray(v)[members][None] for k, v in tree.items()}
+                want = _reference(name, slots, np.ones((1, members.size), bool), params)
+                for k in tree:
+                    np.testing.assert_allclose(np.asarray(out[k])[members],
+                                               np.broadcast_to(want[k][0], (members.size,)
+                                                               + want[k].shape[1:]),
+                                               atol=2e-5, err_msg=f"{name} {g} {k}")
+            chex.assert_trees_all_equal(jax.tree.map(lambda x: x[4], out),
+                                        jax.tree.map(lambda x: x[4], tree))
+
+    def test_only_the_mean_takes_the_fast_paths(self):
+        assert rules.RULES.get("mean").exact_mean
+        assert not any(rules.RULES.get(n).exact_mean
+                       for n in ("median", "trimmed_mean", "krum", "centered_clip"))
+        tree = {"w": jnp.arange(8.0)[:, None], "count": jnp.arange(8)}
+        ids = jnp.array([[0, 0, 1, 1, -1, 2, 2, 3]], jnp.int32)
+        original = mixing.combine_groups
+        mixing.combine_groups = None  # The mean must never reach the slots.
+        try:
+            out = mixing.mix(tree, ids, 4, rule="mean")
+        finally:
+            mixing.combine_groups = original
+        chex.assert_trees_all_equal(out, mixing.group_mean(tree, ids[0], 4))
+
+
+@pytest.mark.parametrize("name", ["trimmed_mean", "krum", "centered_clip"])
+def test_params_come_from_the_config(name):
+    from marfl_jax.config import Config
+
+    config = Config(aggregator=name, aggregator_f=2, clip_tau=0.5, clip_iterations=3).validate()
+    rule = rules.get(config.aggregator, rules.Params.of(config))
+    assert rule.params == rules.Params(f=2, tau=0.5, iterations=3)
+    assert rule.combine is rules.RULES.get(name).combine

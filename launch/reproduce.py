@@ -4,10 +4,11 @@
     python -m launch.reproduce --scale=full --data_dir=/path/to/mnist   # the paper's settings
     python -m launch.reproduce --experiments=baselines,mkd --workdir=runs/repro
 
-Experiments (see `marfl_jax.reproduction`): `baselines` (MNIST, N = 16, 64, 125; MAR-FL,
-FedAvg, AR-FL, RDFL), `churn`, `mkd`, `dp`, `text` (BBC News; 20 Newsgroups with
-`--text_data_dir` or scikit-learn's cache), `network` (the clock), `codec` (momentum and
-message codecs). Runs go to `--workdir/<experiment>/<run>/`, figures
+Experiments (the modules of `marfl_jax/experiments/` with a report section, in its order):
+`baselines` (MNIST, N = 16, 64, 125; MAR-FL, FedAvg, AR-FL, RDFL), `churn`, `mkd`, `dp`, `text`
+(BBC News; 20 Newsgroups with `--text_data_dir` or scikit-learn's cache), `network` (the
+clock), `codec` (momentum and message codecs); the scales are `marfl_jax.scales.SCALES`. Runs
+go to `--workdir/<experiment>/<run>/`, figures
 to `results/reproduction/<scale>/` beside the report. Finished runs are reused, so an
 interrupted reproduction continues where it stopped; the report is rewritten after each
 experiment. A run whose dataset is missing is listed in the report as not run, with the reason.
@@ -23,10 +24,11 @@ import time
 
 from absl import app, flags, logging
 
-flags.DEFINE_enum("scale", "small", ["small", "full"], "How large: small (MLP on the embedded "
-                  "MNIST) or full (the paper's settings: CNN on the full MNIST).")
-flags.DEFINE_list("experiments", ["baselines", "churn", "mkd", "dp", "text", "network",
-                                   "codec"], "Which experiments, in order.")
+from marfl_jax import experiments, scales
+
+flags.DEFINE_enum("scale", "small", list(scales.SCALES), "How large: small (MLP on the "
+                  "embedded MNIST) or full (the paper's settings: CNN on the full MNIST).")
+flags.DEFINE_list("experiments", list(experiments.paper_names()), "Which experiments, in order.")
 flags.DEFINE_string("data_dir", "", "MNIST for --scale=full: a folder with the four IDX "
                     "files, or a TFDS data directory.")
 flags.DEFINE_string("text_data_dir", "", "20 Newsgroups: 20news-bydate.tar.gz or its folder "
@@ -47,12 +49,13 @@ def machine() -> str:
 
 def main(argv: list[str]) -> None:
     del argv
-    from marfl_jax import reproduction, runtime
+    from marfl_jax import report as markdown
+    from marfl_jax import runtime, sweep
     from marfl_jax.config import Config
 
     runtime.configure(Config())  # The runs' numerics (defaults), before machine() starts jax.
 
-    scale = reproduction.SCALES[FLAGS.scale]
+    scale = dataclasses.replace(scales.SCALES[FLAGS.scale], text_data_dir=FLAGS.text_data_dir)
     if FLAGS.data_dir:
         scale = dataclasses.replace(
             scale, mnist=dataclasses.replace(scale.mnist, data_dir=FLAGS.data_dir))
@@ -62,8 +65,7 @@ def main(argv: list[str]) -> None:
     figure_dir = os.path.join(os.path.dirname(os.path.abspath(report)), "results",
                               "reproduction", FLAGS.scale)
     try:
-        experiments = reproduction.experiments(scale, workdir, FLAGS.experiments,
-                                               text_data_dir=FLAGS.text_data_dir)
+        studies = experiments.paper(scale, workdir, FLAGS.experiments)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
@@ -71,12 +73,13 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)
     command = "python -m launch.reproduce " + " ".join(sys.argv[1:])
     start, outcomes, description = time.time(), [], machine()
-    for experiment in experiments:
-        print(f"== {experiment.title}: {len(experiment.configs)} runs", flush=True)
-        outcomes.append(reproduction.run_experiment(
-            experiment, figure_dir, on_row=lambda row: print("  ", _brief(row), flush=True)))
-        reproduction.write_report(outcomes, report, scale=scale, command=command.strip(),
-                                  machine=description, wall_seconds=time.time() - start)
+    for study, configs in studies:
+        print(f"== {study.title}: {len(configs)} runs", flush=True)
+        outcomes.append(sweep.run(
+            study, configs, os.path.join(figure_dir, f"{study.name}.png"),
+            on_row=lambda row: print("  ", _brief(row), flush=True)))
+        markdown.write_report(outcomes, report, scale=scale, command=command.strip(),
+                              machine=description, wall_seconds=time.time() - start)
     print(f"wrote {report} ({time.time() - start:.0f} s)")
 
 

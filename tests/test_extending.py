@@ -29,9 +29,9 @@ def in_tmp(tmp_path, monkeypatch):
         registry.unregister(name)
 
 
-def test_the_readme_has_five_examples_of_about_twenty_lines():
+def test_the_readme_has_six_examples_of_about_twenty_lines():
     examples = _examples()
-    assert len(examples) == 5
+    assert len(examples) == 6
     assert all(len(e.strip().splitlines()) <= 45 for e in examples)
 
 
@@ -89,6 +89,21 @@ def test_own_attack(in_tmp):
     np.testing.assert_allclose(np.asarray(namespace["sent"]["w"])[..., 0],
                                [[2.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
     assert "mimic" in ATTACKS and namespace["config"].attack == "mimic"
+
+
+@pytest.mark.slow
+def test_own_study(in_tmp):
+    namespace = {}
+    exec(_examples()[5], namespace)
+    rows = namespace["outcome"].rows
+    assert [(r["local_batches"], r["iterations"]) for r in rows] == [(1, 2), (2, 2)]
+    with open(in_tmp / "runs" / "b" / "local_batches.csv") as f:
+        assert f.readline().startswith("local_batches,num_peers,algorithm")
+    assert os.path.getsize(in_tmp / "runs" / "b" / "local_batches.png") > 0
+    # A second pass reads the finished runs back.
+    again = namespace["sweep"].run_configs(namespace["STUDY"].configs(
+        namespace["tiny"], "runs/b"), make_row=namespace["make_row"])
+    assert again == rows
 
 
 def test_the_front_pages_model_example_registers_a_valid_model():

@@ -1,4 +1,5 @@
-"""Tests of the study helpers and of `launch.compare` end to end on a tiny sweep."""
+"""Tests of the studies' configs and rows, their discovery, and of `launch.compare` end to end
+on a tiny sweep."""
 
 import csv
 import os
@@ -7,15 +8,37 @@ import sys
 
 import pytest
 
-from marfl_jax import runner, studies
+from marfl_jax import experiments, runner, sweep
 from marfl_jax.config import Config
+from marfl_jax.experiments import codec, mkd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def test_every_module_of_the_package_is_a_study():
+    names = list(experiments.studies())
+    assert names == sorted(names) and {"scaling", "churn", "mkd", "dp", "network",
+                                       "codec", "baselines", "text"} <= set(names)
+    assert experiments.paper_names()[:7] == ("baselines", "churn", "mkd", "dp", "text",
+                                             "network", "codec")
+    for name, study in experiments.studies().items():
+        assert study.name == name and study.fields
+        assert study.section is None or (study.title and study.claim and study.summarize)
+
+
+def test_compare_defaults_come_from_the_study():
+    from marfl_jax import scales
+
+    scale = scales.with_defaults(scales.SCALES["small"], experiments.get("mkd").defaults)
+    (plain, *_) = experiments.get("mkd").configs(scale, "runs/mkd")
+    assert (plain.model, plain.local_batches, plain.eval_every, plain.num_peers) == (
+        "cnn", 4, 1, 64)
+    assert scales.SCALES["small"].mnist.model == "mlp"
+
+
 def test_mkd_configs_differ_only_in_mkd():
     base = Config(workdir="runs/x", mkd_iterations=3)
-    configs = studies.mkd_configs(base, [0.4, 1.0], mkd_iterations=8)
+    configs = mkd.mkd_configs(base, [0.4, 1.0], mkd_iterations=8)
     assert [os.path.basename(c.workdir) for c in configs] == ["no_mkd", "mkd_rho0.4", "mkd_rho1"]
     assert [c.mkd for c in configs] == [False, True, True]
     assert [c.mkd_teacher_fraction for c in configs[1:]] == [0.4, 1.0]
@@ -33,11 +56,11 @@ def test_mkd_row_counts_bytes_to_each_threshold():
     summary = {"iterations": 4, "final_accuracy": 0.96, "best_accuracy": 0.96,
                "wall_seconds": 1.0}
     config = Config(mkd=True, workdir="runs/x/mkd_rho0.4")
-    row = studies.mkd_row(config, runner.RunResult(summary, metrics))
+    row = mkd.mkd_row(config, runner.RunResult(summary, metrics))
     assert (row["iterations_to_50"], row["bytes_to_50"]) == (3, 80)
     assert (row["iterations_to_target"], row["bytes_to_target"]) == (4, 100)
     assert row["mkd_bytes"] == 20 and row["run"] == "mkd_rho0.4"
-    assert studies.first_reaching(metrics, 0.97) is None
+    assert sweep.first_reaching(metrics, 0.97) is None
 
 
 def _compare(study: str, workdir, *flags: str) -> list[dict]:
@@ -71,10 +94,10 @@ def test_compare_dp_study_reports_epsilons(tmp_path):
 
 def test_codec_configs_cover_every_algorithm_codec_and_momentum_setting():
     base = Config(workdir="runs/x")
-    one = studies.codec_configs(base, ["float32", "int8"])
+    one = codec.codec_configs(base, ["float32", "int8"])
     assert [os.path.basename(c.workdir) for c in one] == [
         "float32_momentum", "int8_momentum", "float32_weights", "int8_weights"]
-    several = studies.codec_configs(base, ["int8"], ["fedavg", "gossip"])
+    several = codec.codec_configs(base, ["int8"], ["fedavg", "gossip"])
     assert [os.path.basename(c.workdir) for c in several] == [
         "fedavg_int8_momentum", "fedavg_int8_weights", "gossip_int8_momentum",
         "gossip_int8_weights"]

@@ -1,0 +1,201 @@
+"""One way to write a study: the `Study` spec, and the runner that runs (or reuses) its configs
+and writes its rows, CSV and figure.
+
+A study is one module of `marfl_jax.experiments` holding `STUDY = Study(...)`: its name, its
+configs for a `Scale`, a row per finished run, the CSV's fields, the figure, and (for the
+paper's reproduction report) the claim it checks, the setting, the table and the sentence on
+what was measured. `launch.compare --study=NAME` runs one; `launch.reproduce` runs those with a
+`section`, in section order. `runner.run` returns a run already finished in its workdir instead
+of running it again, so an interrupted sweep continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import functools
+import os
+from collections.abc import Callable, Sequence
+
+from marfl_jax import data
+from marfl_jax.config import Config
+
+ROW_FIELDS = ("num_peers", "algorithm", "schedule", "group_size", "rounds", "dropout",
+              "bytes_per_iteration", "iterations", "reached_target", "iterations_to_target",
+              "bytes_to_target", "final_accuracy", "best_accuracy", "wall_seconds")
+# The report's columns of result_row's results.
+RESULT_COLUMNS = (("iterations_to_target", "iterations to target"),
+                  ("bytes_per_iteration", "bytes / iteration"),
+                  ("bytes_to_target", "bytes to target"), ("final_accuracy", "final accuracy"))
+
+
+def result_row(config: Config, result) -> dict:
+    """The row every study can use: N, the algorithm and its grid, bytes per iteration and to
+    the target, iterations, accuracies, wall time."""
+    from marfl_jax import algorithms
+
+    summary, metrics = result.summary, result.metrics
+    reached = summary["iteration_reached_target"]
+    algorithm = algorithms.make_algorithm(config)
+    keyed = algorithm.group_keys
+    return {
+        "num_peers": config.num_peers,
+        "algorithm": config.algorithm,
+        "schedule": config.schedule if keyed else "",
+        "group_size": config.group_size if keyed else "",
+        "rounds": algorithm.num_rounds,
+        "dropout": config.dropout,
+        "bytes_per_iteration": round(summary["cumulative_bytes"] / max(len(metrics), 1)),
+        "iterations": summary["iterations"],
+        "reached_target": summary["reached_target"],
+        "iterations_to_target": "" if reached is None else reached + 1,
+        "bytes_to_target": "" if reached is None else summary["bytes_to_target"],
+        "final_accuracy": summary["final_accuracy"],
+        "best_accuracy": summary["best_accuracy"],
+        "wall_seconds": summary["wall_seconds"],
+    }
+
+
+def first_reaching(metrics: Sequence[dict], accuracy: float) -> dict | None:
+    """The first evaluated row with accuracy >= `accuracy`, or None."""
+    return next((r for r in metrics if r.get("accuracy", -1.0) >= accuracy), None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Study:
+    """A sweep: its runs, its rows, its figure and (in the report) its words.
+
+    Attributes:
+      name: the `--study` / `--experiments` name, the CSV's stem.
+      configs: (scale, workdir) -> one Config per run, each with its own workdir under workdir.
+      make_row: (config, RunResult) -> a dict, one per run.
+      fields: the CSV's columns (keys of the rows).
+      draw: (rows, curves, configs, path) -> None, the figure; curves maps a run's workdir
+        name to its metrics.
+      figure: the figure's file name in launch.compare's workdir (default `<name>.png`; the
+        reproduction's figures are always `<name>.png`).
+      defaults: launch.compare's defaults where they differ from `SCALES["small"]`: Scale
+        fields, and "mnist": Config fields.
+      section: its place in the paper reproduction's report (None: launch.compare only).
+      title, claim: the report's heading and the paper's claim it checks.
+      setting: (scale, configs) -> what was run, one paragraph.
+      columns: (row key, column heading) pairs of the report's table.
+      summarize: rows -> the sentence on what was measured.
+      derive: rows -> None, adds columns that compare runs (None: nothing to add).
+      data_flag: the launch.reproduce flag that supplies the study's data, named in the reason
+        of a run left out for missing data.
+    """
+
+    name: str
+    configs: Callable[..., list[Config]]
+    make_row: Callable = result_row
+    fields: tuple[str, ...] = ROW_FIELDS
+    draw: Callable | None = None
+    figure: str = ""
+    defaults: dict = dataclasses.field(default_factory=dict)
+    section: int | None = None
+    title: str = ""
+    claim: str = ""
+    setting: Callable | None = None
+    columns: tuple[tuple[str, str], ...] = ()
+    summarize: Callable[[list[dict]], str] | None = None
+    derive: Callable[[list[dict]], None] | None = None
+    data_flag: str = "--data_dir"
+
+    @property
+    def figure_name(self) -> str:
+        return self.figure or f"{self.name}.png"
+
+
+@dataclasses.dataclass
+class Outcome:
+    """What running a study gave: its configs, rows, the figure's path, seconds of all its runs,
+    and the runs left out as (what, why) pairs (missing data)."""
+
+    study: Study
+    configs: list[Config]
+    rows: list[dict]
+    figure: str | None
+    run_seconds: float
+    not_run: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+
+
+def run_configs(configs: Sequence[Config], on_row=None, make_row=result_row,
+                on_result=None) -> list[dict]:
+    """Runs (or reuses) every config; `make_row(config, result)` makes its row, and
+    on_row(row) / on_result(config, result) are called as each finishes."""
+    from marfl_jax import runner
+
+    rows = []
+    for config in configs:
+        result = runner.run(config)
+        rows.append(make_row(config, result))
+        if on_result is not None:
+            on_result(config, result)
+        if on_row is not None:
+            on_row(rows[-1])
+    return rows
+
+
+def data_missing(config: Config) -> str | None:
+    """Why `config`'s dataset cannot be loaded here (the loader's message), or None. Probed once
+    per dataset setting in a process, however many studies use it."""
+    return _probe(config.dataset, config.data_dir, config.encoder, config.features,
+                  config.feature_dim, config.feature_cache)
+
+
+@functools.cache
+def _probe(dataset, data_dir, encoder, features, feature_dim, feature_cache) -> str | None:
+    try:
+        data.load_dataset(dataset, data_dir or None, encoder=encoder, features=features,
+                          feature_dim=feature_dim, feature_cache=feature_cache or None)
+    except data.DataUnavailableError as error:
+        return str(error)
+    return None
+
+
+def _runnable(study: Study, configs: Sequence[Config]) -> tuple[list[Config], list]:
+    """The configs whose data is present, and (run, why) for the others."""
+    missing = {}
+    for config in configs:
+        key = (config.dataset, config.data_dir)
+        if key not in missing:
+            missing[key] = data_missing(config)
+    runnable, not_run = [], []
+    for config in configs:
+        reason = missing[(config.dataset, config.data_dir)]
+        if reason is None:
+            runnable.append(config)
+        else:
+            if study.data_flag != "--data_dir":
+                reason += f"\n(launch.reproduce: give the data with {study.data_flag}.)"
+            not_run.append((os.path.basename(config.workdir), reason))
+    return runnable, not_run
+
+
+def run(study: Study, configs: Sequence[Config], figure: str, on_row=None,
+        check_data: bool = True) -> Outcome:
+    """Runs (or reuses) the study's configs and draws its figure to the path `figure`. With
+    `check_data`, runs whose data is missing are left out (`Outcome.not_run`)."""
+    runnable, not_run = _runnable(study, configs) if check_data else (list(configs), [])
+    curves = {}
+    rows = run_configs(
+        runnable, on_row=on_row, make_row=study.make_row,
+        on_result=lambda c, r: curves.update({os.path.basename(c.workdir): r.metrics}))
+    drawn = None
+    if rows:
+        if study.derive is not None:
+            study.derive(rows)
+        if study.draw is not None:
+            os.makedirs(os.path.dirname(figure) or ".", exist_ok=True)
+            study.draw(rows, curves, list(configs), figure)
+            drawn = figure
+    return Outcome(study, list(configs), rows, drawn,
+                   sum(r["wall_seconds"] for r in rows), not_run)
+
+
+def write_csv(rows: Sequence[dict], path: str, fields: Sequence[str] = ROW_FIELDS) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)

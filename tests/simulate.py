@@ -38,7 +38,8 @@ def simulate(config, iterations: int | None = None):
     data = synthetic_data(config)
     sample = data_lib.preprocess(data.x_train[:1])
     model = runner.build_model(config, NUM_CLASSES, plan_lib.fixed(config))
-    sim, ledger, _, _ = runner.assemble(config, model, sample)
+    assembly = runner.assemble(config, model, sample)
+    sim, ledger = assembly.sim, assembly.ledger
     key = jax.random.key(config.seed)
     state = init_state(model, sim.optimizer, sample, config.num_peers, jax.random.fold_in(key, 0),
                        sim.churn_model, sim.privacy)
@@ -53,8 +54,7 @@ def simulate(config, iterations: int | None = None):
         sizes = np.asarray(info["member_sizes"])
         row = {"iteration": t, **ledger.record(sizes, distilling),
                "mean_group_size": comm.mean_group_size(sizes)}
-        row.update({name: float(value) for name, value in info.items()
-                    if np.ndim(value) == 0})
+        row.update(runner.stage_metrics(info))
         row["present_peers"] = int(np.asarray(info["present"]).sum())
         rows.append(row)
     return rows, state

@@ -149,7 +149,15 @@ class Config:
                              "norm of a whole copy's difference).", check=_POSITIVE)
     clip_iterations: int = _field(1, "--aggregator=centered_clip: the clipping iterations L.",
                                   check=_at_least(1))
-    # Byzantine members' messages (marfl_jax/attacks.py).
+    # Byzantine peers (marfl_jax/adversary.py) and what they send (marfl_jax/attacks.py).
+    byzantine_fraction: float = _field(0.0, "Fraction of peers that attack: floor(fraction * N) "
+                                       "peers drawn once from --seed; churn samples them like "
+                                       "everyone else. Needs --attack.",
+                                       check=((lambda v: 0 <= v < 0.5), "a number in [0, 0.5)"))
+    byzantine_placement: str = _field("random", "Where attackers sit in the groups: 'random' "
+                                      "(as the schedule puts them) or 'collude' (they announce "
+                                      "the keys that pack them into the same groups).",
+                                      _names("marfl_jax.adversary", "PLACEMENTS"))
     attack: str = _field("none", "What Byzantine members send in place of their copies "
                          "(computed from their group's honest copies).",
                          _names("marfl_jax.attacks", "ATTACKS"))
@@ -317,24 +325,48 @@ class Config:
                               "x_test, y_test)")
 
     def _check_aggregator(self) -> None:
-        from marfl_jax import codec, rules  # Deferred: they import jax.
+        from marfl_jax import algorithms, comm, rules  # Deferred: they import jax.
 
         exact_mean = rules.RULES.get(self.aggregator).exact_mean
         if self.dp and not exact_mean:
             raise ConfigError(f"--aggregator={self.aggregator} is not allowed with --dp: DP's "
                               "noise and accounting assume the group mean of the clipped "
                               "updates; use --aggregator=mean")
-        lossy = not codec.CODECS.get(self.codec).lossless
-        if lossy and not exact_mean:
-            raise ConfigError(f"--aggregator={self.aggregator} is not allowed with the lossy "
-                              f"--codec={self.codec}: a group rule other than the mean would "
-                              "combine its own exact copy with the mates' decoded ones, which is "
-                              "not modelled; use --codec=float32 or --aggregator=mean")
+        slots = not exact_mean or self.byzantine_fraction > 0
+        wire = comm.get_wire(algorithms.make_algorithm(self).wire)
+        if slots and wire is comm.get_wire("butterfly"):
+            raise ConfigError(
+                f"--wire=butterfly is not built for --aggregator={self.aggregator} or Byzantine "
+                "peers (the rule would run per slice at each slice's owner); use "
+                "--wire=allgather")
 
     def _check_attack(self) -> None:
+        from marfl_jax import adversary, attacks  # Deferred: they import jax.
+
+        attackers = adversary.pool_size(self.num_peers, self.byzantine_fraction)
+        if (self.attack != "none") != (attackers > 0):
+            raise ConfigError(
+                f"--attack={self.attack} with --byzantine_fraction={self.byzantine_fraction} "
+                f"({attackers} of {self.num_peers} peers): an attack needs attackers and "
+                "attackers need an attack; set both (--attack one of: "
+                f"{', '.join(attacks.ATTACKS.names())}) or neither")
+        if attackers and self.dp:
+            raise ConfigError("--byzantine_fraction is not allowed with --dp: DP's noise and "
+                              "accounting assume honest clipped updates; use one or the other")
+        limit = self._largest_group() if self.aggregator in ("trimmed_mean", "krum") else None
+        if limit is not None and 2 * self.aggregator_f >= limit:
+            raise ConfigError(
+                f"--aggregator_f={self.aggregator_f} with --aggregator={self.aggregator}: a "
+                f"full group of {limit} has no honest majority for f; use --aggregator_f < "
+                f"{limit / 2:g}")
         if self.attack == "ipm":
             _check(self.attack_tau > 0, "attack_tau", self.attack_tau,
                    "a number > 0 with --attack=ipm (it sends -tau times the honest mean)")
+
+    def _largest_group(self) -> int:
+        from marfl_jax import algorithms  # Deferred: it imports jax.
+
+        return algorithms.make_algorithm(self).max_group_size
 
     def _check_participation(self) -> None:
         for name in ("update_fraction", "aggregate_fraction"):
@@ -346,7 +378,9 @@ class Config:
                    f"{count} peers would take part")
 
     def _check_distillation(self) -> None:
-        if self.mkd and self.algorithm != "marfl":
+        from marfl_jax import algorithms  # Deferred: it imports jax.
+
+        if self.mkd and not algorithms.make_algorithm(self).group_keys:
             raise ConfigError(f"--mkd is not allowed with --algorithm={self.algorithm}; "
                               "MKD distils within MAR-FL's groups: use --algorithm=marfl")
 

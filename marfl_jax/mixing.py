@@ -222,7 +222,7 @@ def butterfly_slice(columns: int, sizes: jax.Array, unit: int = 1) -> jax.Array:
 
 def mix(tree, schedule: jax.Array, num_groups: int, grid: Grid | None = None,
         roundtrip=None, combine=None, unit: int = 1, rule=None,
-        max_group_size: int | None = None):
+        max_group_size: int | None = None, transform=None, key: jax.Array | None = None):
     """Applies the rounds of a schedule in order. schedule: (G, N) group ids; returns the tree.
 
     `rule`: the group rule (`marfl_jax.rules`: a registered name or a Rule; None = the mean).
@@ -237,10 +237,20 @@ def mix(tree, schedule: jax.Array, num_groups: int, grid: Grid | None = None,
     `combine(tree, round_ids, num_groups, roundtrip, unit)`, the wire's way of combining coded
     copies (`coded_allgather`, `coded_server`, `coded_butterfly`: `marfl_jax.comm.Wire.combine`;
     the grid is not used: members end apart); only an exact-mean rule is defined there, and a
-    lossy round trip without a `combine` is refused."""
+    lossy round trip without a `combine` is refused.
+    With `transform` (`marfl_jax.adversary.message_transform`: what members receive from what
+    their mates hold, e.g. an attack then the codec), every round runs through the slots:
+    gather, `transform(slots, filled, slot_peer, fold_in(key, r))`, the rule, scatter back
+    (`roundtrip` and `combine` are then not used: the transform encodes)."""
     from marfl_jax import rules as rules_lib  # Deferred: rules is a leaf; mixing stays first.
 
     rule = rules_lib.get(rule)
+    if transform is not None:
+        size = schedule.shape[1] if max_group_size is None else max_group_size
+        for r, round_ids in enumerate(schedule):
+            tree = combine_groups(tree, round_ids, num_groups, rule, size, transform,
+                                  jax.random.fold_in(key, r))
+        return tree
     if roundtrip is not None:
         if not rule.exact_mean:
             raise ValueError("a lossy codec's round trip is defined only for an exact-mean rule "
@@ -296,14 +306,16 @@ def on_grid(schedule: jax.Array, grid: Grid, num_groups: int) -> jax.Array:
     return (schedule >= 0).all() & (jax.vmap(labels)(schedule) == expected).all()
 
 
-def combine_groups(tree, group_ids: jax.Array, num_groups: int, rule, max_group_size: int):
+def combine_groups(tree, group_ids: jax.Array, num_groups: int, rule, max_group_size: int,
+                   transform=None, key: jax.Array | None = None):
     """One round under a group rule (`marfl_jax.rules.Rule`), its generic path: every floating
     leaf is gathered into slots (num_groups, max_group_size, ...) by group id and rank in group
     (`rank_in_group`), `rule.combine` is called ONCE on the whole message (the tree of slot
     leaves, integer leaves None there, with `rule.params`) and gives each group's value, which
     is scattered back to the members. Absent peers (id -1) keep their values; integer leaves are
     unchanged. Memory: num_groups * max_group_size copies of the message (at most N members are
-    filled)."""
+    filled). `transform(slots, filled, slot_peer (G, M) int32, key) -> slots` turns what the
+    members hold into what their mates receive before the rule (see `mix`)."""
     leaves, treedef = jax.tree.flatten(tree)
     floating = [jnp.issubdtype(x.dtype, jnp.floating) for x in leaves]
     if not any(floating):
@@ -320,6 +332,9 @@ def combine_groups(tree, group_ids: jax.Array, num_groups: int, rule, max_group_
 
     slots = treedef.unflatten([gather(x) if f else None
                                for x, f in zip(leaves, floating, strict=True)])
+    if transform is not None:
+        slot_peer = gather(jnp.arange(group_ids.shape[0], dtype=jnp.int32) + 1) - 1  # -1 empty.
+        slots = transform(slots, filled, slot_peer, key)
     combined = treedef.flatten_up_to(rule.combine(slots, filled, rule.params))
     own_group = jnp.where(present, group_ids, 0)
 

@@ -26,7 +26,9 @@ from absl import logging
 
 from marfl_jax import (
     accounting,
+    adversary,
     algorithms,
+    attacks,
     clock,
     comm,
     evaluation,
@@ -34,6 +36,7 @@ from marfl_jax import (
     memory,
     models,
     network,
+    rules,
     runtime,
     sharding,
     tracking,
@@ -103,9 +106,10 @@ def make_apply_fn(model, compute_dtype: str = "float32"):
 
 
 def make_simulation(config: Config, model, mesh=None, *, algorithm=None, clock=None,
-                    apply_fn=None) -> Simulation:
+                    apply_fn=None, num_classes: int | None = None) -> Simulation:
     """The static pieces of the run `config` describes (`algorithm`, `apply_fn`: the config's,
-    when already made; `clock`: the simulated clock, see `assemble`)."""
+    when already made; `clock`: the simulated clock, see `assemble`; `num_classes`: the task's,
+    for label-flipping attackers)."""
     codec = codec_lib.CODECS.get(config.codec)
     roundtrip = (None if codec.lossless else
                  functools.partial(codec_lib.roundtrip_tree, codec, block=config.codec_block))
@@ -118,7 +122,19 @@ def make_simulation(config: Config, model, mesh=None, *, algorithm=None, clock=N
         model_dropout=models.uses_dropout(model), peer_chunk=config.peer_chunk,
         distillation=config.distillation(), privacy=config.privacy(), mesh=mesh,
         roundtrip=roundtrip, slice_unit=codec.unit(config.codec_block),
-        share_momentum=config.share_momentum, aggregator=config.aggregator, clock=clock)
+        share_momentum=config.share_momentum, clock=clock,
+        aggregator=rules.get(config.aggregator, rules.Params.of(config)),
+        adversary=make_adversary(config, num_classes))
+
+
+def make_adversary(config: Config, num_classes: int | None) -> adversary.Adversary | None:
+    """The run's Byzantine peers (`--byzantine_fraction`), or None."""
+    if not config.byzantine_fraction:
+        return None
+    return adversary.Adversary(
+        adversary.pool(config.num_peers, config.byzantine_fraction, config.seed),
+        attacks.get(config.attack), attacks.Params.of(config), config.byzantine_placement,
+        num_classes or 10)
 
 
 class Assembly(NamedTuple):
@@ -153,8 +169,10 @@ def assemble(config: Config, model, sample_input, mesh=None) -> Assembly:
 
     run_clock = (None if config.network == "none" else
                  make_clock(config, algorithm, ledger, flops_per_example))
+    num_classes = jax.eval_shape(lambda: apply_fn(
+        model.init(jax.random.key(0), sample_input)["params"], sample_input)).shape[-1]
     sim = make_simulation(config, model, mesh, algorithm=algorithm, clock=run_clock,
-                          apply_fn=apply_fn)
+                          apply_fn=apply_fn, num_classes=num_classes)
     accountant = None if not private else accounting.PrivacyAccountant(
         config.num_peers, config.dp_noise_multiplier, config.privacy_delta)
     return Assembly(sim, ledger, accountant, one_peer, model)
@@ -558,9 +576,13 @@ def train(pieces: Pieces, progress: Progress, recorder: Recorder) -> None:
 
 
 def evaluate(pieces: Pieces, progress: Progress, row: dict, t: int) -> None:
-    """Adds the evaluation's fields (and DP's budget so far) to iteration t's row."""
+    """Adds the evaluation's fields (and DP's budget so far) to iteration t's row: over the
+    peers that took part, honest ones only when there are attackers."""
+    present = row["present"]
+    if pieces.sim.adversary is not None:
+        present = present & pieces.sim.adversary.honest
     row.update(evaluation.evaluate(pieces.config.settings(evaluation.Settings),
-                                   progress.state.params, row["present"], t,
+                                   progress.state.params, present, t,
                                    pieces.evaluate_peers, pieces.test_images,
                                    pieces.test_labels))
     if progress.accountant is not None:

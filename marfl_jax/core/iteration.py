@@ -14,10 +14,21 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 
+from marfl_jax import adversary as adversary_lib
 from marfl_jax import churn, comm, dp, mkd, rules, sharding
-from marfl_jax.core import aggregate, distill, local_update, observe, participation, privacy, timing
+from marfl_jax.core import (
+    adversary,
+    aggregate,
+    distill,
+    local_update,
+    observe,
+    participation,
+    privacy,
+    timing,
+)
 from marfl_jax.core.stage import Context, Stage, Step, run_chain, step_keys
 from marfl_jax.core.state import DeviceData, FLState
 
@@ -41,7 +52,9 @@ class Simulation(NamedTuple):
       roundtrip: a lossy message codec's tree -> decoded tree (`marfl_jax.codec`), or None.
       slice_unit: values a butterfly slice keeps together (the codec's block; 1 elementwise).
       share_momentum: messages carry momentum beside the weights (False: weights only).
-      aggregator: the group rule, a name in `marfl_jax.rules.RULES` ('mean': the group mean).
+      aggregator: the group rule, a name in `marfl_jax.rules.RULES` or a Rule bound to its
+        parameters ('mean': the group mean).
+      adversary: the Byzantine peers (`marfl_jax.adversary.Adversary`), or None.
     """
 
     apply_fn: Any
@@ -59,7 +72,8 @@ class Simulation(NamedTuple):
     roundtrip: Any = None
     slice_unit: int = 1
     share_momentum: bool = True
-    aggregator: str = "mean"
+    aggregator: Any = "mean"
+    adversary: Any = None
 
     @property
     def combine(self):
@@ -81,17 +95,27 @@ def build_chain(sim: Simulation, distilling: bool = False) -> list[Stage]:
     """The stages of one iteration; `distilling` = an MKD iteration (t < K)."""
     num_groups = sim.algorithm.num_groups
     rule = rules.get(sim.aggregator)
+    attackers = sim.adversary
+    # What mates receive when it is not what members hold: forged by attackers, or encoded for
+    # a rule other than the mean (the mean's coded paths are the wire's `combine`).
+    transform = adversary_lib.message_transform(
+        attackers, sim.roundtrip if (attackers is not None or not rule.exact_mean) else None)
     # Full participation on a grid schedule with the mean: rounds are reshape-and-mean (no
     # scatter), where the step finds the round's groups to be the grid's (`mixing.on_grid`).
     grid = (getattr(sim.algorithm, "grid", None)
-            if rule.exact_mean and everyone_takes_part(sim.churn_model, sim.clock) else None)
+            if rule.exact_mean and transform is None
+            and everyone_takes_part(sim.churn_model, sim.clock) else None)
+    honest = None if attackers is None else attackers.honest
     chain = [participation.participation(sim.churn_model, sim.algorithm)]
+    if attackers is not None:
+        chain.append(adversary.adversary(attackers, num_groups))
     if sim.clock is not None:
         chain.append(timing.timing(sim.clock, sim.algorithm, distilling))
     chain += [
         local_update.local_update(apply_fn=sim.apply_fn, optimizer=sim.optimizer,
                                   local_batches=sim.local_batches, batch_size=sim.batch_size,
-                                  model_dropout=sim.model_dropout, peer_chunk=sim.peer_chunk),
+                                  model_dropout=sim.model_dropout, peer_chunk=sim.peer_chunk,
+                                  label_map=label_map(attackers)),
     ]
     private = sim.privacy is not None
     if private:
@@ -112,12 +136,21 @@ def build_chain(sim: Simulation, distilling: bool = False) -> list[Stage]:
                 share_momentum=sim.share_momentum, rule=rule,
                 max_group_size=sim.algorithm.max_group_size)
     chain.append(privacy.private_aggregate(sim.privacy, num_groups, grid, **wire) if private
-                 else aggregate.aggregate(num_groups, grid, **wire))
+                 else aggregate.aggregate(num_groups, grid, **wire, transform=transform,
+                                          counted=honest))
     # One exact mean over every grid axis leaves all peers bitwise equal.
     agreed = (grid is not None and not private and sim.roundtrip is None
               and {a for a, r in enumerate(grid.radices) if r > 1} <= set(grid.axes))
-    chain.append(observe.observe(num_groups, grid if agreed else None))
+    chain.append(observe.observe(num_groups, grid if agreed else None, counted=honest))
     return chain
+
+
+def label_map(attackers):
+    """Label flipping attackers' labels (`adversary.flip_labels`), or None."""
+    if attackers is None or not attackers.attack.poisons_labels:
+        return None
+    byzantine = jnp.asarray(attackers.byzantine)
+    return lambda labels: adversary_lib.flip_labels(labels, byzantine, attackers.num_classes)
 
 
 def make_iteration(sim: Simulation, distilling: bool = False):

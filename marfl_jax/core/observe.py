@@ -9,7 +9,7 @@ from marfl_jax import comm, mixing
 from marfl_jax.core.stage import Context, Stage, Step
 
 
-def observe(num_groups: int, agreed: mixing.Grid | None = None) -> Stage:
+def observe(num_groups: int, agreed: mixing.Grid | None = None, counted=None) -> Stage:
     """Info: `member_sizes` (G, N) int32 (each peer's group size per round, 0 = absent; the
     ledger's input), `present` (N,) bool (took part in any round), `consensus_after` and
     `params_finite` () bool (every peer's every parameter is finite: the runner's divergence
@@ -18,7 +18,9 @@ def observe(num_groups: int, agreed: mixing.Grid | None = None) -> Stage:
     agreed: the grid of an aggregation that, where the step's schedule is that grid
     (`mixing.on_grid`), left every peer with bitwise the same parameters (one exact mean over
     all of them), so `consensus_after` is exactly 0, which `consensus_distance` would return
-    after a pass over the whole state; where the schedule is not the grid, both are measured."""
+    after a pass over the whole state; where the schedule is not the grid, both are measured.
+    counted: (N,) bool, the peers `consensus_after` is measured over (the honest ones; None:
+    all)."""
 
     def measured(params, took_part):
         return mixing.consensus_distance(params, took_part), params_finite(params)
@@ -27,7 +29,8 @@ def observe(num_groups: int, agreed: mixing.Grid | None = None) -> Stage:
         return jnp.float32(0.0), params_finite(jax.tree.map(lambda x: x[0], params))
 
     def stage(step: Step, context: Context):
-        operands = (step.peers.params, step.took_part)
+        took_part = step.took_part if counted is None else step.took_part & counted
+        operands = (step.peers.params, took_part)
         if agreed is None:
             consensus, finite = measured(*operands)
         else:

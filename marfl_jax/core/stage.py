@@ -41,6 +41,7 @@ class StepKeys(NamedTuple):
     distill: jax.Array  # MKD's distillation batches.
     dp_noise: jax.Array  # DP: the updates' Gaussian noise.
     dp_clip: jax.Array  # DP: the noise of the averaged clip indicator.
+    attack: jax.Array  # Byzantine peers' forged messages (gaussian).
 
 
 def step_keys(key: jax.Array, num_peers: int) -> StepKeys:
@@ -50,7 +51,7 @@ def step_keys(key: jax.Array, num_peers: int) -> StepKeys:
     train_dropout, distill_dropout = jax.random.split(jax.random.fold_in(key, 7), (2, num_peers))
     dp_noise, dp_clip = jax.random.split(jax.random.fold_in(key, 6))
     return StepKeys(sample, mixing, churn, availability, train_dropout, distill_dropout,
-                    jax.random.fold_in(key, 5), dp_noise, dp_clip)
+                    jax.random.fold_in(key, 5), dp_noise, dp_clip, jax.random.fold_in(key, 8))
 
 
 class Privatized(NamedTuple):

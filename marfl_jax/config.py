@@ -333,8 +333,8 @@ class Config:
                               "noise and accounting assume the group mean of the clipped "
                               "updates; use --aggregator=mean")
         slots = not exact_mean or self.byzantine_fraction > 0
-        wire = comm.get_wire(algorithms.make_algorithm(self).wire)
-        if slots and wire is comm.get_wire("butterfly"):
+        if slots and (comm.get_wire(algorithms.make_algorithm(self).wire)
+                      is comm.get_wire("butterfly")):
             raise ConfigError(
                 f"--wire=butterfly is not built for --aggregator={self.aggregator} or Byzantine "
                 "peers (the rule would run per slice at each slice's owner); use "
@@ -380,7 +380,7 @@ class Config:
     def _check_distillation(self) -> None:
         from marfl_jax import algorithms  # Deferred: it imports jax.
 
-        if self.mkd and not algorithms.make_algorithm(self).group_keys:
+        if self.mkd and not algorithms.make_algorithm(self).group_keys:  # Only when --mkd.
             raise ConfigError(f"--mkd is not allowed with --algorithm={self.algorithm}; "
                               "MKD distils within MAR-FL's groups: use --algorithm=marfl")
 
@@ -492,7 +492,9 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "algorithm": ("algorithm", "num_peers", "group_size", "key_dim", "rounds", "schedule",
                   "wire"),
     "messages": ("codec", "codec_block", "share_momentum", "aggregator", "aggregator_f",
-                 "clip_tau", "clip_iterations", "attack", "attack_sigma", "attack_tau"),
+                 "clip_tau", "clip_iterations"),
+    "adversary": ("byzantine_fraction", "byzantine_placement", "attack", "attack_sigma",
+                  "attack_tau"),
     "churn": ("update_fraction", "aggregate_fraction", "dropout", "dropout_timing",
               "availability", "mean_on_iterations", "mean_off_iterations"),
     "mkd": ("mkd", "mkd_iterations", "mkd_temperature", "mkd_teacher_fraction", "mkd_batches",

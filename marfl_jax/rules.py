@@ -17,8 +17,10 @@ centered clipping's norms) sum over all leaves.
 
 `exact_mean=True` promises that the rule IS the unweighted mean of the present members, which
 lets `mixing.mix` use the mean's fast paths instead of the slots: the grid reshape-mean
-(`mixing.grid_mean`), segment sums (`mixing.group_mean`) and the lossy codecs' algebra
-(`mixing.coded_group_mean`). Any other rule runs through the slots.
+(`mixing.grid_mean`), segment sums (`mixing.group_mean`) and the lossy codecs' algebra (the
+wire's `combine`: `mixing.coded_allgather`, ...). Any other rule runs through the slots, where
+what members receive can differ from what their mates hold (`mixing.mix`'s `transform`: a lossy
+codec's round trip of every copy, the member's own included, after any Byzantine attack).
 
     from marfl_jax.rules import RULES, Rule, coordinatewise
 

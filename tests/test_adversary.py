@@ -158,3 +158,14 @@ def test_attackers_are_counted_and_only_honest_peers_measured():
 def test_bad_combinations_are_refused_before_any_work(changes, message):
     with pytest.raises(ConfigError, match=message):
         dataclasses.replace(MLP, **changes).validate()
+
+
+def test_a_robust_rule_takes_decoded_copies_under_a_lossy_codec():
+    """median with int8: every copy goes through the codec's round trip in the slots."""
+    config = dataclasses.replace(MLP, aggregator="median", codec="int8")
+    rows, state = simulate(config, 1)
+    plain, plain_state = simulate(dataclasses.replace(config, codec="float32"), 1)
+    assert rows[0]["bytes"] < plain[0]["bytes"]
+    assert rows[0]["train_loss"] == plain[0]["train_loss"]  # Same local update ...
+    assert not np.array_equal(np.asarray(jax.tree.leaves(state.params)[0]),  # ... other mix.
+                              np.asarray(jax.tree.leaves(plain_state.params)[0]))

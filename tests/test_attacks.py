@@ -108,11 +108,12 @@ class AttackTest(chex.TestCase, parameterized.TestCase):
 def test_params_come_from_the_config(name):
     from marfl_jax.config import Config, ConfigError
 
-    config = Config(attack=name, attack_sigma=0.5, attack_tau=3.0).validate()
+    config = Config(attack=name, attack_sigma=0.5, attack_tau=3.0,
+                    byzantine_fraction=0.1).validate()
     assert attacks.Params.of(config) == attacks.Params(sigma=0.5, tau=3.0)
     assert attacks.get(config.attack) is attacks.ATTACKS.get(name)
     with pytest.raises(ConfigError, match="--attack_sigma=-1.0 is not allowed"):
-        Config(attack=name, attack_sigma=-1.0).validate()
+        Config(attack=name, attack_sigma=-1.0, byzantine_fraction=0.1).validate()
     if name == "ipm":
         with pytest.raises(ConfigError, match="--attack_tau=0.0 is not allowed"):
-            Config(attack=name, attack_tau=0.0).validate()
+            Config(attack=name, attack_tau=0.0, byzantine_fraction=0.1).validate()

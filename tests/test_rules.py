@@ -159,7 +159,8 @@ class CombineGroupsTest(chex.TestCase):
 def test_params_come_from_the_config(name):
     from marfl_jax.config import Config
 
-    config = Config(aggregator=name, aggregator_f=2, clip_tau=0.5, clip_iterations=3).validate()
+    config = Config(aggregator=name, aggregator_f=2, clip_tau=0.5, clip_iterations=3,
+                    group_size=8, key_dim=2).validate()
     rule = rules.get(config.aggregator, rules.Params.of(config))
     assert rule.params == rules.Params(f=2, tau=0.5, iterations=3)
     assert rule.combine is rules.RULES.get(name).combine

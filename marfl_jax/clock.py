@@ -43,7 +43,7 @@ the mates who wait for it, is cut off) and the round's completion (the real shar
 Closed forms at uniform links are in tests/test_clock.py (MAR-FL on a 4x4x4 grid with the paper's
 CNN: 3 messages of 2 x 4,799,528 B per peer per round, 23.04 s at 10 Mbit/s).
 
-Deadlines (`late_members`, applied by `marfl_jax.core.timing`): a member whose own time in a
+Deadlines (`late_members`, applied by `marfl_jax.core.clock`): a member whose own time in a
 round exceeds `round_timeout_s` misses that round and the rest of the iteration; the groups
 average without it and the round lasts until the deadline (the others wait that long before
 giving up, as the authors' barrier does). The ledger then counts only the exchanges that happened.

@@ -28,7 +28,7 @@ Delta).
 With MKD in the same iteration the authors apply the noised update to the model before
 distilling (theta = theta_ref + eta_s * Delta~), distil on the KL term only, and then smooth the
 post-distillation difference theta - theta_ref without clipping or noising it again; see
-`marfl_jax.core.privacy`.
+`marfl_jax.core.dp`.
 """
 
 from __future__ import annotations

@@ -1,9 +1,13 @@
 """One FL iteration: the chain of stages, composed once per run.
 
-    participation -> [timing] -> local update -> [privatize] -> [distill] -> aggregate -> observe
+    churn -> [adversary] -> [clock] -> local -> [dp] -> [mkd] -> mixing (or dp's) -> observe
+
+Each stage's module in `marfl_jax/core/` is named after the kernel module it drives
+(`core/churn.py` runs `marfl_jax.churn`'s draws, `core/mixing.py` `marfl_jax.mixing`'s group
+means, ...); `observe` reads what the host accounts for.
 
 `build_chain` is the one place that says which stages run and in what order, and so how DP and
-MKD interact: under DP the aggregation is DP's (`privacy.private_aggregate`), and when both are
+MKD interact: under DP the aggregation is DP's (`dp.private_aggregate`), and when both are
 on, MKD distils from the noised models and the post-distillation difference is what is smoothed
 (the authors' order). A new stage is a module with a factory returning a `Stage` and one line
 here.
@@ -17,20 +21,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from marfl_jax import adversary as adversary_lib
-from marfl_jax import churn, comm, dp, mkd, rules, sharding
-from marfl_jax.core import (
-    adversary,
-    aggregate,
-    distill,
-    local_update,
-    observe,
-    participation,
-    privacy,
-    timing,
-)
+from marfl_jax import comm, rules, sharding
+from marfl_jax.adversary import flip_labels, message_transform
+from marfl_jax.churn import ChurnModel
+from marfl_jax.core import adversary, churn, clock, dp, local, mixing, mkd, observe
 from marfl_jax.core.stage import Context, Stage, Step, run_chain, step_keys
 from marfl_jax.core.state import DeviceData, FLState
+from marfl_jax.dp import Privacy
+from marfl_jax.mkd import Distillation
 
 
 class Simulation(NamedTuple):
@@ -60,13 +58,13 @@ class Simulation(NamedTuple):
     apply_fn: Any
     optimizer: optax.GradientTransformation
     algorithm: Any
-    churn_model: churn.ChurnModel
+    churn_model: ChurnModel
     local_batches: int
     batch_size: int
     model_dropout: bool = False
     peer_chunk: int = 0
-    distillation: mkd.Distillation | None = None
-    privacy: dp.Privacy | None = None
+    distillation: Distillation | None = None
+    privacy: Privacy | None = None
     mesh: Any = None
     clock: Any = None
     roundtrip: Any = None
@@ -83,7 +81,7 @@ class Simulation(NamedTuple):
         return None if self.roundtrip is None else comm.coded_combine(self.algorithm.wire)
 
 
-def everyone_takes_part(churn_model: churn.ChurnModel, sim_clock=None) -> bool:
+def everyone_takes_part(churn_model: ChurnModel, sim_clock=None) -> bool:
     """Every peer trains and aggregates in every round of every iteration (no churn, and no
     round deadline that could cut a member off)."""
     return (churn_model.update_fraction == 1 and churn_model.aggregate_fraction == 1
@@ -98,7 +96,7 @@ def build_chain(sim: Simulation, distilling: bool = False) -> list[Stage]:
     attackers = sim.adversary
     # What mates receive when it is not what members hold: forged by attackers, or encoded for
     # a rule other than the mean (the mean's coded paths are the wire's `combine`).
-    transform = adversary_lib.message_transform(
+    transform = message_transform(
         attackers, sim.roundtrip if (attackers is not None or not rule.exact_mean) else None)
     # Full participation on a grid schedule with the mean: rounds are reshape-and-mean (no
     # scatter), where the step finds the round's groups to be the grid's (`mixing.on_grid`).
@@ -106,37 +104,37 @@ def build_chain(sim: Simulation, distilling: bool = False) -> list[Stage]:
             if rule.exact_mean and transform is None
             and everyone_takes_part(sim.churn_model, sim.clock) else None)
     honest = None if attackers is None else attackers.honest
-    chain = [participation.participation(sim.churn_model, sim.algorithm)]
+    chain = [churn.participation(sim.churn_model, sim.algorithm)]
     if attackers is not None:
         chain.append(adversary.adversary(attackers, num_groups))
     if sim.clock is not None:
-        chain.append(timing.timing(sim.clock, sim.algorithm, distilling))
+        chain.append(clock.timing(sim.clock, sim.algorithm, distilling))
     chain += [
-        local_update.local_update(apply_fn=sim.apply_fn, optimizer=sim.optimizer,
+        local.local_update(apply_fn=sim.apply_fn, optimizer=sim.optimizer,
                                   local_batches=sim.local_batches, batch_size=sim.batch_size,
                                   model_dropout=sim.model_dropout, peer_chunk=sim.peer_chunk,
                                   label_map=label_map(attackers)),
     ]
     private = sim.privacy is not None
     if private:
-        chain.append(privacy.privatize(sim.privacy))
+        chain.append(dp.privatize(sim.privacy))
     if distilling:
         if sim.distillation is None:
             raise ValueError("an MKD iteration needs Simulation.distillation")
         if private:
-            chain.append(privacy.noised_model_teaches(sim.privacy))
-        chain.append(distill.distill(
+            chain.append(dp.noised_model_teaches(sim.privacy))
+        chain.append(mkd.distill(
             sim.distillation, num_groups=num_groups,
             max_group_size=sim.algorithm.max_group_size, apply_fn=sim.apply_fn,
             optimizer=sim.optimizer, batch_size=sim.batch_size, model_dropout=sim.model_dropout,
             roundtrip=sim.roundtrip))
         if private:
-            chain.append(privacy.distilled_update())
+            chain.append(dp.distilled_update())
     wire = dict(roundtrip=sim.roundtrip, combine=sim.combine, unit=sim.slice_unit,
                 share_momentum=sim.share_momentum, rule=rule,
                 max_group_size=sim.algorithm.max_group_size)
-    chain.append(privacy.private_aggregate(sim.privacy, num_groups, grid, **wire) if private
-                 else aggregate.aggregate(num_groups, grid, **wire, transform=transform,
+    chain.append(dp.private_aggregate(sim.privacy, num_groups, grid, **wire) if private
+                 else mixing.aggregate(num_groups, grid, **wire, transform=transform,
                                           counted=honest))
     # One exact mean over every grid axis leaves all peers bitwise equal.
     agreed = (grid is not None and not private and sim.roundtrip is None
@@ -150,7 +148,7 @@ def label_map(attackers):
     if attackers is None or not attackers.attack.poisons_labels:
         return None
     byzantine = jnp.asarray(attackers.byzantine)
-    return lambda labels: adversary_lib.flip_labels(labels, byzantine, attackers.num_classes)
+    return lambda labels: flip_labels(labels, byzantine, attackers.num_classes)
 
 
 def make_iteration(sim: Simulation, distilling: bool = False):

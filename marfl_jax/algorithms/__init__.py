@@ -15,8 +15,8 @@ averages the same state (weights and momentum).
 | rdfl   | 1 | ring arcs between absent peers | relay (allgather's bytes, timed hop by hop) |
 | gossip | --rounds (default 1) | random pairs | allgather (pairs) |
 
-Adding one is a factory `(config) -> Algorithm` registered in `ALGORITHMS`; `--algorithm=NAME`
-then selects it everywhere (see docs/extending.md).
+Adding one is a factory `(settings: Settings) -> Algorithm` registered in `ALGORITHMS`;
+`--algorithm=NAME` then selects it everywhere (see docs/extending.md).
 """
 
 from __future__ import annotations
@@ -71,9 +71,24 @@ class Algorithm(NamedTuple):
 ALGORITHMS: Registry[Callable[..., Algorithm]] = Registry("algorithm")
 
 
+class Settings(NamedTuple):
+    """What an algorithm's factory reads (the flags of the same names); factories receive
+    these, not the run's Config."""
+
+    algorithm: str
+    num_peers: int
+    group_size: int = 4
+    key_dim: int = 3
+    rounds: int = 0
+    schedule: str = "authors"
+    wire: str = "allgather"
+
+
 def make_algorithm(config) -> Algorithm:
-    """The algorithm named by `config.algorithm`, for `config.num_peers` peers."""
-    return ALGORITHMS.get(config.algorithm)(config)
+    """The algorithm named by `config.algorithm`, for `config.num_peers` peers (config: a
+    Config or anything with the `Settings` fields; the factory receives the `Settings`)."""
+    settings = Settings(*(getattr(config, name) for name in Settings._fields))
+    return ALGORITHMS.get(settings.algorithm)(settings)
 
 
 def _one_group(num_peers: int) -> mixing.Grid:

@@ -96,28 +96,28 @@ def _one_group(num_peers: int) -> mixing.Grid:
 
 
 @ALGORITHMS.register("marfl")
-def moshpit(config) -> Algorithm:
+def moshpit(settings: Settings) -> Algorithm:
     """MAR-FL: Moshpit group keys (the authors' rule, or an exact mixed-radix grid)."""
-    n = config.num_peers
-    if config.schedule == "mixed_radix":
-        radices = marfl.mixed_radix_factors(n, config.key_dim)
+    n = settings.num_peers
+    if settings.schedule == "mixed_radix":
+        radices = marfl.mixed_radix_factors(n, settings.key_dim)
         rule = marfl.mixed_radix_key_rule(n, radices)
         description = f"Moshpit keys on a mixed-radix {'x'.join(map(str, radices))} grid"
     else:
-        rule = marfl.authors_key_rule(n, config.group_size, config.key_dim)
+        rule = marfl.authors_key_rule(n, settings.group_size, settings.key_dim)
         description = ("Moshpit keys on a perfect grid" if rule.exact_rounds
                        else "Moshpit keys, the authors' buckets (approximate)")
-    rounds = max(config.rounds or rule.exact_rounds or config.key_dim, 1)
-    if config.schedule == "mixed_radix":
+    rounds = max(settings.rounds or rule.exact_rounds or settings.key_dim, 1)
+    if settings.schedule == "mixed_radix":
         rule_radices = radices
-    elif n == config.group_size ** config.key_dim:
-        rule_radices = (config.group_size,) * config.key_dim
+    elif n == settings.group_size ** settings.key_dim:
+        rule_radices = (settings.group_size,) * settings.key_dim
     else:
         rule_radices = (n,)  # Buckets: a grid only when one bucket holds everyone.
     full = np.asarray(marfl.moshpit_schedule(jnp.ones((rounds, n), bool), rule))
     return Algorithm(
         "marfl", rounds, rule.num_groups,
-        lambda present, _key: marfl.moshpit_schedule(present, rule), config.wire,
+        lambda present, _key: marfl.moshpit_schedule(present, rule), settings.wire,
         exact=bool(rule.exact_rounds) and rounds >= rule.exact_rounds,
         description=description, max_group_size=min(n, rule.max_group_size or n),
         grid=mixing.grid_of(full, rule_radices), metadata_record_bytes=comm.DHT_RECORD_BYTES,
@@ -125,34 +125,34 @@ def moshpit(config) -> Algorithm:
 
 
 @ALGORITHMS.register("fedavg")
-def fedavg(config) -> Algorithm:
+def fedavg(settings: Settings) -> Algorithm:
     """FedAvg: one group of all present peers, through a server."""
     return Algorithm("fedavg", 1, 1, lambda present, _key: baselines.one_group(present), "star",
                      exact=True, description="one group of all peers, star",
-                     max_group_size=config.num_peers, grid=_one_group(config.num_peers))
+                     max_group_size=settings.num_peers, grid=_one_group(settings.num_peers))
 
 
 @ALGORITHMS.register("arfl")
-def all_reduce(config) -> Algorithm:
+def all_reduce(settings: Settings) -> Algorithm:
     """AR-FL: one group of all present peers, full mesh."""
     return Algorithm("arfl", 1, 1, lambda present, _key: baselines.one_group(present),
                      "allgather", exact=True, description="one group of all peers, allgather",
-                     max_group_size=config.num_peers, grid=_one_group(config.num_peers))
+                     max_group_size=settings.num_peers, grid=_one_group(settings.num_peers))
 
 
 @ALGORITHMS.register("rdfl")
-def ring(config) -> Algorithm:
+def ring(settings: Settings) -> Algorithm:
     """RDFL: the ring, split into arcs at absent peers; every model relayed around its arc."""
-    n = config.num_peers
+    n = settings.num_peers
     return Algorithm("rdfl", 1, n, lambda present, _key: jax.vmap(baselines.ring_arcs)(present),
                      "relay", exact=True, description="ring relay", max_group_size=n,
                      grid=_one_group(n))  # Everyone present: one closed ring.
 
 
 @ALGORITHMS.register("gossip")
-def gossip(config) -> Algorithm:
+def gossip(settings: Settings) -> Algorithm:
     """Gossip: --rounds (default 1) rounds of random pairs of present peers."""
-    n = config.num_peers
-    return Algorithm("gossip", config.rounds or 1, n // 2 + 1, baselines.random_pairs,
+    n = settings.num_peers
+    return Algorithm("gossip", settings.rounds or 1, n // 2 + 1, baselines.random_pairs,
                      "allgather", exact=n <= 2, description="random pairs",
                      max_group_size=min(n, 2))

@@ -51,6 +51,8 @@ flags.DEFINE_integer("batch_size", None, "Mini-batch size B.")
 flags.DEFINE_integer("eval_every", None, "Evaluate every k iterations.")
 flags.DEFINE_integer("seed", None, "Seed.")
 flags.DEFINE_string("workdir", None, "Output folder (default runs/<study>).")
+flags.DEFINE_multi_string("option", None, "A study's own setting, NAME=V1,V2 (repeatable; the "
+                          "study's docstring lists its settings).")
 FLAGS = flags.FLAGS
 
 # Flag -> (the Scale fields it sets, the type of its values).
@@ -81,6 +83,14 @@ def scale_from_flags(study):
             value = tuple(kind(v) for v in value) if isinstance(value, list) else kind(value)
             given.update(dict.fromkeys(fields, value))
     mnist = {name: FLAGS[name].value for name in CONFIG_FLAGS if FLAGS[name].present}
+    options = []
+    for text in FLAGS.option or ():
+        name, equals, values = text.partition("=")
+        if not equals or not name:
+            raise app.UsageError(f"--option={text}: expected NAME=V1,V2")
+        options.append((name, tuple(v for v in values.split(",") if v)))
+    if options:
+        given["options"] = tuple(options)
     return scales.with_defaults(scale, {**given, "mnist": mnist})
 
 

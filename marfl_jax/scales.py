@@ -50,6 +50,14 @@ class Scale:
     network_profiles: tuple[str, ...] = ("uniform", "lognormal", "deadline")
     codecs: tuple[str, ...] = ("float32", "float16", "bfloat16", "int8")  # Of codec.CODECS.
     codec_algorithms: tuple[str, ...] = ("marfl",)
+    # A study's own settings, (name, values) pairs as text (launch.compare --option=NAME=V1,V2):
+    # the study module reads them with `option` and says which it takes in its docstring.
+    options: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    def option(self, name: str, default: tuple, kind=str) -> tuple:
+        """The values of the study setting `name` (converted by `kind`), else `default`."""
+        given = dict(self.options).get(name)
+        return default if given is None else tuple(kind(v) for v in given)
 
 
 SCALES = {

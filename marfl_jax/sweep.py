@@ -124,17 +124,34 @@ def run_configs(configs: Sequence[Config], on_row=None, make_row=result_row,
                 on_result=None) -> list[dict]:
     """Runs (or reuses) every config; `make_row(config, result)` makes its row, and
     on_row(row) / on_result(config, result) are called as each finishes."""
-    from marfl_jax import runner
-
     rows = []
     for config in configs:
-        result = runner.run(config)
+        result = _run_once(config)
         rows.append(make_row(config, result))
         if on_result is not None:
             on_result(config, result)
         if on_row is not None:
             on_row(rows[-1])
     return rows
+
+
+def _run_once(config: Config):
+    """runner.run, or what a run that diverged left (its summary says `diverged`): a sweep
+    records a diverged run as a row instead of stopping, and does not run it again."""
+    from marfl_jax import runner, watch
+    from marfl_jax import workdir as files
+
+    summary = files.read_json(os.path.join(config.workdir, "summary.json"))
+    if summary is not None and "diverged" in summary:
+        files.previous_config(config, config.workdir)  # Refuses a different run's workdir.
+    else:
+        try:
+            return runner.run(config)
+        except watch.DivergenceError:
+            summary = files.read_json(os.path.join(config.workdir, "summary.json"))
+    metrics = files.read_rows(os.path.join(config.workdir, "metrics.jsonl"),
+                              summary["iterations"])
+    return runner.RunResult(summary, metrics)
 
 
 def data_missing(config: Config) -> str | None:

@@ -1,0 +1,103 @@
+"""The Byzantine study (marfl_jax/experiments/byzantine.py): its grid, rows, figure and table;
+a sweep that records a diverged run; and the issue's bar on the MLP (slow)."""
+
+import dataclasses
+import os
+
+import pytest
+
+from marfl_jax import experiments, runner, scales, sweep, watch
+from marfl_jax import workdir as files
+from marfl_jax.config import Config
+from marfl_jax.experiments import byzantine
+
+
+def _scale(**options):
+    study = experiments.get("byzantine")
+    scale = scales.with_defaults(scales.SCALES["small"], study.defaults)
+    return scales.with_defaults(scale, {"options": tuple(
+        (k, tuple(str(x) for x in v)) for k, v in options.items())})
+
+
+def test_the_grid_and_each_runs_f():
+    configs = byzantine.STUDY.configs(_scale(), "runs/b")
+    # Honest: 4 rules x 3 algorithms; attacked: 3 fractions x 5 attacks x 4 rules x
+    # (MAR-FL random + collude, FedAvg, gossip).
+    assert len(configs) == 4 * 3 + 3 * 5 * 4 * 4
+    assert len({c.workdir for c in configs}) == len(configs)
+    small = byzantine.STUDY.configs(_scale(algorithms=["marfl", "fedavg"], fractions=[0, 0.2],
+                                           attacks=["sign_flip"]), "runs/b")
+    assert len(small) == 4 * 2 + 4 * 3
+    f = {(c.algorithm, c.byzantine_fraction, c.aggregator): c.aggregator_f for c in small}
+    assert f[("marfl", 0.2, "trimmed_mean")] == 1  # Groups of 4: at most (4 - 1) // 2.
+    assert f[("fedavg", 0.2, "trimmed_mean")] == 13  # ceil(0.2 * 64).
+    assert f[("fedavg", 0.0, "mean")] == 1
+    collude = [c for c in small if c.byzantine_placement == "collude"]
+    assert {c.algorithm for c in collude} == {"marfl"} and len(collude) == 4
+    assert all(c.max_iterations == 30 and c.target_accuracy == 1.0 and c.eval_peers == "all"
+               for c in small)
+    cclip = next(c for c in small if c.aggregator == "centered_clip")
+    assert (cclip.clip_tau, cclip.clip_iterations) == (1.0, 3)
+
+
+def _result(accuracy, diverged=False):
+    metrics = [{"iteration": 0, "byzantine_peers": 6, "consensus_after": 0.5,
+                "accuracy": accuracy, "accuracy_min": accuracy - 0.1,
+                "accuracy_max": accuracy + 0.1}]
+    summary = {"iterations": 1, "final_accuracy": accuracy, "cumulative_bytes": 10,
+               "wall_seconds": 1.0, **({"diverged": "x"} if diverged else {})}
+    return runner.RunResult(summary, metrics)
+
+
+def test_rows_figure_and_table(tmp_path):
+    configs = byzantine.STUDY.configs(_scale(algorithms=["marfl"], fractions=[0, 0.1],
+                                             attacks=["sign_flip"]), str(tmp_path))
+    rows = [byzantine.make_row(c, _result(0.1 * i, diverged=i == 3))
+            for i, c in enumerate(configs)]
+    assert set(rows[0]) == set(byzantine.FIELDS)
+    assert rows[5]["byzantine_peers"] == 6 and rows[5]["placement"] in ("random", "collude")
+    assert rows[3]["diverged"] and not rows[4]["diverged"]
+    path = str(tmp_path / "b.png")
+    byzantine.draw(rows, {}, configs, path)
+    assert os.path.getsize(path) > 0
+    table = byzantine.table(rows, 0.1, "sign_flip")
+    assert table.splitlines()[0] == ("| algorithm, placement | mean | median | trimmed_mean | "
+                                     "centered_clip |")
+    assert "| marfl, collude |" in table and "| marfl, random |" in table
+
+
+def test_a_sweep_records_a_diverged_run_and_reuses_it(tmp_path, monkeypatch):
+    config = Config(model="mlp", workdir=str(tmp_path / "run"))
+    calls = []
+
+    def diverging(config):
+        calls.append(config)
+        os.makedirs(config.workdir)
+        files.write_atomically(os.path.join(config.workdir, "config.json"), config.to_json())
+        files.write_json(os.path.join(config.workdir, "summary.json"),
+                         {"iterations": 1, "diverged": "iteration 0: train_loss is nan"})
+        with open(os.path.join(config.workdir, "metrics.jsonl"), "w") as f:
+            f.write('{"iteration": 0, "train_loss": null}\n')
+        raise watch.DivergenceError("diverged")
+
+    monkeypatch.setattr(runner, "run", diverging)
+    rows = sweep.run_configs([config, config], make_row=lambda c, r: r.summary)
+    assert len(calls) == 1 and rows[0]["diverged"] == rows[1]["diverged"]
+    with pytest.raises(Exception, match="different config"):
+        sweep.run_configs([dataclasses.replace(config, seed=1)])
+
+
+@pytest.mark.slow
+def test_ten_percent_sign_flippers_break_the_mean_not_the_robust_rules(tmp_path):
+    """The issue's bar: MLP, N = 64 on 4x4x4, 30 iterations, 10 % sign_flip peers."""
+    base = Config(model="mlp", num_peers=64, group_size=4, key_dim=3, local_batches=2,
+                  batch_size=16, max_iterations=30, eval_every=10, target_accuracy=1.0,
+                  checkpoint_every=0, byzantine_fraction=0.1, attack="sign_flip")
+    accuracy = {}
+    for rule, extra in (("mean", {}), ("trimmed_mean", {"aggregator_f": 1}),
+                        ("centered_clip", byzantine.CLIP)):
+        config = dataclasses.replace(base, aggregator=rule, workdir=str(tmp_path / rule),
+                                     **extra)
+        accuracy[rule] = runner.run(config).summary["final_accuracy"]
+    assert accuracy["mean"] <= 0.5, accuracy
+    assert accuracy["trimmed_mean"] >= 0.8 and accuracy["centered_clip"] >= 0.8, accuracy

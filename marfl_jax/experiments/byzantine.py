@@ -8,8 +8,8 @@ against the server's single robust aggregate).
 
 Settings (`--option=NAME=V1,V2`): `fractions` (default 0, 0.05, 0.1, 0.2), `attacks`
 (sign_flip, gaussian, alie, ipm, label_flip), `rules` (mean, median, trimmed_mean,
-centered_clip), `placements` (random, collude; MAR-FL only: one server group or pairs leave
-colluders nothing to choose), `algorithms` (marfl, fedavg, gossip); `--churn_peers`
+centered_clip), `placements` (random, collude; for algorithms whose groups come from keys,
+MAR-FL: a server's one group or random pairs leave colluders no key to choose), `algorithms` (marfl, fedavg, gossip); `--churn_peers`
 (N, default 64), `--model`, `--max_iterations` (default 30: every run takes them all, no
 target). Each run's rule tolerates f = max(1, ceil(fraction * M)) copies (M its largest group,
 at most (M - 1) // 2): what a group of M holds at that fraction on average, as a defender sizing
@@ -67,8 +67,10 @@ def configs(scale, workdir):
     for fraction in scale.option("fractions", FRACTIONS, float):
         for attack in scale.option("attacks", ATTACKS) if fraction else ("none",):
             for algorithm in scale.option("algorithms", ("marfl", "fedavg", "gossip")):
-                places = (scale.option("placements", PLACEMENTS)
-                          if fraction and algorithm == "marfl" else ("random",))
+                keyed = algorithms.make_algorithm(
+                    dataclasses.replace(base, algorithm=algorithm)).group_keys
+                places = (scale.option("placements", PLACEMENTS) if fraction and keyed
+                          else ("random",))  # Colluders choose keys; others have none.
                 for placement in places:
                     runs += [one_run(base, algorithm, placement, fraction, attack, rule)
                              for rule in scale.option("rules", RULES)]

@@ -9,13 +9,14 @@ against the server's single robust aggregate).
 Settings (`--option=NAME=V1,V2`): `fractions` (default 0, 0.05, 0.1, 0.2), `attacks`
 (sign_flip, gaussian, alie, ipm, label_flip), `rules` (mean, median, trimmed_mean,
 centered_clip), `placements` (random, collude; for algorithms whose groups come from keys,
-MAR-FL: a server's one group or random pairs leave colluders no key to choose), `algorithms`
-(marfl, fedavg, gossip); `--churn_peers` (N, default 64), `--model`, `--max_iterations` (default 30: every run takes them all, no
-target). Each run's rule tolerates f = max(1, ceil(fraction * M)) copies (M its largest group,
-at most (M - 1) // 2): what a group of M holds at that fraction on average, as a defender sizing
-the rule would assume; centered clipping uses tau = 1 and 3 iterations. Accuracy is over the
-honest peers only. Writes `byzantine.csv` and `byzantine.png` (a heat map per attack and
-fraction: honest final accuracy for each algorithm and placement x rule).
+MAR-FL: a server's one group or random pairs leave colluders no key to choose) and
+`algorithms` (marfl, fedavg, gossip); flags `--churn_peers` (N, default 64), `--model`,
+`--max_iterations` (default 30: every run takes them all, no target). Each run's rule tolerates
+f = max(1, ceil(fraction * M)) copies (M its largest group, at most (M - 1) // 2): what a group
+of M holds at that fraction on average, as a defender sizing the rule would assume; centered
+clipping uses tau = 1 and 3 iterations. Accuracy is over the honest peers only. Writes
+`byzantine.csv` and `byzantine.png` (a heat map per attack and fraction: honest final accuracy
+for each algorithm and placement x rule).
 """
 
 from __future__ import annotations

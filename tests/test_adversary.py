@@ -139,6 +139,9 @@ def test_attackers_are_counted_and_only_honest_peers_measured():
     assert all(r["byzantine_peers"] == 4 for r in rows)
     plain, _ = simulate(MLP, 2)
     assert "byzantine_peers" not in plain[0]
+    for attacked, honest_row in zip(rows, plain, strict=True):  # Same sizes: same ledger.
+        assert (attacked["bytes"], attacked["messages"]) == (honest_row["bytes"],
+                                                             honest_row["messages"])
     # The honest peers' disagreement before the first exchange is independent of the attack.
     honest, _ = simulate(dataclasses.replace(MLP, byzantine_fraction=0.25, attack="ipm"), 1)
     assert honest[0]["consensus_before"] == rows[0]["consensus_before"]
@@ -169,3 +172,10 @@ def test_a_robust_rule_takes_decoded_copies_under_a_lossy_codec():
     assert rows[0]["train_loss"] == plain[0]["train_loss"]  # Same local update ...
     assert not np.array_equal(np.asarray(jax.tree.leaves(state.params)[0]),  # ... other mix.
                               np.asarray(jax.tree.leaves(plain_state.params)[0]))
+
+
+def test_churn_samples_the_pool_like_everyone_else():
+    config = dataclasses.replace(MLP, byzantine_fraction=0.25, attack="alie", dropout=0.5)
+    rows, _ = simulate(config, 4)
+    counts = [r["byzantine_peers"] for r in rows]
+    assert all(0 <= c <= 4 for c in counts) and len(set(counts)) > 1, counts

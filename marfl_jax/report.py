@@ -67,6 +67,7 @@ def write_report(outcomes: Sequence, path: str, *, scale, command: str,
     """Writes the Markdown report of `outcomes` (`sweep.Outcome`s of studies run at `scale`)
     to `path` (figures linked relative to it)."""
     here = os.path.dirname(os.path.abspath(path))
+    path_text = open(path).read() if os.path.exists(path) else ""
     lines = [
         "# Reproducing the MAR-FL paper",
         "",
@@ -114,7 +115,18 @@ def write_report(outcomes: Sequence, path: str, *, scale, command: str,
               ["Every run of this scale ran."])
     lines.append("")
     with open(path, "w") as f:
-        f.write("\n".join(lines))
+        f.write("\n".join(lines) + _kept_tail(path_text))
+
+
+# What follows this line in the report is written by hand (studies beyond the paper) and kept
+# when the report is written again.
+KEPT_MARKER = "<!-- Below: kept when launch.reproduce writes this file again. -->"
+
+
+def _kept_tail(text: str) -> str:
+    """The report's hand-written tail (from KEPT_MARKER on), or ''."""
+    at = text.find(KEPT_MARKER)
+    return "" if at < 0 else "\n" + text[at:]
 
 
 def _by_reason(not_run: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:

@@ -137,3 +137,14 @@ def test_codec_summary_compares_weights_only_with_momentum():
                                             row("int8", False, 60, "", "", 0.9)])
     assert missed == ("int8: weights only missed the target (90.00 % after 60 iterations); "
                       "with momentum it took 50 iterations.")
+
+
+def test_the_reports_hand_written_tail_is_kept(tmp_path):
+    path = str(tmp_path / "REPRODUCTION.md")
+    tail = f"{report.KEPT_MARKER}\n\n## Beyond the paper\n\nBy hand.\n"
+    with open(path, "w") as f:
+        f.write("# old generated text\n\n" + tail)
+    report.write_report([], path, scale=TINY, command="test", machine="here", wall_seconds=1.0)
+    text = open(path).read()
+    assert "old generated text" not in text and text.endswith(tail)
+    assert text.count(report.KEPT_MARKER) == 1

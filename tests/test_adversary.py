@@ -142,9 +142,6 @@ def test_attackers_are_counted_and_only_honest_peers_measured():
     for attacked, honest_row in zip(rows, plain, strict=True):  # Same sizes: same ledger.
         assert (attacked["bytes"], attacked["messages"]) == (honest_row["bytes"],
                                                              honest_row["messages"])
-    # The honest peers' disagreement before the first exchange is independent of the attack.
-    honest, _ = simulate(dataclasses.replace(MLP, byzantine_fraction=0.25, attack="ipm"), 1)
-    assert honest[0]["consensus_before"] == rows[0]["consensus_before"]
 
 
 @pytest.mark.parametrize("changes, message", [

@@ -50,7 +50,7 @@ def _reference(name, tree, present, byzantine, params):
 
 class AttackTest(chex.TestCase, parameterized.TestCase):
 
-    @chex.variants(with_jit=True, without_jit=True)
+    @chex.variants(with_jit=True)  # Jitted, as the step runs them.
     @parameterized.parameters("none", "sign_flip", "ipm", "alie", "label_flip")
     def test_every_attack_is_its_definition(self, name):
         attack = attacks.ATTACKS.get(name)
@@ -66,7 +66,7 @@ class AttackTest(chex.TestCase, parameterized.TestCase):
                 np.testing.assert_allclose(np.asarray(sent[k]), want[k], atol=1e-5, rtol=1e-5,
                                            err_msg=f"{name} {seed} {k}")
 
-    @chex.variants(with_jit=True, without_jit=True)
+    @chex.variants(with_jit=True)  # Jitted, as the step runs them.
     def test_gaussian_is_independent_noise_of_sigma_in_the_attackers_slots(self):
         tree, present, byzantine = _round(4, 5, seed=3)
         key = jax.random.key(11)

@@ -66,7 +66,7 @@ def _reference(rule, tree, present, params):
 
 class RuleTest(chex.TestCase, parameterized.TestCase):
 
-    @chex.variants(with_jit=True, without_jit=True)
+    @chex.variants(with_jit=True)  # Jitted, as the step runs them.
     @parameterized.parameters("mean", "median", "trimmed_mean", "krum", "centered_clip")
     def test_every_rule_is_its_per_group_definition(self, name):
         for case, (groups, slots, f) in enumerate(CASES):

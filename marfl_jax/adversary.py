@@ -56,15 +56,6 @@ class Adversary(NamedTuple):
         """(N,) bool, the honest peers."""
         return ~self.byzantine
 
-    def __hash__(self):  # The pool is an array: hash its bits (a jit static needs a hash).
-        return hash((self.byzantine.tobytes(), self.attack, self.params, self.placement,
-                     self.num_classes))
-
-    def __eq__(self, other):
-        return (isinstance(other, Adversary) and np.array_equal(self.byzantine, other.byzantine)
-                and (self.attack, self.params, self.placement, self.num_classes)
-                == (other.attack, other.params, other.placement, other.num_classes))
-
 
 def pool_size(num_peers: int, fraction: float) -> int:
     """floor(fraction * N) attackers (with a small tolerance for fractions like 0.1 * 30)."""
@@ -88,32 +79,28 @@ def collude(group_ids: jax.Array, byzantine: jax.Array, num_groups: int) -> jax.
     group id, leaving one place per group to an honest peer; absent peers stay -1."""
     n = group_ids.shape[0]
     present = group_ids >= 0
+    group = jnp.where(present, group_ids, num_groups)  # Absent peers: a discarded group.
     # The round's places, ordered by group then by peer id (absent peers last).
-    order = jnp.argsort(jnp.where(present, group_ids, num_groups) * n + jnp.arange(n))
-    place_group = group_ids[order]  # (N,) the group of each place; -1 for the absent tail.
-    valid = place_group >= 0
-    sizes = jnp.zeros(num_groups + 1, jnp.int32).at[jnp.where(valid, place_group,
-                                                              num_groups)].add(1)
-    first = jnp.cumsum(sizes) - sizes  # Index of each group's first place.
-    rank = jnp.arange(n) - first[jnp.where(valid, place_group, num_groups)]
-    attacking = present & byzantine
-    num_attackers = attacking.sum()
-    open_place = valid & (rank < sizes[jnp.where(valid, place_group, num_groups)] - 1)
-    taken = open_place & (jnp.cumsum(open_place) <= num_attackers)  # Places the attackers take.
-    # The k-th attacker (by peer id) takes the k-th taken place; the j-th present honest peer
-    # the j-th other valid place.
-    attacker_order = jnp.argsort(jnp.where(attacking, 0, 1) * n + jnp.arange(n))
-    honest_order = jnp.argsort(jnp.where(present & ~byzantine, 0, 1) * n + jnp.arange(n))
-    place_of_kth = lambda mask: jnp.argsort(jnp.where(mask, 0, 1) * n + jnp.arange(n))  # noqa: E731
-    taken_places, free_places = place_of_kth(taken), place_of_kth(valid & ~taken)
+    place_group = group[jnp.argsort(group, stable=True)]
+    sizes = jnp.zeros(num_groups + 1, jnp.int32).at[place_group].add(1)
+    rank = jnp.arange(n) - (jnp.cumsum(sizes) - sizes)[place_group]  # Rank within its group.
+    valid = place_group < num_groups
+    attacking, honest = present & byzantine, present & ~byzantine
+    open_place = valid & (rank < sizes[place_group] - 1)  # All but each group's last place.
+    taken = open_place & (jnp.cumsum(open_place) <= attacking.sum())  # The attackers' places.
+    # The k-th attacker (by peer id) takes the k-th taken place; the k-th present honest peer
+    # the k-th other valid place.
     new_ids = jnp.full(n, -1, group_ids.dtype)
-    k = jnp.arange(n)
-    new_ids = new_ids.at[jnp.where(k < num_attackers, attacker_order, n)].set(
-        place_group[taken_places], mode="drop")
-    num_honest = (present & ~byzantine).sum()
-    new_ids = new_ids.at[jnp.where(k < num_honest, honest_order, n)].set(
-        place_group[free_places], mode="drop")
+    for peers, places in ((attacking, taken), (honest, valid & ~taken)):
+        k = jnp.arange(n)
+        new_ids = new_ids.at[jnp.where(k < peers.sum(), _true_first(peers), n)].set(
+            place_group[_true_first(places)].astype(group_ids.dtype), mode="drop")
     return new_ids
+
+
+def _true_first(mask: jax.Array) -> jax.Array:
+    """Indices of `mask`'s True entries in order, then the others'."""
+    return jnp.argsort(~mask, stable=True)
 
 
 def collude_schedule(schedule: jax.Array, byzantine: jax.Array, num_groups: int) -> jax.Array:

@@ -67,7 +67,10 @@ def write_report(outcomes: Sequence, path: str, *, scale, command: str,
     """Writes the Markdown report of `outcomes` (`sweep.Outcome`s of studies run at `scale`)
     to `path` (figures linked relative to it)."""
     here = os.path.dirname(os.path.abspath(path))
-    path_text = open(path).read() if os.path.exists(path) else ""
+    path_text = ""
+    if os.path.exists(path):
+        with open(path) as f:
+            path_text = f.read()
     lines = [
         "# Reproducing the MAR-FL paper",
         "",

@@ -228,7 +228,7 @@ def _churned_schedules():
 
 class GroupRuleTest(chex.TestCase, parameterized.TestCase):
 
-    @chex.variants(with_jit=True, without_jit=True)
+    @chex.variants(with_jit=True)  # Jitted, as the step runs it.
     def test_the_mean_through_the_slots_is_the_segment_mean(self):
         from marfl_jax import rules
 
@@ -246,7 +246,8 @@ class GroupRuleTest(chex.TestCase, parameterized.TestCase):
     def test_median_is_numpys_per_group_and_absent_peers_keep_theirs(self):
         tree = _tree(12, seed=4)
         for name, schedule, groups in _churned_schedules():
-            out = mixing.mix(tree, schedule, groups, rule="median", max_group_size=12)
+            out = jax.jit(lambda t, s, g=groups: mixing.mix(t, s, g, rule="median",
+                                                             max_group_size=12))(tree, schedule)
             w = np.asarray(tree["w"])
             for ids in schedule:
                 expected = w.copy()

@@ -89,19 +89,18 @@ def _segments(ids: jax.Array, num_groups: int):
     """(segment (N,), present (N,), sizes (N,) of each peer's group as float32)."""
     present = ids >= 0
     segment = jnp.where(present, ids, num_groups)
-    sizes = jax.ops.segment_sum(present.astype(jnp.float32), segment,
-                                num_segments=num_groups + 1)
-    return segment, present, sizes[segment]
+    return segment, present, mixing.member_group_sizes(ids, num_groups).astype(jnp.float32)
 
 
-def _max_except_self(values: jax.Array, segment: jax.Array, num_segments: int) -> jax.Array:
-    """For each peer, the max of `values` over the other members of its segment (-inf alone).
-    From each segment's largest value, its count and its second largest: O(N)."""
-    top = jax.ops.segment_max(values, segment, num_segments=num_segments)[segment]
+def _max_except_self(values: jax.Array, ids: jax.Array, num_groups: int) -> jax.Array:
+    """For each peer, the max of `values` over the other members of its group (-inf alone).
+    From each group's largest value, its count and its second largest: O(N log N), no float
+    scatter (`mixing.segment_max`)."""
+    top = mixing.segment_max(values, ids, num_groups)
     is_top = values == top
-    ties = jax.ops.segment_sum(is_top.astype(jnp.int32), segment, num_segments=num_segments)
-    second = jax.ops.segment_max(jnp.where(is_top, -jnp.inf, values), segment,
-                                 num_segments=num_segments)[segment]
+    segment = jnp.where(ids >= 0, ids, num_groups)
+    ties = jax.ops.segment_sum(is_top.astype(jnp.int32), segment, num_segments=num_groups + 1)
+    second = mixing.segment_max(jnp.where(is_top, -jnp.inf, values), ids, num_groups)
     return jnp.where(is_top & (ties[segment] == 1), second, top)
 
 
@@ -127,7 +126,7 @@ def _exchange(ids, num_groups, links: Links, flow_bytes):
     down = cost / links.downlink_bps
 
     def others(values):
-        return _max_except_self(jnp.where(present, values, -jnp.inf), segment, num_groups + 1)
+        return _max_except_self(jnp.where(present, values, -jnp.inf), ids, num_groups)
 
     latest_mate = others(half_latency)
     received = half_latency + jnp.maximum(others(half_latency + up), down + latest_mate)
@@ -154,7 +153,7 @@ def butterfly(ids, num_groups: int, links: Links, message_bytes: float,
     own, done = _exchange(ids, num_groups, links, message_bytes / jnp.maximum(sizes, 1.0))
     # The second phase starts when the first's chunks are in all over the group: the slowest
     # member's phase, twice.
-    slowest = jax.ops.segment_max(done, segment, num_segments=num_groups + 1)[segment]
+    slowest = mixing.segment_max(done, ids, num_groups)
     done = jnp.where(present, 2 * slowest, 0.0)
     return RoundTimes(2 * own, done, _completion(done, present))
 
@@ -167,7 +166,7 @@ def star(ids, num_groups: int, links: Links, message_bytes: float,
     up = links.latency_s + message_bytes * jnp.maximum(1.0 / links.uplink_bps, share)
     down = links.latency_s + message_bytes * jnp.maximum(1.0 / links.downlink_bps, share)
     up, down = (jnp.where(present, x, 0.0) for x in (up, down))
-    last_upload = jax.ops.segment_max(up, segment, num_segments=num_groups + 1)[segment]
+    last_upload = mixing.segment_max(up, ids, num_groups)
     done = jnp.where(present, last_upload + down, 0.0)
     own = jnp.where(present, 2 * links.latency_s + message_bytes * (
         1.0 / links.uplink_bps + 1.0 / links.downlink_bps), 0.0)
@@ -196,7 +195,7 @@ def relay(ids, num_groups: int, links: Links, message_bytes: float,
                                                     1.0 / links.downlink_bps)
     hops = jnp.maximum(sizes - 1, 0)
     own = jnp.where(alone, 0.0, hops * own_hop)
-    slowest_hop = jax.ops.segment_max(hop, segment, num_segments=num_groups + 1)[segment]
+    slowest_hop = mixing.segment_max(hop, ids, num_groups)
     done = jnp.where(alone, 0.0, hops * slowest_hop)
     return RoundTimes(own, done, _completion(done, present))
 

@@ -25,8 +25,13 @@ def momentum_sgd(learning_rate: float, momentum: float) -> optax.GradientTransfo
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Mean softmax cross-entropy. logits (B, C), labels (B,) int -> scalar."""
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    """Mean softmax cross-entropy. logits (B, C), labels (B,) int -> scalar.
+
+    Written with a one-hot product rather than optax's integer-label form: that one picks the
+    label's logit with `take_along_axis`, whose gradient is a float scatter-add (serialised
+    under XLA's deterministic GPU ops); this gradient, softmax - one_hot, is elementwise."""
+    one_hot = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
+    return -(one_hot * jax.nn.log_softmax(logits)).sum(-1).mean()
 
 
 def sgd_pass(params, opt_state, batches, loss_fn, key: jax.Array | None, *,

@@ -40,6 +40,64 @@ def member_group_sizes(group_ids: jax.Array, num_groups: int) -> jax.Array:
     return jnp.where(group_ids >= 0, sizes[jnp.maximum(group_ids, 0)], 0)
 
 
+# Group reductions without a float scatter. A float scatter-add (`segment_sum`) adds in an
+# unspecified order on GPUs, and XLA's deterministic mode rewrites it into a serial loop over its
+# indices (one update at a time). Here the peers are sorted by group (an integer sort) and each
+# group is reduced by a segmented Hillis-Steele scan over the sorted order: ceil(log2(M)) shifted,
+# masked combines for groups of at most M, every one an elementwise op in a fixed order.
+
+
+class Segments(NamedTuple):
+    """The peers of one round sorted by group (absent peers last), from `segments`.
+
+    order: (N,) int32, peer ids sorted by group id (stable: peer order inside a group).
+    sorted_segment: (N,) int32, the group of each sorted position (num_groups for absent peers).
+    last: (N,) int32, each peer's group's last position in the sorted order.
+    sizes: (N,) int32, each peer's group size (0 for absent peers).
+    max_size: static bound on a group's size (the scan's length)."""
+
+    order: jax.Array
+    sorted_segment: jax.Array
+    last: jax.Array
+    sizes: jax.Array
+    max_size: int
+
+
+def segments(group_ids: jax.Array, num_groups: int, max_group_size: int | None = None) -> Segments:
+    """Sorts one round's peers by group. group_ids: (N,) int32 in [-1, num_groups);
+    max_group_size: no group has more members (None: N). Only integer scatters."""
+    num_peers = group_ids.shape[0]
+    present = group_ids >= 0
+    segment = jnp.where(present, group_ids, num_groups).astype(jnp.int32)
+    order = jnp.argsort(segment, stable=True).astype(jnp.int32)
+    counts = jax.ops.segment_sum(jnp.ones_like(segment), segment, num_segments=num_groups + 1)
+    ends = jnp.cumsum(counts)
+    bound = num_peers if max_group_size is None else min(max_group_size, num_peers)
+    return Segments(order, segment[order], (ends[segment] - 1).astype(jnp.int32),
+                    jnp.where(present, counts[segment], 0).astype(jnp.int32), max(bound, 1))
+
+
+def segment_scan(x: jax.Array, seg: Segments, combine=jnp.add) -> jax.Array:
+    """Each peer's group's reduction of x by `combine` (associative), for every present peer.
+    x: (N, ...) -> (N, ...) (absent peers get their own values reduced over the absent, which
+    callers discard). An inclusive segmented scan over the sorted peers, then each peer reads
+    its group's last position: ceil(log2(max_size)) elementwise steps, no scatter."""
+    scanned = x[seg.order]
+    same_shape = (-1,) + (1,) * (x.ndim - 1)
+    shift = 1
+    while shift < seg.max_size:
+        same = (seg.sorted_segment[shift:] == seg.sorted_segment[:-shift]).reshape(same_shape)
+        tail = jnp.where(same, combine(scanned[shift:], scanned[:-shift]), scanned[shift:])
+        scanned = jnp.concatenate([scanned[:shift], tail])
+        shift *= 2
+    return scanned[seg.last]
+
+
+def segment_max(values: jax.Array, group_ids: jax.Array, num_groups: int) -> jax.Array:
+    """Each peer's group's largest value (N,) (absent peers: the absent peers' largest)."""
+    return segment_scan(values, segments(group_ids, num_groups), jnp.maximum)
+
+
 BLOCK_BYTES = 2**28  # Leaves larger than this are averaged in column blocks of at most this.
 
 
@@ -59,7 +117,8 @@ def peer_sum(x: jax.Array, weights: jax.Array | None = None) -> jax.Array:
     return total.reshape(x.shape[1:])
 
 
-def group_mean(tree, group_ids: jax.Array, num_groups: int, block_bytes: int = BLOCK_BYTES):
+def group_mean(tree, group_ids: jax.Array, num_groups: int, block_bytes: int = BLOCK_BYTES,
+               max_group_size: int | None = None):
     """Replaces each present peer's leaves by the mean over its group.
 
     Args:
@@ -70,18 +129,25 @@ def group_mean(tree, group_ids: jax.Array, num_groups: int, block_bytes: int = B
       block_bytes: a leaf larger than this is averaged in blocks of columns (a `fori_loop`
         that updates the leaf in place), so the temporaries stay within one block (N = 10,000
         MLP peers: 16 GB of temporaries without blocks).
+      max_group_size: no group has more members (None: N); the sums take ceil(log2(it)) steps.
     Returns:
       A pytree of the same structure, shapes and dtypes.
+
+    No float scatter: one group (`num_groups == 1`) is a weighted `peer_sum`; otherwise the
+    sums are `segment_scan`s over the peers sorted by group.
     """
     num_peers = group_ids.shape[0]
     present = group_ids >= 0
-    segment = jnp.where(present, group_ids, num_groups)  # Absent peers go to a discarded segment.
-    sizes = jax.ops.segment_sum(present.astype(jnp.float32), segment, num_segments=num_groups + 1)
-    inverse_sizes = 1.0 / jnp.maximum(sizes, 1.0)
+    seg = segments(group_ids, num_groups, max_group_size)
+    inverse_sizes = 1.0 / jnp.maximum(seg.sizes, 1).astype(jnp.float32)
 
     def mean_columns(x):  # x: (N, P).
-        sums = jax.ops.segment_sum(x, segment, num_segments=num_groups + 1)
-        means = (sums * inverse_sizes.astype(x.dtype)[:, None])[segment]
+        scale = inverse_sizes.astype(x.dtype)[:, None]
+        if num_groups == 1:
+            total = peer_sum(jnp.where(present[:, None], x, 0))  # Absent non-finite: excluded.
+            means = jnp.broadcast_to(total[None], x.shape) * scale
+        else:
+            means = segment_scan(x, seg) * scale
         return jnp.where(present[:, None], means, x)
 
     def mean_leaf(x):
@@ -100,7 +166,8 @@ def group_mean(tree, group_ids: jax.Array, num_groups: int, block_bytes: int = B
 
         flat = jax.lax.fori_loop(0, whole, one_block, flat)
         if rest:
-            flat = flat.at[:, whole * block:].set(mean_columns(flat[:, whole * block:]))
+            flat = jax.lax.dynamic_update_slice_in_dim(
+                flat, mean_columns(flat[:, whole * block:]), whole * block, 1)
         return flat.reshape(x.shape)
 
     return jax.tree.map(mean_leaf, tree)
@@ -269,7 +336,7 @@ def mix(tree, schedule: jax.Array, num_groups: int, grid: Grid | None = None,
 
     def segment_means(tree):
         for round_ids in schedule:  # G is small and static: unrolled.
-            tree = group_mean(tree, round_ids, num_groups)
+            tree = group_mean(tree, round_ids, num_groups, max_group_size=max_group_size)
         return tree
 
     if grid is not None:
@@ -320,20 +387,23 @@ def combine_groups(tree, group_ids: jax.Array, num_groups: int, rule, max_group_
     floating = [jnp.issubdtype(x.dtype, jnp.floating) for x in leaves]
     if not any(floating):
         return tree
+    num_peers = group_ids.shape[0]
     present = group_ids >= 0
     segment = jnp.where(present, group_ids, num_groups)  # Absent peers: a discarded group.
     rank = jnp.minimum(rank_in_group(group_ids, num_groups), max_group_size - 1)
-    filled = jnp.zeros((num_groups + 1, max_group_size), bool).at[segment, rank].set(present)
-    filled = filled[:num_groups]
+    # Which peer fills each slot (-1: empty), by an integer scatter; the copies are then
+    # gathered (a float scatter would be serialised under deterministic GPU ops).
+    slot_peer = jnp.full((num_groups + 1, max_group_size), -1, jnp.int32).at[segment, rank].set(
+        jnp.where(present, jnp.arange(num_peers, dtype=jnp.int32), -1))[:num_groups]
+    filled = slot_peer >= 0
 
     def gather(x):
-        slots = jnp.zeros((num_groups + 1, max_group_size) + x.shape[1:], x.dtype)
-        return slots.at[segment, rank].set(x)[:num_groups]
+        mask = filled.reshape(filled.shape + (1,) * (x.ndim - 1))
+        return jnp.where(mask, x[jnp.maximum(slot_peer, 0)], jnp.zeros((), x.dtype))
 
     slots = treedef.unflatten([gather(x) if f else None
                                for x, f in zip(leaves, floating, strict=True)])
     if transform is not None:
-        slot_peer = gather(jnp.arange(group_ids.shape[0], dtype=jnp.int32) + 1) - 1  # -1 empty.
         slots = transform(slots, filled, slot_peer, key)
     combined = treedef.flatten_up_to(rule.combine(slots, filled, rule.params))
     own_group = jnp.where(present, group_ids, 0)

@@ -500,9 +500,10 @@ class Recorder:
         sizes, present = np.asarray(info["member_sizes"]), np.asarray(info["present"])
         finite, aggregating = info.pop("params_finite"), info.pop("aggregating", None)
         algorithm, progress = self.sim.algorithm, self.progress
-        if distilling and sizes.max(initial=0) > algorithm.max_group_size:
+        if sizes.max(initial=0) > algorithm.max_group_size:
             raise RuntimeError(f"a group of {sizes.max()} peers exceeds the bound of "
-                               f"{algorithm.max_group_size} that MKD's mates table assumed")
+                               f"{algorithm.max_group_size} that the group sums "
+                               "(mixing.segment_scan) and MKD's mates table assumed")
         row = {"iteration": t, **progress.ledger.record(sizes, distilled=distilling),
                "present_peers": int(present.sum()),
                "mean_group_size": comm.mean_group_size(sizes), **stage_metrics(info)}

@@ -53,6 +53,43 @@ class GroupMeanTest(chex.TestCase):
                                     atol=1e-6)
 
 
+class SegmentScanTest(parameterized.TestCase):
+    """The scatter-free group reductions against a per-group NumPy loop."""
+
+    @parameterized.parameters((13, 4, 5), (32, 7, 32), (9, 1, 9), (16, 8, 2))
+    def test_sum_and_max_match_numpy_with_absent_peers(self, num_peers, num_groups, bound):
+        rng = np.random.default_rng(num_peers + num_groups)
+        # Groups of at most `bound` members (absent: -1), in scrambled peer order.
+        ids = np.full(num_peers, -1)
+        slots = rng.permutation(num_peers)
+        for g in range(num_groups):
+            ids[slots[g * bound:(g + 1) * bound]] = g
+        ids[rng.random(num_peers) < 0.2] = -1
+        x = rng.normal(size=(num_peers, 3)).astype(np.float32)
+        seg = mixing.segments(jnp.asarray(ids, jnp.int32), num_groups, bound)
+        sums, maxima = jax.jit(lambda v: (mixing.segment_scan(v, seg),
+                                          mixing.segment_scan(v, seg, jnp.maximum)))(x)
+        for p in np.flatnonzero(ids >= 0):
+            members = ids == ids[p]
+            chex.assert_trees_all_close(sums[p], x[members].sum(0), atol=1e-5)
+            chex.assert_trees_all_equal(maxima[p], x[members].max(0))
+            assert int(seg.sizes[p]) == members.sum()
+        assert (np.asarray(seg.sizes)[ids < 0] == 0).all()
+
+    def test_a_bound_below_the_largest_group_gives_partial_sums(self):
+        # Why the runner refuses a group above the algorithm's max_group_size: the scan's
+        # length comes from the bound.
+        ids = jnp.zeros(8, jnp.int32)
+        seg = mixing.segments(ids, 1, 2)
+        assert float(mixing.segment_scan(jnp.ones(8), seg)[0]) == 2.0
+
+    def test_group_mean_with_a_bound_equals_the_unbounded_one(self):
+        ids = jnp.array([0, 1, 0, -1, 2, 1, 0, 2, 3, -1], jnp.int32)
+        tree = _tree(10)
+        chex.assert_trees_all_close(mixing.group_mean(tree, ids, 4, max_group_size=3),
+                                    mixing.group_mean(tree, ids, 4), atol=1e-6)
+
+
 class RankTest(chex.TestCase, parameterized.TestCase):
 
     @chex.variants(with_jit=True, without_jit=True)

@@ -70,6 +70,33 @@ def test_configure_sets_xla_flags_before_the_backend_starts():
     assert lines == [expected, expected, "highest", "--xla_dump_to=/tmp/none", "None"]
 
 
+
+def test_validate_never_starts_a_backend():
+    """Config.validate() (what the launchers and run() call before runtime.configure sets
+    XLA_FLAGS) leaves the backend unstarted for every kind of config, in a fresh process."""
+    configs = [{}, {"byzantine_fraction": 0.1, "attack": "sign_flip"},
+               {"byzantine_fraction": 0.1, "attack": "alie", "aggregator": "krum",
+                "aggregator_f": 1},
+               {"aggregator": "trimmed_mean", "aggregator_f": 1},
+               {"aggregator": "trimmed_mean", "aggregator_f": 1, "schedule": "mixed_radix",
+                "num_peers": 100},
+               {"mkd": True}, {"algorithm": "gossip"}, {"algorithm": "gossip", "rounds": 3},
+               {"dp": True}, {"dropout": 0.2}, {"num_peers": 50}, {"num_peers": 125},
+               {"algorithm": "fedavg"}, {"algorithm": "rdfl", "dropout": 0.1},
+               {"network": "uniform"}]
+    code = (
+        "import json, sys\n"
+        "from marfl_jax import Config, runtime\n"
+        "for values in json.loads(sys.argv[1]):\n"
+        "    Config(**values).validate()\n"
+        "    assert not runtime.backends_started(), values\n"
+        "print('ok', len(json.loads(sys.argv[1])))\n")
+    result = subprocess.run([sys.executable, "-c", code, json.dumps(configs)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["ok", str(len(configs))]
+
+
 @pytest.fixture
 def restore_precision():
     before = jax.config.jax_default_matmul_precision

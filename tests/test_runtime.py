@@ -97,6 +97,31 @@ def test_validate_never_starts_a_backend():
     assert result.stdout.split() == ["ok", str(len(configs))]
 
 
+
+def test_backends_started_falls_back_where_jax_moved_its_internals(monkeypatch):
+    """Without backends_are_initialized: the `_backends` dict, else False (the safe answer:
+    prepare_backend then only sets XLA_FLAGS); without the module at all: False."""
+    import types
+
+    from jax._src import xla_bridge
+
+    jax.devices()  # This test process has a backend.
+    assert runtime.backends_started()
+    fake = types.ModuleType("jax._src.xla_bridge")
+    monkeypatch.setattr(jax._src, "xla_bridge", fake)
+    monkeypatch.setitem(sys.modules, "jax._src.xla_bridge", fake)
+    assert not runtime.backends_started()
+    fake._backends = {}
+    assert not runtime.backends_started()
+    fake._backends = {"cpu": object()}
+    assert runtime.backends_started()
+    monkeypatch.setitem(sys.modules, "jax._src.xla_bridge", None)  # import raises ImportError.
+    monkeypatch.delattr(jax._src, "xla_bridge")
+    assert not runtime.backends_started()
+    monkeypatch.undo()
+    assert runtime.backends_started() and xla_bridge.backends_are_initialized()
+
+
 @pytest.fixture
 def restore_precision():
     before = jax.config.jax_default_matmul_precision

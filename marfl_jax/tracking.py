@@ -13,8 +13,8 @@ step on. Only the primary process writes (the others get a tracker that does not
 
 The event files are written by tensorboardX when it is installed (requirements.txt), else by
 the `tensorboard` package's own event writer (`tensorboard.summary.writer`, which needs no
-TensorFlow: the same events, protos and file framing), else not at all: one warning line says
-so and the run goes on (metrics.jsonl holds every row either way).
+TensorFlow: the same events, protos and file framing), else not at all: one warning line (once
+per process) says so and the run goes on (metrics.jsonl holds every row either way).
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ class Backend(Protocol):
 WRITERS = ("tensorboardX", "tensorboard")  # Tried in this order.
 MISSING_WRITER = ("TensorBoard files are not written: neither tensorboardX nor tensorboard is "
                   "installed (pip install tensorboardX; metrics.jsonl has every row)")
+_warned_missing_writer = False
 
 
 def event_writer() -> str | None:
@@ -258,7 +259,10 @@ def open(config: Config, workdir: str, primary: bool = True,
         backends.append(WandB(config, workdir))
     writer = event_writer()
     if writer is None:
-        logging.warning(MISSING_WRITER)
+        global _warned_missing_writer
+        if not _warned_missing_writer:  # Once per process (a sweep opens many trackers).
+            _warned_missing_writer = True
+            logging.warning(MISSING_WRITER)
         return Tracker(backends)
     try:
         backends.append(TensorBoard(config, os.path.join(workdir, TB_DIR), first_iteration,

@@ -155,11 +155,13 @@ def test_both_writers_write_the_same_events(tmp_path, monkeypatch):
 
 def test_without_a_writer_one_warning_and_no_files(tmp_path, monkeypatch):
     monkeypatch.setattr(tracking, "event_writer", lambda: None)
+    monkeypatch.setattr(tracking, "_warned_missing_writer", False)
     warnings = []
     monkeypatch.setattr(tracking.logging, "warning", warnings.append)
-    with tracking.open(CONFIG, str(tmp_path)) as tracker:
-        for row in ROWS:
-            tracker.log(dict(row))
+    for _ in range(2):  # A sweep's runs: one line for the process.
+        with tracking.open(CONFIG, str(tmp_path)) as tracker:
+            for row in ROWS:
+                tracker.log(dict(row))
     assert warnings == [tracking.MISSING_WRITER]
     assert "pip install tensorboardX" in warnings[0]
     assert not os.path.exists(tmp_path / tracking.TB_DIR)

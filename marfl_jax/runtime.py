@@ -9,9 +9,10 @@
   (a CPU has nothing to change) and only while no backend has started; later, on a GPU without
   the flag, a warning says so.
 
-The launchers call `configure(config)` (both, for the whole process) right after parsing their
-flags; `runner.run` sets the deterministic ops too when no backend has started yet, and traces
-the run inside `matmul_precision(config)`, leaving its caller's precision as it was.
+The launchers call `configure(config)` (both, for the whole process) right after parsing and
+validating their flags (`Config.validate()` starts no backend: tests/test_runtime.py);
+`runner.run` sets the deterministic ops too, first thing, when no backend has started yet, and
+traces the run inside `matmul_precision(config)`, leaving its caller's precision as it was.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     try:
-        config = config_from_flags().validate()
+        config = config_from_flags().validate()  # Starts no backend (tests/test_runtime.py).
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -293,8 +293,8 @@ def run(config: Config, workdir: str | None = None) -> RunResult:
     written. No checkpoint is written then: every checkpoint is saved only after the rows up to
     it were checked, so the latest one on disk (if any) is the last finite state saved. (The
     state before the diverging iteration is not kept: the iteration donates it.)"""
-    config.validate()
-    runtime.prepare_backend(config)  # XLA_FLAGS, before the backend starts.
+    runtime.prepare_backend(config)  # XLA_FLAGS, before anything may start the backend.
+    config.validate()  # Starts no backend (tests/test_runtime.py).
     workdir = workdir or config.workdir
     config = dataclasses.replace(config, workdir=workdir)
     with (runtime.matmul_precision(config),  # What this run traces; the caller's is kept.

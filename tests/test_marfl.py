@@ -121,6 +121,33 @@ class MixedRadixTest(chex.TestCase, parameterized.TestCase):
                         0.05 * _disagreement(jax.tree.map(lambda x: x[present], tree)))
 
 
+
+class FullScheduleTest(parameterized.TestCase):
+    """The NumPy schedule at full participation (what the factories and validate() use) is
+    moshpit_schedule's, round by round."""
+
+    @parameterized.parameters(
+        ("authors", 64, 4, 3, 3), ("authors", 64, 4, 3, 5), ("authors", 50, 4, 3, 3),
+        ("authors", 125, 4, 3, 3), ("authors", 125, 3, 4, 4), ("authors", 100, 4, 3, 3),
+        ("authors", 7, 4, 3, 3), ("authors", 1, 4, 3, 1), ("mixed_radix", 100, 4, 3, 3),
+        ("mixed_radix", 96, 4, 3, 4), ("mixed_radix", 97, 4, 3, 3))
+    def test_equals_moshpit_schedule(self, schedule, num_peers, group_size, key_dim, rounds):
+        if schedule == "mixed_radix":
+            rule = marfl.mixed_radix_key_rule(
+                num_peers, marfl.mixed_radix_factors(num_peers, key_dim))
+        else:
+            rule = marfl.authors_key_rule(num_peers, group_size, key_dim)
+        expected = np.asarray(marfl.moshpit_schedule(jnp.ones((rounds, num_peers), bool), rule))
+        full = marfl.full_schedule(rule, rounds)
+        self.assertEqual(full.dtype, np.int32)
+        np.testing.assert_array_equal(full, expected)
+
+    def test_random_cells_share_the_jax_schedule(self):
+        rule = marfl.grid_key_rule((4, 5), np.random.default_rng(0).integers(0, 20, 30))
+        expected = np.asarray(marfl.moshpit_schedule(jnp.ones((4, 30), bool), rule))
+        np.testing.assert_array_equal(marfl.full_schedule(rule, 4), expected)
+
+
 # ---- A plain-Python oracle of the authors' group formation (felix-fjm/mar-fl) ----
 # Written from the semantics of their moshpit_all_reduce.py (get_initial_index, update_group_key,
 # matchmake_group, communicate_models' chunk index) and peer_aggregation_logic.py

@@ -70,6 +70,58 @@ def test_configure_sets_xla_flags_before_the_backend_starts():
     assert lines == [expected, expected, "highest", "--xla_dump_to=/tmp/none", "None"]
 
 
+
+def test_validate_never_starts_a_backend():
+    """Config.validate() (what the launchers and run() call before runtime.configure sets
+    XLA_FLAGS) leaves the backend unstarted for every kind of config, in a fresh process."""
+    configs = [{}, {"byzantine_fraction": 0.1, "attack": "sign_flip"},
+               {"byzantine_fraction": 0.1, "attack": "alie", "aggregator": "krum",
+                "aggregator_f": 1},
+               {"aggregator": "trimmed_mean", "aggregator_f": 1},
+               {"aggregator": "trimmed_mean", "aggregator_f": 1, "schedule": "mixed_radix",
+                "num_peers": 100},
+               {"mkd": True}, {"algorithm": "gossip"}, {"algorithm": "gossip", "rounds": 3},
+               {"dp": True}, {"dropout": 0.2}, {"num_peers": 50}, {"num_peers": 125},
+               {"algorithm": "fedavg"}, {"algorithm": "rdfl", "dropout": 0.1},
+               {"network": "uniform"}]
+    code = (
+        "import json, sys\n"
+        "from marfl_jax import Config, runtime\n"
+        "for values in json.loads(sys.argv[1]):\n"
+        "    Config(**values).validate()\n"
+        "    assert not runtime.backends_started(), values\n"
+        "print('ok', len(json.loads(sys.argv[1])))\n")
+    result = subprocess.run([sys.executable, "-c", code, json.dumps(configs)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["ok", str(len(configs))]
+
+
+
+def test_backends_started_falls_back_where_jax_moved_its_internals(monkeypatch):
+    """Without backends_are_initialized: the `_backends` dict, else False (the safe answer:
+    prepare_backend then only sets XLA_FLAGS); without the module at all: False."""
+    import types
+
+    from jax._src import xla_bridge
+
+    jax.devices()  # This test process has a backend.
+    assert runtime.backends_started()
+    fake = types.ModuleType("jax._src.xla_bridge")
+    monkeypatch.setattr(jax._src, "xla_bridge", fake)
+    monkeypatch.setitem(sys.modules, "jax._src.xla_bridge", fake)
+    assert not runtime.backends_started()
+    fake._backends = {}
+    assert not runtime.backends_started()
+    fake._backends = {"cpu": object()}
+    assert runtime.backends_started()
+    monkeypatch.setitem(sys.modules, "jax._src.xla_bridge", None)  # import raises ImportError.
+    monkeypatch.delattr(jax._src, "xla_bridge")
+    assert not runtime.backends_started()
+    monkeypatch.undo()
+    assert runtime.backends_started() and xla_bridge.backends_are_initialized()
+
+
 @pytest.fixture
 def restore_precision():
     before = jax.config.jax_default_matmul_precision

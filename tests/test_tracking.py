@@ -75,7 +75,16 @@ def values_of(events, tag: str) -> list:
     return [value for event in events for value in event.summary.value if value.tag == tag]
 
 
-def test_scalars_and_config_read_back(tmp_path):
+@pytest.fixture(params=tracking.WRITERS)
+def writer(request, monkeypatch):
+    """Each event writer in turn (tensorboard's own only where it is installed)."""
+    if request.param == "tensorboard":
+        pytest.importorskip("tensorboard.summary.writer.event_file_writer")
+    monkeypatch.setattr(tracking, "event_writer", lambda: request.param)
+    return request.param
+
+
+def test_scalars_and_config_read_back(tmp_path, writer):
     with tracking.open(CONFIG, str(tmp_path), primary=True) as tracker:
         for row in ROWS:
             tracker.log(dict(row))
@@ -97,7 +106,7 @@ def test_scalars_and_config_read_back(tmp_path):
     assert len(values_of(events, "_hparams_/session_end_info")) == 1
 
 
-def test_a_resumed_run_supersedes_the_events_from_its_first_iteration(tmp_path):
+def test_a_resumed_run_supersedes_the_events_from_its_first_iteration(tmp_path, writer):
     workdir = str(tmp_path)
     with tracking.open(CONFIG, workdir) as tracker:
         for t, loss in enumerate((3.0, 2.0, 1.0)):
@@ -111,7 +120,7 @@ def test_a_resumed_run_supersedes_the_events_from_its_first_iteration(tmp_path):
 
 
 def test_an_error_leaves_the_hparams_session_unfinished_and_other_processes_write_nothing(
-        tmp_path):
+        tmp_path, writer):
     with pytest.raises(RuntimeError), tracking.open(CONFIG, str(tmp_path / "run")) as tracker:
         tracker.log({"iteration": 0, "accuracy": 0.5})
         raise RuntimeError("stopped")
@@ -123,6 +132,39 @@ def test_an_error_leaves_the_hparams_session_unfinished_and_other_processes_writ
     with tracking.open(CONFIG, str(tmp_path / "other"), primary=False) as tracker:
         tracker.log({"iteration": 0, "accuracy": 0.5})
     assert not os.path.exists(tmp_path / "other")
+
+
+def test_both_writers_write_the_same_events(tmp_path, monkeypatch):
+    """tensorboard's own writer (no tensorboardX) writes tensorboardX's events, field for field
+    (the wall times aside)."""
+    pytest.importorskip("tensorboard.summary.writer.event_file_writer")
+    written = {}
+    for name in tracking.WRITERS:
+        monkeypatch.setattr(tracking, "event_writer", lambda name=name: name)
+        with tracking.open(CONFIG, str(tmp_path / name), first_iteration=1) as tracker:
+            for row in ROWS:
+                tracker.log(dict(row))
+        (events,) = read_events(str(tmp_path / name / tracking.TB_DIR))
+        for event in events:
+            event.ClearField("wall_time")
+            event.DiscardUnknownFields()  # tensorboard names itself (source_metadata).
+        written[name] = [event.SerializeToString(deterministic=True) for event in events]
+    assert written["tensorboard"] == written["tensorboardX"]
+    assert len(written["tensorboardX"]) > 10
+
+
+def test_without_a_writer_one_warning_and_no_files(tmp_path, monkeypatch):
+    monkeypatch.setattr(tracking, "event_writer", lambda: None)
+    monkeypatch.setattr(tracking, "_warned_missing_writer", False)
+    warnings = []
+    monkeypatch.setattr(tracking.logging, "warning", warnings.append)
+    for _ in range(2):  # A sweep's runs: one line for the process.
+        with tracking.open(CONFIG, str(tmp_path)) as tracker:
+            for row in ROWS:
+                tracker.log(dict(row))
+    assert warnings == [tracking.MISSING_WRITER]
+    assert "pip install tensorboardX" in warnings[0]
+    assert not os.path.exists(tmp_path / tracking.TB_DIR)
 
 
 @pytest.mark.smoke

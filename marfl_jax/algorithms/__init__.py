@@ -25,8 +25,6 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from marfl_jax import clock, comm, mixing
 from marfl_jax.algorithms import baselines, marfl
@@ -114,7 +112,7 @@ def moshpit(settings: Settings) -> Algorithm:
         rule_radices = (settings.group_size,) * settings.key_dim
     else:
         rule_radices = (n,)  # Buckets: a grid only when one bucket holds everyone.
-    full = np.asarray(marfl.moshpit_schedule(jnp.ones((rounds, n), bool), rule))
+    full = marfl.full_schedule(rule, rounds)  # NumPy: validate() starts no backend.
     return Algorithm(
         "marfl", rounds, rule.num_groups,
         lambda present, _key: marfl.moshpit_schedule(present, rule), settings.wire,

@@ -107,6 +107,27 @@ def moshpit_schedule(present: jax.Array, rule: KeyRule) -> jax.Array:
     return jnp.stack(rounds)
 
 
+def full_schedule(rule: KeyRule, num_rounds: int) -> np.ndarray:
+    """`moshpit_schedule` at full participation, in NumPy: (num_rounds, N) int32 group ids.
+
+    Built without jax (the key rules are integer arithmetic that NumPy runs as well), so an
+    algorithm's factory, and with it `Config.validate()`, never starts a jax backend."""
+    keys = np.asarray(rule.initial_keys, np.int32)
+    peers = np.arange(keys.size)
+    rounds = []
+    for r in range(num_rounds):
+        ids = np.asarray(rule.group_of(keys, r), np.int32)
+        rounds.append(ids)
+        # Rank among the group's members sorted by peer id (mixing.rank_in_group, all present).
+        order = np.argsort(ids, kind="stable")
+        sizes = np.bincount(ids, minlength=rule.num_groups)
+        starts = np.cumsum(sizes) - sizes
+        rank = np.empty_like(ids)
+        rank[order] = (peers - starts[ids[order]]).astype(np.int32)
+        keys = np.asarray(rule.next_key(keys, rank, r), np.int32)
+    return np.stack(rounds) if rounds else np.zeros((0, keys.size), np.int32)
+
+
 def grid_key_rule(radices: tuple[int, ...], initial_positions: np.ndarray) -> KeyRule:
     """Moshpit All-Reduce on a mixed-radix grid (Ryabinin et al., 2021, generalized to mixed
     radices). Keys are grid positions in [0, prod(radices)). Round r uses axis a = r mod k: peers

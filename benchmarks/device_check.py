@@ -207,7 +207,8 @@ def training_figure(setup, asked: int, repeats: int) -> Figure:
             return Figure(asked=asked, n=n, rate=None, shortfalls=shortfalls)
         n //= 2
     seconds = tt._median_time(path.run, repeats)
-    return Figure(asked=asked, n=n, rate=n * setup.b / seconds, shortfalls=shortfalls)
+    return Figure(asked=asked, n=n, rate=n * setup.b / seconds, shortfalls=shortfalls,
+                  compile_s=getattr(path, "compile_s", 0.0))
 
 
 def _gib(nbytes) -> str:
@@ -372,16 +373,22 @@ def section_mlp_scale(check: Check) -> None:
     setup = tt.Setup("mlp", args)
     figures = check.results.setdefault("mlp", [])
     asked_ns = [4, 8] if check.tiny else [1_000, 10_000, 100_000]
-    largest, why, last_s = None, "every N asked ran", None
-    for i, asked in enumerate(asked_ns):
+    largest, why, estimate = None, "every N asked ran", None
+    for asked in asked_ns:
         left = check.deadline - time.perf_counter()
-        if last_s is not None and last_s * asked / asked_ns[i - 1] > left:
-            why = (f"N={asked:,} not started: ~{last_s * asked / asked_ns[i - 1]:.0f} s "
-                   f"estimated, {left:.0f} s of the section's time limit left")
+        if estimate is not None and estimate(asked) > left:
+            why = (f"N={asked:,} not started: ~{estimate(asked):.0f} s estimated, {left:.0f} s "
+                   "of the section's time limit left")
             break
         started = time.perf_counter()
         figure = training_figure(setup, asked, args.repeats)
-        last_s = time.perf_counter() - started
+        spent = time.perf_counter() - started
+        compile_s = min(getattr(figure, "compile_s", 0.0), spent)
+
+        def estimate(n, spent=spent, compile_s=compile_s, done=asked):
+            """The next N's time: a compile like this one's, the running scaled by N."""
+            return compile_s + (spent - compile_s) * n / done
+
         figures.append({"n": figure.n, "rate": figure.rate})
         check.line(figure_line("MLP", figure, setup.batch))
         if figure.rate is not None:

@@ -1,41 +1,55 @@
 r"""One script for a GPU (or any accelerator): what this simulator does on it, in under 8 minutes.
 
-    PYTHONPATH=. python -m benchmarks.device_check --markdown=$OUT/device_check.md --budget_s=480
-    python -m benchmarks.device_check --tiny          # seconds, on any machine (the tests)
+    PYTHONPATH=. python -m benchmarks.device_check --markdown=$OUT/device_check.md
+    python -m benchmarks.device_check --tiny --budget_s=60   # about a minute, on any machine
 
 Each figure is one line, printed and appended to the --markdown file (flushed and fsynced) the
-moment it is measured, after a header line (device, jax version, host CPU, the command): a run
-killed half-way leaves every line it had measured. The sections, in order, each guarded (an
-exception becomes "section NAME failed: ExcType: message" and the next section runs):
+moment it is measured, after a header line (device, jax version, host CPU, --deterministic, the
+XLA_FLAGS the sections start with, the command): a run killed half-way leaves every line it had
+measured. The sections, in order:
 
-  peaks           matmul peaks: float32 at jax's matmul precision 'highest' and 'default' (TF32
-                  on NVIDIA GPUs), and bfloat16
-  main_job_auto   the main job's time to 95 % (`python -m launch.train` defaults: MAR-FL, CNN,
-                  64 peers, embedded MNIST, --plan=auto)
-  main_job_fixed  the same with --plan=fixed
-  determinism     two identical short runs with churn (MLP, 16 peers, dropout 0.25, 3
-                  iterations): identical rows (apart from 'seconds') and final parameters?
-  mlp_scale       MLP local-training peer-steps/s at N = 1,000 / 10,000 / 100,000, one line
-                  each; an N whose path does not fit the device's memory is halved until it
-                  does, and the line says why (the bytes needed at each N, the device's
-                  available bytes)
-  cnn             the CNN at N = 1,000
-  mar_round       a MAR round against a copy of the state
-  torch_loop      the per-peer PyTorch loop on the same device, with the ratios to the above
-                  ('skipped: torch not installed' when torch does not import)
+  peaks              matmul peaks: float32 at jax's matmul precision 'highest' and 'default'
+                     (TF32 on NVIDIA GPUs), and bfloat16
+  main_job_auto      the main job (`python -m launch.train` defaults: MAR-FL, CNN, 64 peers,
+                     embedded MNIST) for 30 iterations with --plan=auto: the plan, the wall time
+                     (plan and compiles included) and the steady seconds per iteration
+  main_job_fixed     the same with --plan=fixed
+  deterministic_off  the same 30 iterations with main_job_auto's plan and --deterministic=false
+                     (XLA_FLAGS without --xla_gpu_deterministic_ops): its seconds per iteration
+                     against main_job_auto's
+  determinism        deterministic ops on: a run with churn (MLP, 16 peers, dropout 0.25, 4
+                     iterations) against the same run stopped half-way and resumed: identical
+                     rows (apart from 'seconds') and final parameters?
+  mlp_scale          MLP local-training peer-steps/s at N = 1,000 / 10,000 / 100,000, one line
+                     each; an N whose path does not fit the device's memory is halved until it
+                     does, and the line says why; then the largest N run and why it stopped
+  mar_round          a MAR round against a copy of the state
+  cnn                the CNN at N = 1,000
+  torch_loop         the per-peer PyTorch loop on the same device, float32 with TF32 off (like
+                     ours at 'highest'), with the ratios to the above ('skipped: torch not
+                     installed' when torch does not import)
 
-Before each section, if the time spent plus the section's rough estimate would pass --budget_s,
-it writes "section NAME not started: budget" and moves on. SIGTERM (and Ctrl-C) end the run with
-a last line saying so; the lines written stay. It imports only what the core needs (jax, flax,
-optax, chex, absl, orbax), so it runs from a working tree with PYTHONPATH=.
+Every section runs in its own child process (`--section=NAME`; the XLA flags are read when its
+backend starts) under its own time limit (`LIMIT_S`, `TINY_LIMIT_S` with --tiny, times
+--limit_scale): a section that passes it is killed, however long a compile it is in, and the
+line "section NAME stopped: time limit N s" stands for it. A section starts only when the time
+spent plus its limit is within --budget_s (else "section NAME not started: budget"), so the check
+ends within its budget; the default budget is the sum of the limits (480 s). A section that
+raises becomes "section NAME failed: ExcType: message" and the next one runs. SIGTERM (and
+Ctrl-C) end the run and its child with a last line saying so. `--isolation=none` runs the sections
+in this process without limits (tests). It imports only what the core needs (jax, flax, optax,
+chex, absl, orbax), so it runs from a working tree with PYTHONPATH=.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import shlex
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -49,12 +63,19 @@ import numpy as np
 
 from benchmarks import training_throughput as tt
 
-# Rough seconds each section takes on one GPU (the budget check's estimate); --tiny scales them.
-ESTIMATE_S = {"peaks": 20, "main_job_auto": 120, "main_job_fixed": 90, "determinism": 40,
-              "mlp_scale": 90, "cnn": 40, "mar_round": 20, "torch_loop": 45}
-TINY_SCALE = 0.1
-SECTIONS = tuple(ESTIMATE_S)
-DEFAULT_BUDGET_S = 420.0
+# Each section's time limit on one GPU (seconds, child process start included): a section
+# starts only when the time spent plus its limit is within the budget, and is killed at it.
+LIMIT_S = {"peaks": 25, "main_job_auto": 110, "main_job_fixed": 55, "deterministic_off": 55,
+           "determinism": 50, "mlp_scale": 75, "mar_round": 30, "cnn": 40, "torch_loop": 40}
+# The same with --tiny, on a loaded 2-core CPU (a child's imports alone take ~4 s there).
+TINY_LIMIT_S = {"peaks": 10, "main_job_auto": 25, "main_job_fixed": 18, "deterministic_off": 18,
+                "determinism": 25, "mlp_scale": 15, "mar_round": 12, "cnn": 15, "torch_loop": 10}
+SECTIONS = tuple(LIMIT_S)
+DEFAULT_BUDGET_S = float(sum(LIMIT_S.values()))  # 480 s: every section fits, at its limit.
+MAIN_JOB_ITERATIONS = 30
+# A child's exit status when its section raised (it wrote the "failed" line itself).
+FAILED_EXIT = 3
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -85,15 +106,21 @@ class Report:
 
 
 class Check:
-    """What the sections share: the flags, the report and the figures measured so far."""
+    """What the sections share: the flags, the report, the figures measured so far (JSON, so a
+    child process can read its predecessors' and add its own) and the section's deadline."""
 
-    def __init__(self, args, report: Report):
+    def __init__(self, args, report: Report, results: dict | None = None):
         self.args, self.report, self.tiny = args, report, args.tiny
         self.repeats = 1 if args.tiny else 3
-        self.results: dict = {}
+        self.results: dict = results if results is not None else {}
+        self.deadline = float("inf")  # perf_counter seconds: the section's time limit.
 
     def line(self, text: str) -> None:
         self.report.line(text)
+
+
+def section_limit(name: str, args) -> float:
+    return (TINY_LIMIT_S if args.tiny else LIMIT_S)[name] * args.limit_scale
 
 
 # --------------------------------------------------------------------------------------------
@@ -119,36 +146,40 @@ def peak(dtype, size: int, repeats: int, precision: str | None = None) -> float:
     return 2 * size**3 / seconds / 1e9
 
 
-def main_job(tiny: bool, plan: str = "auto") -> dict:
-    """The launcher's default run (or a tiny one) to its target with --plan=`plan`; wall seconds,
-    iterations, accuracy and the plan the run used."""
+def main_job(tiny: bool, plan: str = "auto", **overrides) -> dict:
+    """The launcher's default run (or a tiny one) for MAIN_JOB_ITERATIONS iterations with
+    --plan=`plan`: wall seconds (plan and compiles included), steady seconds per iteration (the
+    median gap between rows), accuracy and the plan the run used."""
     from marfl_jax import Config, run
 
     if tiny:
         config = Config(model="mlp", num_peers=4, group_size=2, key_dim=2, max_iterations=2,
-                        checkpoint_every=0, target_accuracy=0.5, plan=plan)
+                        checkpoint_every=0, target_accuracy=0.5, plan=plan, **overrides)
     else:
-        config = Config(max_iterations=500, checkpoint_every=0, plan=plan)
+        config = Config(max_iterations=MAIN_JOB_ITERATIONS, eval_every=10, checkpoint_every=0,
+                        plan=plan, **overrides)
     with tempfile.TemporaryDirectory() as workdir:
         start = time.perf_counter()
-        summary = run(config, workdir).summary
+        result = run(config, workdir)
         wall_s = time.perf_counter() - start
         used = _read_plan(os.path.join(workdir, "plan.json"))
+    summary, seconds = result.summary, [r["seconds"] for r in result.metrics]
+    gaps = np.diff(seconds) if len(seconds) > 1 else np.asarray(seconds)
     return {"wall_s": wall_s, "iterations": summary["iterations"],
+            "iteration_s": float(np.median(gaps)) if len(gaps) else float("nan"),
             "reached": summary["reached_target"], "accuracy": summary["final_accuracy"],
-            "target": summary["target_accuracy"], "plan": used}
+            "target": summary["target_accuracy"], "plan": used[0], "plan_fields": used[1]}
 
 
-def _read_plan(path: str) -> str:
-    import json
-
+def _read_plan(path: str) -> tuple[str, dict]:
     from marfl_jax import plan as plan_lib
 
     try:
         with open(path) as f:
-            return plan_lib.Plan(**json.load(f)).describe()
+            fields = json.load(f)
+        return plan_lib.Plan(**fields).describe(), fields
     except (OSError, ValueError, TypeError):
-        return "?"
+        return "?", {}
 
 
 def _args(tiny: bool, batch: int, repeats: int):
@@ -176,7 +207,8 @@ def training_figure(setup, asked: int, repeats: int) -> Figure:
             return Figure(asked=asked, n=n, rate=None, shortfalls=shortfalls)
         n //= 2
     seconds = tt._median_time(path.run, repeats)
-    return Figure(asked=asked, n=n, rate=n * setup.b / seconds, shortfalls=shortfalls)
+    return Figure(asked=asked, n=n, rate=n * setup.b / seconds, shortfalls=shortfalls,
+                  compile_s=getattr(path, "compile_s", 0.0))
 
 
 def _gib(nbytes) -> str:
@@ -207,6 +239,10 @@ def torch_loop(model: str, args, peers: int) -> float | str:
     except ImportError:
         return "skipped: torch not installed"
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    # float32 throughout, TF32 off: the same arithmetic as ours at --matmul_precision=highest.
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_default_dtype(torch.float32)
     setup = tt.Setup(model, args)
     torch.manual_seed(0)
     nets = [tt._torch_module(torch, model).to(device) for _ in range(peers)]
@@ -270,11 +306,17 @@ def section_peaks(check: Check) -> None:
         check.line(f"matmul peak {label}: {gflops:,.0f} GFLOP/s ({size}^2)")
 
 
+def _job_line(label: str, job: dict) -> str:
+    return (f"{label}: {job['wall_s']:.1f} s wall (plan and compiles included), "
+            f"{job['iterations']} iterations, {job['iteration_s']:.3f} s/iteration steady, "
+            f"final accuracy {job['accuracy']:.4f}, target {job['target']:.0%} reached: "
+            f"{job['reached']}")
+
+
 def _main_job(check: Check, plan: str) -> None:
     job = main_job(check.tiny, plan)
-    check.line(f"main job (--plan={plan}: {job['plan']}): {job['wall_s']:.1f} s wall, "
-               f"{job['iterations']} iterations, final accuracy {job['accuracy']:.4f}, "
-               f"target {job['target']:.0%} reached: {job['reached']}")
+    check.results[f"main_job_{plan}"] = {k: job[k] for k in ("iteration_s", "plan_fields")}
+    check.line(_job_line(f"main job (--plan={plan}: {job['plan']})", job))
 
 
 def section_main_job_auto(check: Check) -> None:
@@ -285,28 +327,43 @@ def section_main_job_fixed(check: Check) -> None:
     _main_job(check, "fixed")
 
 
+def section_deterministic_off(check: Check) -> None:
+    """The main job's steps with --deterministic=false (this child's XLA_FLAGS are without
+    --xla_gpu_deterministic_ops), with main_job_auto's plan when it ran."""
+    on = check.results.get("main_job_auto", {})
+    fields = on.get("plan_fields") or {}
+    plan = "fixed" if fields else "auto"
+    job = main_job(check.tiny, plan, deterministic=False, **fields)
+    flags = os.environ.get("XLA_FLAGS", "")
+    ratio = (f"; with deterministic ops (main_job_auto) {on['iteration_s']:.3f} s/iteration, "
+             f"on/off {on['iteration_s'] / job['iteration_s']:.2f}"
+             if on.get("iteration_s") and job["iteration_s"] > 0 else "")
+    check.line(_job_line(f"main job, --deterministic=false ({job['plan']}; XLA_FLAGS "
+                         f"{flags!r})", job) + ratio)
+
+
 def section_determinism(check: Check) -> None:
+    """Deterministic ops on: a run straight through against the same run stopped half-way
+    (checkpointed) and resumed."""
     from marfl_jax import Config, run
 
-    if check.tiny:
-        config = Config(model="mlp", num_peers=4, group_size=2, key_dim=2, dropout=0.25,
-                        max_iterations=2, eval_every=1, checkpoint_every=0, plan="fixed")
-    else:
-        config = Config(model="mlp", num_peers=16, group_size=4, key_dim=2, dropout=0.25,
-                        max_iterations=3, eval_every=1, checkpoint_every=0, plan="fixed")
-    results = []
-    for _ in range(2):
-        with tempfile.TemporaryDirectory() as workdir:
-            results.append(run(config, workdir))
-    what = (f"MLP {config.num_peers} peers, dropout {config.dropout}, "
-            f"{config.max_iterations} iterations")
-    difference = first_difference(results[0].metrics, results[1].metrics)
+    size = dict(num_peers=4, group_size=2) if check.tiny else dict(num_peers=16, group_size=4)
+    config = Config(model="mlp", key_dim=2, dropout=0.25, max_iterations=2 if check.tiny else 4,
+                    eval_every=1, checkpoint_every=0, plan="fixed", deterministic=True, **size)
+    half = config.max_iterations // 2
+    with tempfile.TemporaryDirectory() as straight, tempfile.TemporaryDirectory() as resumed:
+        first = run(config, straight)
+        run(dataclasses.replace(config, max_iterations=half), resumed)
+        second = run(config, resumed)
+    what = (f"MLP {config.num_peers} peers, dropout {config.dropout}, {config.max_iterations} "
+            f"iterations, deterministic ops on")
+    difference = first_difference(first.metrics, second.metrics)
     if difference is None:
-        leaves = [jax.tree.leaves(r.state.params) for r in results]
+        leaves = [jax.tree.leaves(r.state.params) for r in (first, second)]
         same = all(np.array_equal(np.asarray(a), np.asarray(b))
                    for a, b in zip(*leaves, strict=True))
         difference = None if same else "the final parameters"
-    check.line(f"determinism ({what}, two runs): " + (
+    check.line(f"determinism ({what}; straight vs stopped after {half} and resumed): " + (
         "identical (rows apart from 'seconds', and the final parameters)" if difference is None
         else f"differ: {difference}"))
 
@@ -315,17 +372,48 @@ def section_mlp_scale(check: Check) -> None:
     args = _args(check.tiny, 32, check.repeats)
     setup = tt.Setup("mlp", args)
     figures = check.results.setdefault("mlp", [])
-    for asked in ([4, 8] if check.tiny else [1_000, 10_000, 100_000]):
+    asked_ns = [4, 8] if check.tiny else [1_000, 10_000, 100_000]
+    largest, why, estimate = None, "every N asked ran", None
+    for asked in asked_ns:
+        left = check.deadline - time.perf_counter()
+        if estimate is not None and estimate(asked) > left:
+            why = (f"N={asked:,} not started: ~{estimate(asked):.0f} s estimated, {left:.0f} s "
+                   "of the section's time limit left")
+            break
+        started = time.perf_counter()
         figure = training_figure(setup, asked, args.repeats)
-        figures.append(figure)
+        spent = time.perf_counter() - started
+        compile_s = min(getattr(figure, "compile_s", 0.0), spent)
+
+        def estimate(n, spent=spent, compile_s=compile_s, done=asked):
+            """The next N's time: a compile like this one's, the running scaled by N."""
+            return compile_s + (spent - compile_s) * n / done
+
+        figures.append({"n": figure.n, "rate": figure.rate})
         check.line(figure_line("MLP", figure, setup.batch))
+        if figure.rate is not None:
+            largest = figure.n if largest is None else max(largest, figure.n)
+        if figure.shortfalls:  # The smallest N that did not fit.
+            n_short, skip = figure.shortfalls[-1]
+            why = (f"N={n_short:,} needs {_gib(skip.needed)}, more than "
+                   f"{tt.MEMORY_FRACTION:.0%} of the {_gib(skip.available)} the device "
+                   f"({skip.device}) has available; " + memory_hint())
+            break
+    check.line((f"MLP scale: largest N run {largest:,}" if largest is not None
+                else "MLP scale: no N ran") + f"; stopped: {why}")
+
+
+def memory_hint() -> str:
+    from marfl_jax import memory
+
+    return memory.mem_fraction_hint()
 
 
 def section_cnn(check: Check) -> None:
     args = _args(check.tiny, 16, check.repeats)
     setup = tt.Setup("cnn", args)
     figure = training_figure(setup, 2 if check.tiny else 1_000, args.repeats)
-    check.results["cnn"] = figure
+    check.results["cnn"] = {"n": figure.n, "rate": figure.rate}
     check.line(figure_line("CNN", figure, setup.batch))
 
 
@@ -342,8 +430,9 @@ def section_mar_round(check: Check) -> None:
                f"copy {row[6]} ms, ratio {row[9]}")
 
 
-def _ratios(figures: list[Figure], torch_rate: float) -> str:
-    parts = [f"{f.rate / torch_rate:.1f}x at N={f.n:,}" for f in figures if f.rate is not None]
+def _ratios(figures: list[dict], torch_rate: float) -> str:
+    parts = [f"{f['rate'] / torch_rate:.1f}x at N={f['n']:,}" for f in figures
+             if f.get("rate") is not None]
     return f"; the vectorized path: {', '.join(parts)} its rate" if parts else ""
 
 
@@ -355,14 +444,14 @@ def section_torch_loop(check: Check) -> None:
         check.line(f"MLP per-peer torch loop: {rate}")
         check.line(f"CNN per-peer torch loop: {rate}")
         return
-    check.line(f"MLP per-peer torch loop ({peers} peers): {rate:,.0f} peer-steps/s"
-               + _ratios(check.results.get("mlp", []), rate))
+    check.line(f"MLP per-peer torch loop ({peers} peers, float32, TF32 off): {rate:,.0f} "
+               "peer-steps/s" + _ratios(check.results.get("mlp", []), rate))
     cnn_args = _args(check.tiny, 16, check.repeats)
     peers = 2 if check.tiny else 32
     rate = torch_loop("cnn", cnn_args, peers)
     cnn = check.results.get("cnn")
-    check.line(f"CNN per-peer torch loop ({peers} peers): {rate:,.0f} peer-steps/s"
-               + _ratios([cnn] if cnn is not None else [], rate))
+    check.line(f"CNN per-peer torch loop ({peers} peers, float32, TF32 off): {rate:,.0f} "
+               "peer-steps/s" + _ratios([cnn] if cnn is not None else [], rate))
 
 
 SECTION_FUNCTIONS: dict[str, Callable[[Check], None]] = {
@@ -374,6 +463,12 @@ SECTION_FUNCTIONS: dict[str, Callable[[Check], None]] = {
 # --------------------------------------------------------------------------------------------
 
 
+def _bool(text: str) -> bool:
+    if text.lower() not in ("true", "false", "1", "0"):
+        raise argparse.ArgumentTypeError(f"true or false, not {text!r}")
+    return text.lower() in ("true", "1")
+
+
 def _parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawTextHelpFormatter)
@@ -381,17 +476,31 @@ def _parse_args(argv):
     parser.add_argument("--markdown", default="",
                         help="append each line to this file as it is measured")
     parser.add_argument("--budget_s", type=float, default=DEFAULT_BUDGET_S,
-                        help="seconds: a section whose rough estimate would end past this is "
-                             "not started")
+                        help="seconds: a section starts only when the time spent plus its "
+                             "time limit is within this (default: the sum of the limits)")
     parser.add_argument("--sections", default=",".join(SECTIONS),
                         help="comma-separated subset of: " + ", ".join(SECTIONS))
+    parser.add_argument("--deterministic", type=_bool, default=True,
+                        help="true|false: --xla_gpu_deterministic_ops in the sections' XLA_FLAGS "
+                             "(determinism always on, deterministic_off always off)")
+    parser.add_argument("--limit_scale", type=float, default=1.0,
+                        help="multiplies every section's time limit (a slower device)")
+    parser.add_argument("--isolation", choices=("process", "none"), default="process",
+                        help="process: each section in a child process under its time limit; "
+                             "none: in this process, no limit (tests)")
     parser.add_argument("--fail_section", default="",
                         help="testing hook, not for measuring: make this section raise, to "
                              "check that a failing section is reported and the rest still run")
+    parser.add_argument("--hang_section", default="",
+                        help="testing hook: make this section sleep past its time limit")
+    # A child's own flags (set by the parent).
+    parser.add_argument("--section", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--results", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--limit_s", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    bad = [s for s in args.sections + ([args.fail_section] if args.fail_section else [])
-           if s not in SECTIONS]
+    bad = [s for s in args.sections + [args.fail_section, args.hang_section, args.section]
+           if s and s not in SECTIONS]
     if bad:
         parser.error(f"unknown section(s) {bad}; the sections are {', '.join(SECTIONS)}")
     return args
@@ -402,33 +511,169 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
 
-def run_sections(check: Check, start: float) -> dict[str, str]:
-    """Runs the chosen sections in order, each guarded and within the budget; their outcomes."""
+def section_deterministic(name: str, deterministic: bool) -> bool:
+    """The --deterministic a section runs with: determinism on, deterministic_off off."""
+    return {"determinism": True, "deterministic_off": False}.get(name, deterministic)
+
+
+def run_guarded(check: Check, name: str) -> str:
+    """One section, an exception becoming its "failed" line: 'ran' or 'failed'."""
+    args = check.args
+    check.results["current"] = name
+    try:
+        if name == args.fail_section:
+            raise RuntimeError(f"made to fail by --fail_section={name}")
+        if name == args.hang_section:
+            time.sleep(10**6)
+        SECTION_FUNCTIONS[name](check)
+        return "ran"
+    except Exception as error:  # noqa: BLE001 (every section is guarded).
+        message = (str(error).strip().splitlines() or [""])[0][:300]
+        check.line(f"section {name} failed: {type(error).__name__}: {message}")
+        return "failed"
+
+
+def _die_with_parent() -> None:
+    """In the child, first thing: SIGKILL when the parent dies (Linux), so a killed check
+    leaves no section running."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _child_command(args, name: str, results_path: str) -> list[str]:
+    command = [sys.executable, "-m", "benchmarks.device_check", f"--section={name}",
+               f"--results={results_path}", f"--limit_s={section_limit(name, args):g}",
+               f"--deterministic={str(args.deterministic).lower()}"]
+    command += ["--tiny"] if args.tiny else []
+    command += [f"--markdown={os.path.abspath(args.markdown)}"] if args.markdown else []
+    for hook in ("fail_section", "hang_section"):
+        if getattr(args, hook) == name:
+            command.append(f"--{hook}={name}")
+    return command
+
+
+def run_child(check: Check, name: str, env: dict) -> str:
+    """The section in a child process, killed (its process group) at its time limit: 'ran',
+    'failed' or 'stopped'; the child writes its own lines, this one the "stopped" line."""
+    limit = section_limit(name, check.args)
+    path = check.results["path"]
+    with open(path, "w") as f:
+        json.dump({k: v for k, v in check.results.items() if k != "path"}, f)
+    proc = subprocess.Popen(_child_command(check.args, name, path), env=env,
+                            start_new_session=True)
+    try:
+        code = proc.wait(timeout=limit)
+    except subprocess.TimeoutExpired:
+        _kill(proc)
+        code = None
+    except BaseException:  # SIGTERM / Ctrl-C: the child goes too.
+        _kill(proc)
+        raise
+    try:
+        with open(path) as f:
+            check.results.update(json.load(f))
+    except (OSError, ValueError):
+        pass
+    finished = check.results.pop("finished", None)
+    if finished is not None and finished[0] == name:  # Done, then killed while exiting.
+        return finished[1]
+    if code is None:
+        check.line(f"section {name} stopped: time limit {limit:g} s")
+        return "stopped"
+    if code == 0:
+        return "ran"
+    if code != FAILED_EXIT:
+        how = (f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}")
+        check.line(f"section {name} failed: its process ended with {how}")
+    return "failed"
+
+
+def _kill(proc) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def run_sections(check: Check, start: float, env: dict | None = None) -> dict[str, str]:
+    """Runs the chosen sections in order, each guarded and, in a child process, under its time
+    limit; a section starts only when the time spent plus its limit is within the budget."""
     args = check.args
     outcome = {}
-    for name in args.sections:
-        estimate = ESTIMATE_S[name] * (TINY_SCALE if check.tiny else 1.0)
-        spent = time.perf_counter() - start
-        if spent + estimate > args.budget_s:
-            check.line(f"section {name} not started: budget ({spent:.0f} s spent + ~"
-                       f"{estimate:.0f} s estimated > --budget_s={args.budget_s:g})")
-            outcome[name] = "not started"
-            continue
-        check.results["current"] = name
-        try:
-            if name == args.fail_section:
-                raise RuntimeError(f"made to fail by --fail_section={name}")
-            SECTION_FUNCTIONS[name](check)
-            outcome[name] = "ran"
-        except Exception as error:  # noqa: BLE001 (every section is guarded).
-            message = (str(error).strip().splitlines() or [""])[0][:300]
-            check.line(f"section {name} failed: {type(error).__name__}: {message}")
-            outcome[name] = "failed"
+    with tempfile.TemporaryDirectory(prefix="device_check_") as scratch:
+        check.results["path"] = os.path.join(scratch, "results.json")
+        for name in args.sections:
+            limit = section_limit(name, args)
+            spent = time.perf_counter() - start
+            if spent + limit > args.budget_s:
+                check.line(f"section {name} not started: budget ({spent:.0f} s spent + "
+                           f"{limit:g} s limit > --budget_s={args.budget_s:g})")
+                outcome[name] = "not started"
+                continue
+            check.results["current"] = name
+            if args.isolation == "none":
+                check.deadline = time.perf_counter() + limit
+                outcome[name] = run_guarded(check, name)
+            else:
+                outcome[name] = run_child(check, name, env if env is not None else os.environ)
+        check.results.pop("path")
     return outcome
+
+
+def child_main(args) -> None:
+    """One section (`--section=NAME`), started by the check: its deterministic setting in
+    XLA_FLAGS before its backend starts, the figures so far from --results, its own lines."""
+    start = time.perf_counter()
+    _die_with_parent()
+    from marfl_jax import Config, runtime
+
+    runtime.configure(Config(deterministic=section_deterministic(args.section,
+                                                                 args.deterministic)))
+    results = {}
+    if args.results and os.path.exists(args.results):
+        with open(args.results) as f:
+            results = json.load(f)
+    report = Report(args.markdown)
+    check = Check(args, report, results)
+    check.deadline = start + (args.limit_s or float("inf"))
+    try:
+        outcome = run_guarded(check, args.section)
+    finally:
+        report.close()
+    check.results.pop("current", None)
+    check.results["finished"] = [args.section, outcome]
+    if args.results:
+        with open(args.results + ".tmp", "w") as f:
+            json.dump(check.results, f)
+        os.replace(args.results + ".tmp", args.results)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Now, without the interpreter's teardown (seconds with a backend up): the section is done.
+    os._exit(0 if outcome == "ran" else FAILED_EXIT)
+
+
+def header(args, command: str) -> str:
+    device = jax.devices()[0]
+    flags = os.environ.get("XLA_FLAGS", "")
+    where = ("each in a child process under its time limit" if args.isolation == "process"
+             else "in this process")
+    return (f"device check: {device.platform} {device.device_kind} x{jax.device_count()}; "
+            f"jax {jax.__version__}; host {tt._cpu_model()}; --deterministic="
+            f"{str(args.deterministic).lower()} (determinism on, deterministic_off off); "
+            f"XLA_FLAGS {flags!r}; sections {where}; "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}; command: {command}")
 
 
 def main(argv=None) -> None:
     args = _parse_args(argv)
+    if args.section:
+        child_main(args)
+        return
     raw = sys.argv[1:] if argv is None else list(argv)
     command = shlex.join(["python", "-m", "benchmarks.device_check", *raw])
     start = time.perf_counter()
@@ -437,18 +682,24 @@ def main(argv=None) -> None:
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_interrupt) if in_main_thread else None
     # Before the backend starts: the runs' deterministic GPU ops and float32 matmuls (the peaks
-    # section sets its own precision for each figure).
+    # section sets its own precision for each figure); the children inherit XLA_FLAGS.
     from marfl_jax import Config, runtime
 
-    runtime.configure(Config())
+    runtime.configure(Config(deterministic=args.deterministic))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [REPO] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
+    # The launchers' persistent compilation cache: the sections that run the same program
+    # (main_job_auto and its deterministic_off twin on a CPU, a rerun) compile it once.
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+        os.path.expanduser("~"), ".cache", "marfl_jax", "xla"))
+    if args.isolation == "process" and not runtime.backends_started():
+        # This process only names the device: it leaves the GPU's memory to the sections.
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     try:
-        device = jax.devices()[0]
-        report.line(f"device check: {device.platform} {device.device_kind} "
-                    f"x{jax.device_count()}; jax {jax.__version__}; host {tt._cpu_model()}; "
-                    f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}; command: {command}")
-        outcome = run_sections(check, start)
+        report.line(header(args, command))
+        outcome = run_sections(check, start, env)
         counts = ", ".join(f"{sum(v == k for v in outcome.values())} {k}"
-                           for k in ("ran", "failed", "not started"))
+                           for k in ("ran", "failed", "stopped", "not started"))
         report.line(f"device check done: {time.perf_counter() - start:.0f} s; sections: "
                     f"{counts}")
     except KeyboardInterrupt as interrupt:

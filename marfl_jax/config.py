@@ -259,8 +259,10 @@ class Config:
         "explicitly are kept), 'fixed' uses --peer_chunk and --conv_impl as given.",
         lambda: ("auto", "fixed"))
     plan_budget_s: float = _field(
-        30.0, "--plan=auto: seconds spent running candidates at most (compilation not counted; "
-        "the per-peer scan, a middle chunk and all peers at once are timed first).",
+        30.0, "--plan=auto: seconds spent timing candidates at most; on a CPU compilation is not "
+        "counted, on accelerators it is (a candidate starts only while the time spent plus the "
+        "longest compile so far fits). The per-peer scan, a middle chunk and all peers at once "
+        "are timed first.",
         check=_POSITIVE)
     memory_limit_gb: float = _field(
         0.0, "Refuse a run whose estimated device memory exceeds this (0 = the device's "

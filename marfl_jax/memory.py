@@ -85,15 +85,46 @@ def step_bytes(compiled) -> int:
                - int(analysis.alias_size_in_bytes))
 
 
+def largest_fitting_peers(estimate: MemoryEstimate, limit_bytes: int, *, num_peers: int,
+                          peer_chunk: int) -> int:
+    """About the most peers that fit in `limit_bytes` at these settings: the state grows with N,
+    the data does not, one iteration's buffers grow with N when all peers run at once (0
+    chunk) and not with chunks (0 when not even the fixed part fits)."""
+    per_peer = estimate.state_bytes / max(num_peers, 1)
+    fixed = estimate.data_bytes
+    if peer_chunk:
+        fixed += estimate.step_bytes
+    else:
+        per_peer += estimate.step_bytes / max(num_peers, 1)
+    if per_peer <= 0:
+        return num_peers
+    return max(0, int((limit_bytes - fixed) // per_peer))
+
+
+def mem_fraction_hint(environ=None) -> str:
+    """What jax gives itself of a GPU, and how to give it more (read when the backend starts)."""
+    import os
+
+    environ = os.environ if environ is None else environ
+    fraction = environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION")
+    now = f"now {fraction}" if fraction else "now 0.75, jax's default"
+    return (f"on a GPU, jax takes XLA_PYTHON_CLIENT_MEM_FRACTION of its memory ({now}): set "
+            "e.g. XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 before jax starts to give it more")
+
+
 def check_fits(estimate: MemoryEstimate, limit_bytes: int | None, *, num_peers: int,
                peer_chunk: int) -> None:
-    """Raises ConfigError naming the flags to change when the estimate exceeds the limit."""
+    """Raises ConfigError naming the flags to change, and about the most peers that fit at
+    these settings, when the estimate exceeds the limit."""
     if limit_bytes is None or estimate.total_bytes <= limit_bytes:
         return
     chunk_hint = ("a smaller --peer_chunk" if peer_chunk else
                   f"--peer_chunk (e.g. --peer_chunk={max(1, num_peers // 16)}) to bound the "
                   "activations")
+    fitting = largest_fitting_peers(estimate, limit_bytes, num_peers=num_peers,
+                                    peer_chunk=peer_chunk)
     raise ConfigError(
         f"--num_peers={num_peers} needs about {estimate.describe()}, more than the "
-        f"{limit_bytes / GB:.2f} GB available; use {chunk_hint}, fewer --num_peers, or raise "
-        "--memory_limit_gb if the estimate is too cautious")
+        f"{limit_bytes / GB:.2f} GB available; use {chunk_hint}, fewer --num_peers (about "
+        f"{fitting:,} fit at these settings), or raise --memory_limit_gb if the estimate is too "
+        f"cautious; {mem_fraction_hint()}")

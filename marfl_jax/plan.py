@@ -8,8 +8,16 @@ device, the model and the shapes, so with `--plan=auto` the runner measures them
 * every candidate runs the same measurement: the run's b local SGD steps for the same K =
   min(N, `measured_peers(backend)`) peers, through its own chunk loop (all peers at once = one
   vmap of the K peers), on random inputs of the run's shapes;
-* compilation is timed apart and is not charged to `--plan_budget_s`; the warm-up call and the
-  timed calls are;
+* on a CPU, compilation is timed apart and is not charged to `--plan_budget_s`; the warm-up call
+  and the timed calls are. On accelerators (XLA:GPU compiles take seconds a candidate) the
+  budget counts compiles too, and a candidate starts only while the time spent plus the
+  longest compile so far stays within it: the plan's wall time there is the budget plus at most
+  one candidate's overrun;
+* the lowerings that build a 9x im2col patch buffer (`IM2COL_IMPLS`, when the plan chooses the
+  lowering) are timed only when memory allows (`im2col_bytes`: the buffer and its gradient for
+  the run's N peers, or for a chunk, plus the state within the device's available bytes) or
+  when the `lax` candidates tried so far all failed; otherwise they are listed as
+  skipped with the figures;
 * at least the per-peer scan, a middle chunk and all peers at once are timed for each lowering
   (`minimum_set`), narrowest first on a CPU and widest first on accelerators, then the other
   chunks while the budget lasts; a candidate that fails to compile or to run (out of memory,
@@ -21,7 +29,8 @@ device, the model and the shapes, so with `--plan=auto` the runner measures them
   is: on an accelerator all peers at once unless memory says otherwise, on a CPU the fastest
   timed.
 
-The table is logged, the choice cached on disk keyed by backend, device kind, versions, matmul
+The table is logged, the choice cached on disk (`default_cache_dir`: beside the XLA compilation
+cache) keyed by backend, device kind, versions, matmul
 precision, model and shapes; the workdir keeps the plan it started with (`plan.json`), so a
 resumed run uses the same one. Flags set explicitly (a nonzero `--peer_chunk`, a nonempty
 `--conv_impl`) are kept as they are; `--plan=fixed` uses the flags.
@@ -48,6 +57,10 @@ CHUNKS = (1, 4, 8, 16, 32)
 MIN_PEER_STEPS = 2_000
 # A candidate this much slower than the fastest still wins when it needs less memory.
 SPEED_TOLERANCE = 0.05
+# Convolution lowerings that materialise the im2col patches (kh*kw times the conv's input).
+IM2COL_IMPLS = ("gather", "shift_concat")
+# The clock that `choose` charges to the budget (tests replace it).
+_clock = time.perf_counter
 
 
 class Request(NamedTuple):
@@ -146,8 +159,47 @@ def cache_key(request, backend: str, device_kind: str, input_shape, num_classes:
 
 
 def default_cache_dir() -> str:
-    return os.environ.get("MARFL_PLAN_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "marfl_jax", "plans")
+    """$MARFL_PLAN_CACHE, else `plans` beside the XLA compilation cache (the folder that holds
+    `$JAX_COMPILATION_CACHE_DIR` / jax's `jax_compilation_cache_dir`; the launchers' default
+    is ~/.cache/marfl_jax/xla), else ~/.cache/marfl_jax/plans: a plan and the compiled code it
+    chose live and go together."""
+    if os.environ.get("MARFL_PLAN_CACHE"):
+        return os.environ["MARFL_PLAN_CACHE"]
+    compile_dir = (os.environ.get("JAX_COMPILATION_CACHE_DIR")
+                   or getattr(jax.config, "jax_compilation_cache_dir", None))
+    if compile_dir:
+        return os.path.join(os.path.dirname(os.path.abspath(os.path.expanduser(
+            str(compile_dir).rstrip("/")))), "plans")
+    return os.path.join(os.path.expanduser("~"), ".cache", "marfl_jax", "plans")
+
+
+def im2col_bytes(apply_fn, params, sample_input, batch_size: int) -> int:
+    """Bytes one peer's im2col lowering holds per local step: for every convolution of the
+    model's forward (traced, nothing run), its kh*kw*Cin x Ho*Wo patches of `batch_size`
+    examples, twice (the patches kept for the backward and their gradient)."""
+    x = jnp.zeros((batch_size,) + tuple(sample_input.shape[1:]), sample_input.dtype)
+    jaxpr = jax.make_jaxpr(apply_fn)(params, x)
+    total = 0
+
+    def walk(closed):
+        nonlocal total
+        for eqn in closed.eqns:
+            if eqn.primitive.name == "conv_general_dilated":
+                out, kernel = eqn.outvars[0].aval, eqn.invars[1].aval
+                spec = eqn.params["dimension_numbers"]
+                k_spatial = [kernel.shape[d] for d in spec.rhs_spec[2:]]
+                cin = kernel.shape[spec.rhs_spec[1]]
+                o_spatial = [out.shape[d] for d in spec.out_spec[2:]]
+                total += (2 * out.shape[spec.out_spec[0]] * math.prod(o_spatial)
+                          * math.prod(k_spatial) * cin * out.dtype.itemsize)
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, (tuple, list)) else (value,):
+                    inner = getattr(sub, "jaxpr", None)
+                    if inner is not None:
+                        walk(inner if hasattr(inner, "eqns") else sub)
+
+    walk(jaxpr.jaxpr)
+    return total
 
 
 class Timing(NamedTuple):
@@ -238,6 +290,11 @@ def local_step_factory(request, build_apply_fn, sample_input, optimizer, num_cla
 
         return jax.jit(step, donate_argnums=(0, 1)), (stacked, opt_state, images, labels)
 
+    def patch_bytes() -> int:  # One peer's im2col buffer per step (`im2col_bytes`).
+        return im2col_bytes(*build_apply_fn(Plan(0, "lax")), sample_input, request.batch_size)
+
+    if request.model == "cnn":
+        make_step.patch_bytes = patch_bytes
     return make_step
 
 
@@ -255,6 +312,31 @@ def pick(timings: list[Timing], fits) -> Timing | None:
     fastest = min(t.per_peer_s for t in usable)
     close = [t for t in usable if t.per_peer_s <= fastest * (1 + SPEED_TOLERANCE)]
     return min(close, key=lambda t: (t.bytes_at_n, t.per_peer_s))
+
+
+def _im2col_rule(request, make_step, state_bytes: int, available_bytes: int | None):
+    """plan -> None (time it) or why an im2col lowering is not timed: its patch buffer at the
+    run's N (all peers at once) or at its chunk, with the state, exceeds the available bytes.
+    Explicit --conv_impl and an unknown device memory time everything."""
+    patch_bytes = getattr(make_step, "patch_bytes", None)
+    if request.conv_impl or available_bytes is None or patch_bytes is None:
+        return lambda plan: None
+    per_peer = []
+
+    def reason(plan: Plan) -> str | None:
+        if plan.conv_impl not in IM2COL_IMPLS:
+            return None
+        if not per_peer:
+            per_peer.append(patch_bytes())
+        peers = min(plan.peer_chunk or request.num_peers, request.num_peers)
+        needed = state_bytes + per_peer[0] * peers
+        if needed <= available_bytes:
+            return None
+        return (f"memory: its im2col buffer {per_peer[0] * peers / 2**30:.2f} GiB for {peers:,} "
+                f"peers + state {state_bytes / 2**30:.2f} GiB > {available_bytes / 2**30:.2f} "
+                "GiB available; tried only if lax fails")
+
+    return reason
 
 
 def choose(request, make_step, *, backend: str, device_kind: str, input_shape, num_classes: int,
@@ -285,22 +367,33 @@ def choose(request, make_step, *, backend: str, device_kind: str, input_shape, n
     options = candidates(request, backend)
     core = {Plan(c, p.conv_impl) for p in options
             for c in minimum_set(sorted({q.peer_chunk for q in options}), width)}
+    # On accelerators compiles count (seconds each on XLA:GPU): start-up stays bounded.
+    counts_compiles = backend != "cpu"
+    memory_rule = _im2col_rule(request, make_step, state_bytes, available_bytes)
     timings, skipped, spent, compiling = [], [], 0.0, 0.0
     for plan in options:
-        if timings and spent >= budget_s:
+        longest_compile = max((t.compile_s for t in timings), default=0.0)
+        if timings and (spent >= budget_s or (
+                counts_compiles and spent + longest_compile > budget_s)):
             skipped.append(Skipped(plan, "budget"))
             continue
-        started = time.perf_counter()
+        lax_failed = (any(s.plan.conv_impl == "lax" and s.reason != "budget" for s in skipped)
+                      and not any(t.plan.conv_impl == "lax" for t in timings))
+        reason = None if lax_failed else memory_rule(plan)
+        if reason:
+            skipped.append(Skipped(plan, reason))
+            continue
+        started = _clock()
         try:
             timing = time_plan(plan, make_step, request.num_peers, width,
-                               deadline=started + max(budget_s - spent, 0.0))
+                               deadline=time.perf_counter() + max(budget_s - spent, 0.0))
         except Exception as error:  # noqa: BLE001 - a candidate may fail in any way (OOM, ...)
             skipped.append(Skipped(plan, _error_text(error)))
-            spent += time.perf_counter() - started
+            spent += _clock() - started
             continue
         timings.append(timing)
         compiling += timing.compile_s
-        spent += time.perf_counter() - started - timing.compile_s
+        spent += _clock() - started - (0.0 if counts_compiles else timing.compile_s)
 
     def fits(t: Timing) -> bool:
         return available_bytes is None or state_bytes + t.bytes_at_n <= available_bytes
@@ -327,8 +420,10 @@ def choose(request, make_step, *, backend: str, device_kind: str, input_shape, n
                         + ", ".join(p.describe() for p in missing) + "); rule: "
                         + ("all peers at once unless memory says otherwise" if backend != "cpu"
                            else "the fastest timed"))
+    spent_text = (f"in {spent:.1f} s ({compiling:.1f} s of it compiling)" if counts_compiles
+                  else f"in {spent:.1f} s (+ {compiling:.1f} s compiling)")
     log(f"plan: {len(timings)} candidates timed on {width} peers x {request.local_batches} "
-        f"steps in {spent:.1f} s (+ {compiling:.1f} s compiling), chose {best.plan.describe()}"
+        f"steps {spent_text}, chose {best.plan.describe()}"
         + "".join("\n  " + line for line in lines) + budget_note)
     os.makedirs(cache_dir, exist_ok=True)
     with open(path + ".tmp", "w") as f:

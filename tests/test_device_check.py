@@ -40,20 +40,21 @@ def test_a_failing_section_says_so_and_the_next_one_runs(tmp_path):
     out = tmp_path / "check.md"
     out.write_text("- an earlier run's line\n")
     device_check.main(["--tiny", "--sections=peaks,mar_round", "--fail_section=peaks",
-                       f"--markdown={out}"])
+                       "--isolation=none", f"--markdown={out}"])
     text = out.read_text()
     _well_formed(text)
     lines = text.splitlines()
     assert lines[0] == "- an earlier run's line"  # Appended, never truncated.
     header = lines[1]
     assert header.startswith("- device check: cpu") and "jax " in header and "host " in header
+    assert "--deterministic=true (determinism on, deterministic_off off); XLA_FLAGS " in header
     assert "command: python -m benchmarks.device_check --tiny --sections=peaks,mar_round" in header
     assert lines[2] == ("- section peaks failed: RuntimeError: made to fail by "
                         "--fail_section=peaks")
     assert not any("matmul peak" in line for line in lines)
     assert lines[3].startswith("- MAR round vs copy (MLP N=8, M=4): round ")
     assert lines[4].startswith("- device check done: ")
-    assert lines[4].endswith("sections: 1 ran, 1 failed, 0 not started")
+    assert lines[4].endswith("sections: 1 ran, 1 failed, 0 stopped, 0 not started")
 
 
 def test_no_section_starts_past_the_budget(tmp_path):
@@ -63,7 +64,47 @@ def test_no_section_starts_past_the_budget(tmp_path):
     assert len(lines) == 2 + len(device_check.SECTIONS)
     for name, line in zip(device_check.SECTIONS, lines[1:-1], strict=True):
         assert line.startswith(f"- section {name} not started: budget ("), line
-    assert lines[-1].endswith(f"0 ran, 0 failed, {len(device_check.SECTIONS)} not started")
+    assert lines[-1].endswith(f"0 ran, 0 failed, 0 stopped, {len(device_check.SECTIONS)} not "
+                              "started")
+
+
+def test_the_default_budget_covers_every_section_within_8_minutes():
+    """A section starts only when the time spent plus its limit fits the budget, so the check
+    ends within it; the default budget fits every section at its limit, in 8 minutes."""
+    assert sum(device_check.LIMIT_S.values()) <= device_check.DEFAULT_BUDGET_S <= 480
+    assert set(device_check.TINY_LIMIT_S) == set(device_check.LIMIT_S)
+    for needed in ("main_job_auto", "mlp_scale", "mar_round", "determinism",
+                   "deterministic_off"):
+        assert needed in device_check.SECTIONS
+    assert device_check.section_deterministic("determinism", False) is True
+    assert device_check.section_deterministic("deterministic_off", True) is False
+    assert device_check.section_deterministic("peaks", False) is False
+
+
+@pytest.mark.smoke
+def test_a_section_in_a_child_is_stopped_at_its_time_limit(tmp_path):
+    """--hang_section sleeps past the limit (10 s x 0.2): the child is killed, the line says so,
+    and the check goes on."""
+    out = tmp_path / "check.md"
+    start = time.monotonic()
+    device_check.main(["--tiny", "--sections=peaks", "--hang_section=peaks", "--limit_scale=0.2",
+                       f"--markdown={out}"])
+    assert time.monotonic() - start < 2 + 15
+    lines = _lines(out)
+    assert "sections each in a child process under its time limit" in lines[0]
+    assert lines[1] == "- section peaks stopped: time limit 2 s"
+    assert lines[2].endswith("sections: 0 ran, 0 failed, 1 stopped, 0 not started")
+
+
+@pytest.mark.smoke
+def test_a_failing_section_in_a_child_writes_its_line_once(tmp_path):
+    out = tmp_path / "check.md"
+    device_check.main(["--tiny", "--sections=peaks", "--fail_section=peaks", "--limit_scale=3",
+                       f"--markdown={out}"])
+    lines = _lines(out)
+    assert lines[1:] == ["- section peaks failed: RuntimeError: made to fail by "
+                         "--fail_section=peaks", lines[2]]
+    assert lines[2].endswith("sections: 0 ran, 1 failed, 0 stopped, 0 not started")
 
 
 def test_unknown_sections_are_refused():
@@ -158,7 +199,8 @@ def test_a_path_that_fails_otherwise_is_the_sections_error_line(monkeypatch, tmp
 
     monkeypatch.setattr(tt, "vectorized_path", broken)
     out = tmp_path / "check.md"
-    device_check.main(["--tiny", "--sections=mlp_scale,cnn", f"--markdown={out}"])
+    device_check.main(["--tiny", "--sections=mlp_scale,cnn", "--isolation=none",
+                       f"--markdown={out}"])
     lines = _lines(out)
     assert lines[1] == ("- section mlp_scale failed: RuntimeError: mlp N=4: skipped: "
                         "ValueError: boom")
@@ -170,14 +212,46 @@ def test_the_real_paths_are_skipped_by_the_device_figure(monkeypatch, tmp_path):
     1, each N's need in the line) and the MAR round says what it needed."""
     monkeypatch.setattr(memory, "available_bytes", lambda device=None: 1)
     out = tmp_path / "check.md"
-    device_check.main(["--tiny", "--sections=mlp_scale,mar_round", f"--markdown={out}"])
+    device_check.main(["--tiny", "--sections=mlp_scale,mar_round", "--isolation=none",
+                       f"--markdown={out}"])
     lines = _lines(out)
     assert re.fullmatch(r"- MLP N=1 B=32: did not fit at any N \(asked 4: needs [\d.]+ GiB at 4, "
                         r"[\d.]+ GiB at 2, [\d.]+ GiB at 1; the device \(cpu\) has 0\.0 GiB "
                         r"available\)", lines[1]), lines[1]
+    assert lines[2].startswith("- MLP scale: no N ran; stopped: N=1 needs "), lines[2]
+    assert "XLA_PYTHON_CLIENT_MEM_FRACTION" in lines[2]
     assert lines[3].startswith("- MAR round vs copy (MLP N=8): mlp N=8 mixing: skipped: needs "), \
         lines[3]
     assert "the device (cpu) has 0.0 GiB available" in lines[3]
+
+
+def _scale_lines(monkeypatch, fits_up_to: int, deadline_s: float = 1e9) -> list[str]:
+    _fake_paths(monkeypatch, fits_up_to=fits_up_to)
+    monkeypatch.setattr(tt, "Setup", lambda name, args: types.SimpleNamespace(
+        name=name, b=1, batch=32))
+    lines = []
+    check = device_check.Check(types.SimpleNamespace(tiny=True), types.SimpleNamespace(
+        line=lines.append))
+    check.deadline = time.perf_counter() + deadline_s
+    device_check.section_mlp_scale(check)
+    return lines
+
+
+def test_mlp_scale_says_the_largest_n_it_ran_and_why_it_stopped(monkeypatch):
+    lines = _scale_lines(monkeypatch, fits_up_to=2)
+    assert lines[0].startswith("MLP N=2 B=32: ") and "(asked 4: needs 4.0 GiB at 4;" in lines[0]
+    assert lines[1].startswith("MLP scale: largest N run 2; stopped: N=4 needs 4.0 GiB, more "
+                               "than 80% of the 2.5 GiB the device (gpu NVIDIA H200) has "
+                               "available; on a GPU, jax takes XLA_PYTHON_CLIENT_MEM_FRACTION "
+                               "of its memory"), lines[1]
+    assert len(lines) == 2  # N=8 is not tried once N=4 did not fit.
+    lines = _scale_lines(monkeypatch, fits_up_to=100)
+    assert lines[-1] == "MLP scale: largest N run 8; stopped: every N asked ran"
+    # No time left in the section's limit: the next N is not started, and the line says so.
+    lines = _scale_lines(monkeypatch, fits_up_to=100, deadline_s=0.0)
+    assert len(lines) == 2 and re.fullmatch(
+        r"MLP scale: largest N run 4; stopped: N=8 not started: ~\d+ s estimated, -?\d+ s of "
+        r"the section's time limit left", lines[1]), lines
 
 
 # -- The whole check, end to end. -------------------------------------------------------------
@@ -186,21 +260,23 @@ def test_the_real_paths_are_skipped_by_the_device_figure(monkeypatch, tmp_path):
 @pytest.mark.slow
 def test_every_section_runs_at_tiny_and_a_failing_one_is_guarded(tmp_path):
     out = tmp_path / "check.md"
-    device_check.main(["--tiny", "--fail_section=cnn", f"--markdown={out}"])
+    device_check.main(["--tiny", "--fail_section=cnn", "--limit_scale=4", "--budget_s=1000",
+                       f"--markdown={out}"])
     text = out.read_text()
     _well_formed(text)
     for figure in ("- device check: ", "- matmul peak float32, precision 'highest': ",
                    "- matmul peak float32, precision 'default': ", "- matmul peak bfloat16: ",
                    "- main job (--plan=auto: ", "- main job (--plan=fixed: ",
-                   "two runs): identical (rows apart from 'seconds', and the final parameters)",
-                   "- MLP N=4 B=32: ", "- MLP N=8 B=32: ",
+                   "- main job, --deterministic=false (",
+                   "resumed): identical (rows apart from 'seconds', and the final parameters)",
+                   "- MLP N=4 B=32: ", "- MLP N=8 B=32: ", "- MLP scale: largest N run 8; ",
                    "- section cnn failed: RuntimeError: made to fail by --fail_section=cnn",
                    "- MAR round vs copy (MLP N=8, M=4): ", "- MLP per-peer torch loop",
                    "- CNN per-peer torch loop", "- device check done: "):
         assert figure in text, figure
     assert "CNN N=2" not in text
-    assert text.count("reached: True") == 2
-    assert "sections: 7 ran, 1 failed, 0 not started" in text
+    assert text.count("reached: True") == 3
+    assert "sections: 8 ran, 1 failed, 0 stopped, 0 not started" in text
 
 
 def test_first_difference_names_the_field():

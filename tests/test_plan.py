@@ -160,3 +160,105 @@ def test_a_short_run_reuses_a_cached_choice(tmp_path, monkeypatch):
     monkeypatch.setattr(plan, "MIN_PEER_STEPS", 10**9)
     runner.run(SMALL, str(tmp_path / "run"))
     assert Plan(**json.loads((tmp_path / "run" / "plan.json").read_text())) == cached
+
+
+def _fake_timings(monkeypatch, compile_s: float, run_s: float):
+    """time_plan replaced: each candidate 'compiles' for compile_s and runs for run_s seconds of
+    a fake clock that choose() charges to the budget."""
+    now = [0.0]
+    timed = []
+    monkeypatch.setattr(plan, "_clock", lambda: now[0])
+
+    def fake_time_plan(candidate, make_step, num_peers, width, deadline=None):
+        now[0] += compile_s + run_s
+        timed.append(candidate)
+        return plan.Timing(candidate, compile_s, run_s, width, 1, 0)
+
+    monkeypatch.setattr(plan, "time_plan", fake_time_plan)
+    return timed
+
+
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+def test_on_accelerators_the_budget_counts_compiles(backend, monkeypatch, tmp_path):
+    """10 s compiles, 1 s runs, a 30 s budget: a CPU charges the runs only and times all 4
+    candidates; an accelerator charges the compiles too and starts a candidate only while the
+    spent time plus the longest compile fits (2 candidates, 22 s)."""
+    timed = _fake_timings(monkeypatch, compile_s=10.0, run_s=1.0)
+    logs = []
+    config = dataclasses.replace(SMALL, num_peers=64)
+    chosen, timings = plan.choose(config, lambda p, w: None, backend=backend, device_kind="t",
+                                  input_shape=(28, 28, 1), num_classes=10, budget_s=30.0,
+                                  cache_dir=str(tmp_path), log=logs.append)
+    if backend == "cpu":
+        assert len(timed) == len(plan.candidates(config, "cpu")) == 4
+        assert "in 4.0 s (+ 40.0 s compiling)" in logs[0]
+    else:
+        assert timed == [Plan(0, ""), Plan(8, "")]
+        assert "in 22.0 s (20.0 s of it compiling)" in logs[0]
+        assert "not timed (budget 30 s): chunks of 1" in logs[0]
+        assert chosen == Plan(0, "")  # The rule without the minimum set: all peers at once.
+
+
+def _cnn_options(monkeypatch, tmp_path, backend, *, available, patch_bytes=2**30,
+                 failing=("lax",)):
+    """choose() for a 64-peer CNN whose im2col buffer is `patch_bytes` a peer; the lowerings in
+    `failing` fail to compile. Returns (timed plans, skipped reasons by plan, log)."""
+    monkeypatch.setattr(plan, "_clock", lambda: 0.0)
+    timed = []
+
+    def fake_time_plan(candidate, make_step, num_peers, width, deadline=None):
+        if candidate.conv_impl in failing:
+            raise RuntimeError("RESOURCE_EXHAUSTED")
+        timed.append(candidate)
+        return plan.Timing(candidate, 0.0, 1.0, width, 1, 0)
+
+    monkeypatch.setattr(plan, "time_plan", fake_time_plan)
+
+    def make_step(p, w):
+        raise AssertionError("not called")
+
+    make_step.patch_bytes = lambda: patch_bytes
+    logs = []
+    plan.choose(Config(num_peers=64), make_step, backend=backend, device_kind="t",
+                input_shape=(28, 28, 1), num_classes=10, budget_s=1e9, cache_dir=str(tmp_path),
+                log=logs.append, state_bytes=2**30, available_bytes=available)
+    return timed, logs[0]
+
+
+def test_im2col_lowerings_are_tried_only_when_memory_allows_or_lax_fails(monkeypatch, tmp_path):
+    # 1 GiB of patches a peer, 1 GiB of state, 10 GiB available: chunks of up to 8 peers fit.
+    timed, log = _cnn_options(monkeypatch, tmp_path / "a", "gpu", available=10 * 2**30,
+                              failing=())
+    im2col = {p for p in timed if p.conv_impl in plan.IM2COL_IMPLS}
+    assert {p.peer_chunk for p in im2col} == {1, 4, 8}
+    assert "all peers at once, conv gather: skipped (memory: its im2col buffer 64.00 GiB for " \
+           "64 peers + state 1.00 GiB > 10.00 GiB available; tried only if lax fails)" in log
+    assert "chunks of 16, conv shift_concat: skipped (memory: " in log
+    # Every lax candidate failed: the im2col lowerings are tried whatever the memory says.
+    timed, log = _cnn_options(monkeypatch, tmp_path / "b", "gpu", available=10 * 2**30)
+    assert Plan(0, "gather") in timed and "memory:" not in log
+    # Enough memory: all are timed; unknown memory: all are timed.
+    timed, _ = _cnn_options(monkeypatch, tmp_path / "c", "gpu", available=2**50, failing=())
+    assert len(timed) == len(plan.candidates(Config(num_peers=64), "gpu"))
+    timed, _ = _cnn_options(monkeypatch, tmp_path / "d", "cpu", available=None, failing=())
+    assert len(timed) == len(plan.candidates(Config(num_peers=64), "cpu"))
+
+
+def test_im2col_bytes_counts_every_convolutions_patches():
+    import jax
+    import jax.numpy as jnp
+
+    model = runner.build_model(Config(), 10, Plan(0, "lax"))
+    sample = jnp.zeros((1, 28, 28, 1))
+    params = model.init(jax.random.key(0), sample)["params"]
+    # conv1: 26x26 pixels x 9x1 taps, conv2: 24x24 x 9x32; x2 (patches and their gradient).
+    expected = 2 * 4 * 16 * (26 * 26 * 9 * 1 + 24 * 24 * 9 * 32)
+    assert plan.im2col_bytes(runner.make_apply_fn(model), params, sample, 16) == expected
+
+
+def test_the_plan_cache_lives_beside_the_compile_cache(monkeypatch, tmp_path):
+    monkeypatch.delenv("MARFL_PLAN_CACHE", raising=False)
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "cache" / "xla"))
+    assert plan.default_cache_dir() == str(tmp_path / "cache" / "plans")
+    monkeypatch.setenv("MARFL_PLAN_CACHE", str(tmp_path / "mine"))
+    assert plan.default_cache_dir() == str(tmp_path / "mine")

@@ -114,6 +114,16 @@ def test_memory_estimate_parts():
         memory.check_fits(estimate, 2 * 10**9, num_peers=8, peer_chunk=0)
     with pytest.raises(ConfigError, match="use a smaller --peer_chunk"):
         memory.check_fits(estimate, 10**9, num_peers=8, peer_chunk=4)
+    # The most peers that fit: all at once, (2e9 - 1e8) / (2.5e8 state + 0.625e8 step) a peer;
+    # chunked, the step's 5e8 is fixed: (1e9 - 1e8 - 5e8) / 2.5e8.
+    with pytest.raises(ConfigError, match=r"fewer --num_peers \(about 6 fit at these settings\)"
+                       r".*XLA_PYTHON_CLIENT_MEM_FRACTION of its memory \(now 0\.5\): set e\.g\. "
+                       r"XLA_PYTHON_CLIENT_MEM_FRACTION=0\.95"):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5")
+            memory.check_fits(estimate, 2 * 10**9, num_peers=8, peer_chunk=0)
+    assert memory.largest_fitting_peers(estimate, 10**9, num_peers=8, peer_chunk=4) == 1
+    assert memory.largest_fitting_peers(estimate, 10**7, num_peers=8, peer_chunk=4) == 0
     # On a CPU the figure is the kernel's MemAvailable.
     with open("/proc/meminfo") as f:
         meminfo = dict(line.split(":", 1) for line in f)

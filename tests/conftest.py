@@ -13,6 +13,9 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="marfl_jax_cache_")
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+# The plans chosen by tests stay in the session's own folder (not beside a shared cache).
+os.environ.setdefault("MARFL_PLAN_CACHE",
+                      os.path.join(os.environ["JAX_COMPILATION_CACHE_DIR"], "plans"))
 
 import subprocess  # noqa: E402
 

@@ -92,15 +92,16 @@ def _segments(ids: jax.Array, num_groups: int):
     return segment, present, mixing.member_group_sizes(ids, num_groups).astype(jnp.float32)
 
 
-def _max_except_self(values: jax.Array, ids: jax.Array, num_groups: int) -> jax.Array:
+def _max_except_self(values: jax.Array, seg: mixing.Segments, ids: jax.Array,
+                     num_groups: int) -> jax.Array:
     """For each peer, the max of `values` over the other members of its group (-inf alone).
     From each group's largest value, its count and its second largest: O(N log N), no float
-    scatter (`mixing.segment_max`)."""
-    top = mixing.segment_max(values, ids, num_groups)
+    scatter (`mixing.segment_scan` over `seg`, the round's peers sorted by group)."""
+    top = mixing.segment_scan(values, seg, jnp.maximum)
     is_top = values == top
     segment = jnp.where(ids >= 0, ids, num_groups)
     ties = jax.ops.segment_sum(is_top.astype(jnp.int32), segment, num_segments=num_groups + 1)
-    second = mixing.segment_max(jnp.where(is_top, -jnp.inf, values), ids, num_groups)
+    second = mixing.segment_scan(jnp.where(is_top, -jnp.inf, values), seg, jnp.maximum)
     return jnp.where(is_top & (ties[segment] == 1), second, top)
 
 
@@ -125,8 +126,10 @@ def _exchange(ids, num_groups, links: Links, flow_bytes):
     up = cost / links.uplink_bps
     down = cost / links.downlink_bps
 
+    seg = mixing.segments(ids, num_groups)  # Sorted once for the round's three maxima.
+
     def others(values):
-        return _max_except_self(jnp.where(present, values, -jnp.inf), ids, num_groups)
+        return _max_except_self(jnp.where(present, values, -jnp.inf), seg, ids, num_groups)
 
     latest_mate = others(half_latency)
     received = half_latency + jnp.maximum(others(half_latency + up), down + latest_mate)

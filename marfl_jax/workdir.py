@@ -43,11 +43,13 @@ def locked(workdir: str):
     included), so a dead run leaves nothing that blocks: the file itself stays, unlocked.
     flock locks belong to the open file, so a second `locked` on one workdir in the same process
     is refused too. A workdir this call created and the run left empty (refused before it wrote
-    anything) is removed again."""
+    anything) is removed again.
+
+    A workdir that cannot be made, or in which the lock file cannot be written, raises
+    ConfigError in one line naming --workdir and the OS's reason (`usable`)."""
     created = not os.path.exists(workdir)
-    os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, LOCK_FILE)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = usable(workdir, path)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -64,6 +66,36 @@ def locked(workdir: str):
             os.remove(path)
             os.rmdir(workdir)
         os.close(fd)  # Releases the lock.
+
+
+def usable(workdir: str, path: str) -> int:
+    """Makes `workdir` (and its parents) if need be and opens its lock file `path` for writing
+    (the file descriptor); ConfigError, in one line, when either fails."""
+    existing = os.path.abspath(workdir)
+    while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)  # The nearest folder (or file) that exists.
+    if not os.path.isdir(existing):
+        where = "it" if existing == os.path.abspath(workdir) else existing
+        raise ConfigError(f"--workdir={workdir} cannot be made: {where} is a file, not a folder")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"--workdir={workdir} cannot be made: {_reason(error, workdir)}"
+                          ) from None
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as error:
+        raise ConfigError(f"--workdir={workdir} is not writable: {_reason(error, workdir)}"
+                          ) from None
+
+
+def _reason(error: OSError, workdir: str) -> str:
+    """The OS's reason for `error`, with the path it concerns when that is not `workdir`
+    (a parent that is a file, a lock file that cannot be created)."""
+    reason = error.strerror or type(error).__name__
+    if error.filename and os.path.normpath(str(error.filename)) != os.path.normpath(workdir):
+        reason += f" ({error.filename})"
+    return reason
 
 
 def strict_json(value):

@@ -159,3 +159,57 @@ def test_a_checkpoint_that_cannot_be_restored_falls_back_to_the_one_before(tmp_p
             f"no checkpoint under {checkpoints} can be restored (tried 6, 5); remove "
             f"{checkpoints} to start the run again")):
         runner.run(config, str(run))
+
+
+@pytest.mark.parametrize("where,expected", [
+    ("/proc/nope", "--workdir=/proc/nope cannot be made: No such file or directory"),
+    ("/proc/nope/run", "--workdir=/proc/nope/run cannot be made: No such file or directory "
+     "(/proc/nope)"),
+    ("file", "--workdir={tmp}/file cannot be made: it is a file, not a folder"),
+    ("file/run", "--workdir={tmp}/file/run cannot be made: {tmp}/file is a file, not a folder"),
+])
+def test_a_workdir_that_cannot_be_made_is_one_line(where, expected, tmp_path):
+    (tmp_path / "file").write_text("")
+    path = where if where.startswith("/") else str(tmp_path / where)
+    with pytest.raises(ConfigError) as raised:
+        with workdir.locked(path):
+            pass
+    assert str(raised.value) == expected.format(tmp=tmp_path)
+    assert (tmp_path / "file").read_text() == ""
+
+
+def _read_only_folder(tmp_path) -> str:
+    """A folder this process cannot create files in: a tmp_path folder made read-only, or (for
+    root, whom file modes do not stop) /sys, a read-only file system."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    for candidate in (str(folder), "/sys"):
+        try:
+            os.close(os.open(os.path.join(candidate, workdir.LOCK_FILE),
+                             os.O_RDWR | os.O_CREAT, 0o644))
+            os.remove(os.path.join(candidate, workdir.LOCK_FILE))
+        except OSError:
+            return candidate
+    pytest.skip("no folder here refuses this process's writes")
+
+
+def test_a_workdir_that_cannot_be_written_is_one_line(tmp_path):
+    folder = _read_only_folder(tmp_path)
+    with pytest.raises(ConfigError, match=re.escape(
+            f"--workdir={folder} is not writable: ") + r"\S.* \(" + re.escape(
+            os.path.join(folder, workdir.LOCK_FILE) + ")")):
+        with workdir.locked(folder):
+            pass
+
+
+@pytest.mark.smoke
+def test_the_launcher_names_the_workdir_it_cannot_make_in_one_line(tmp_path):
+    """Before any work: no data is loaded, nothing compiled; exit status 2."""
+    result = subprocess.run(
+        [sys.executable, "-m", "launch.train", "--model=mlp", "--workdir=/proc/nope"], cwd=ROOT,
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: --workdir=/proc/nope cannot be made: No such file or directory")
+    assert "Traceback" not in result.stderr and "compiled" not in result.stderr

@@ -7,6 +7,7 @@ a temporary name and renamed over the old one; rows are appended one line at a t
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import fcntl
@@ -14,7 +15,6 @@ import json
 import math
 import os
 import shutil
-import sys
 
 import jax
 from absl import logging
@@ -242,15 +242,14 @@ class Checkpoints:
         failed = []
         for step in sorted(self._manager.all_steps(), reverse=True):
             try:
-                restored = self._manager.restore(step, args=args.Composite(
-                    state=args.StandardRestore(abstract), host=args.JsonRestore()))
+                with draining_event_loops():
+                    restored = self._manager.restore(step, args=args.Composite(
+                        state=args.StandardRestore(abstract), host=args.JsonRestore()))
             except Exception as error:  # noqa: BLE001 (any failure: try the one before).
-                reason = " ".join(f"{type(error).__name__}: {error}".split())
                 logging.warning("checkpoint %s cannot be restored (%s); trying the one "
                                 "before it", os.path.join(self.directory, str(step)),
-                                reason[:300])
+                                restore_failure(error))
                 failed.append(step)
-                _quiet_closed_loop_callbacks()
                 continue
             for bad in failed:
                 self._manager.delete(bad)
@@ -264,22 +263,51 @@ class Checkpoints:
             f"{', '.join(map(str, failed))}); remove {self.directory} to start the run again "
             "from iteration 0 (its rows are rewritten), or use another --workdir")
 
-def _quiet_closed_loop_callbacks() -> None:
-    """Drops the reports of one harmless exception from then on: after a failed restore,
-    tensorstore's reads still in flight complete on its threads and call back into the asyncio
-    loop orbax closed, each printing a traceback ('Event loop is closed') through
-    sys.unraisablehook. Every other unraisable exception is reported as before."""
-    previous = sys.unraisablehook
-    if getattr(previous, "quiets_closed_loops", False):
-        return
 
-    def hook(unraisable):
-        error = unraisable.exc_value
-        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
-            previous(unraisable)
+def restore_failure(error: BaseException, limit: int = 400) -> str:
+    """Why a restore failed, in one line: the error and its cause (tensorstore's reason, e.g.
+    'OUT_OF_RANGE: ... byte range ... is not valid'), without orbax's dump of the TensorStore
+    spec, cut at `limit` characters."""
+    parts = []
+    while error is not None and len(parts) < 3:
+        text = str(error).split(" See full TensorStore details")[0].rstrip(".")
+        parts.append(" ".join(f"{type(error).__name__}: {text}".split()))
+        error = error.__cause__
+    reason = "; ".join(parts)
+    return reason if len(reason) <= limit else reason[:limit - 3] + "..."
 
-    hook.quiets_closed_loops = True
-    sys.unraisablehook = hook
+
+class _DrainingEventLoop(asyncio.SelectorEventLoop):
+    """An event loop whose close() first cancels the tasks still pending and runs them to
+    their end, as asyncio.run does (orbax closes its loop without: after one read of a failed
+    restore raises, the reads of the other arrays stay pending, and their coroutines, collected
+    later, each print a traceback with the TensorStore spec, and tensorstore's callbacks find a
+    closed loop)."""
+
+    def close(self) -> None:
+        if not self.is_running() and not self.is_closed():
+            pending = [task for task in asyncio.all_tasks(self) if not task.done()]
+            for task in pending:
+                task.cancel()
+            if pending:  # Their errors are the failed restore's, already raised and reported.
+                self.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        super().close()
+
+
+class _DrainingPolicy(asyncio.DefaultEventLoopPolicy):
+    _loop_factory = _DrainingEventLoop
+
+
+@contextlib.contextmanager
+def draining_event_loops():
+    """Within the block, asyncio.new_event_loop() makes `_DrainingEventLoop`s (the policy
+    before it is put back after)."""
+    previous = asyncio.get_event_loop_policy()
+    asyncio.set_event_loop_policy(_DrainingPolicy())
+    try:
+        yield
+    finally:
+        asyncio.set_event_loop_policy(previous)
 
 
 def write_json(path: str, value: dict) -> None:

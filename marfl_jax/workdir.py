@@ -15,6 +15,7 @@ import json
 import math
 import os
 import shutil
+import warnings
 
 import jax
 from absl import logging
@@ -294,20 +295,27 @@ class _DrainingEventLoop(asyncio.SelectorEventLoop):
         super().close()
 
 
-class _DrainingPolicy(asyncio.DefaultEventLoopPolicy):
-    _loop_factory = _DrainingEventLoop
-
-
 @contextlib.contextmanager
 def draining_event_loops():
-    """Within the block, asyncio.new_event_loop() makes `_DrainingEventLoop`s (the policy
-    before it is put back after)."""
-    previous = asyncio.get_event_loop_policy()
-    asyncio.set_event_loop_policy(_DrainingPolicy())
+    """Within the block, asyncio.new_event_loop() makes `_DrainingEventLoop`s (through an event
+    loop policy; the one before it is put back after). Policies are deprecated from Python 3.14
+    (their warning is silenced here) and where they are gone, the block changes nothing."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        base = getattr(asyncio, "DefaultEventLoopPolicy", None)
+        if base is None:
+            previous = None
+        else:
+            policy = type("_DrainingPolicy", (base,), {"_loop_factory": _DrainingEventLoop})()
+            previous = asyncio.get_event_loop_policy()
+            asyncio.set_event_loop_policy(policy)
     try:
         yield
     finally:
-        asyncio.set_event_loop_policy(previous)
+        if previous is not None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                asyncio.set_event_loop_policy(previous)
 
 
 def write_json(path: str, value: dict) -> None:

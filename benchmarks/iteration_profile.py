@@ -35,10 +35,10 @@ import jax.numpy as jnp
 import optax
 
 from benchmarks import training_throughput as tt
-from marfl_jax import Config, layers, local, mixing, runner
+from marfl_jax import Config, assemble, layers, local, mixing, models, runner
 from marfl_jax import data as data_lib
 from marfl_jax import plan as plan_lib
-from marfl_jax.core import init_state, make_iteration
+from marfl_jax.core import make_iteration
 
 
 def _parse_args(argv=None):
@@ -191,12 +191,11 @@ def step_parts(config, model, params, apply_fn, optimizer, width, repeats):
 def iteration_parts(config, repeats):
     """Table 2's rows: (name, seconds per iteration) of the run's pieces, and the run's own
     wall seconds per iteration (iterations 1 to T-1, evaluations included)."""
-    dataset, data, test_images, test_labels = runner.load_data(config)
-    model = runner.build_model(config, dataset.num_classes, plan_lib.fixed(config))
-    sim = runner.make_simulation(config, model)
+    dataset, data, test_images, test_labels = assemble.load_data(config)
+    model = assemble.build_model(config, dataset.num_classes, plan_lib.fixed(config))
+    sim = assemble.simulation(config, model)
     key = jax.random.key(config.seed)
-    state = init_state(model, sim.optimizer, test_images[:1], config.num_peers, key,
-                       sim.churn_model, sim.privacy)
+    state = assemble.initial_state(config, model, sim, test_images[:1])
     iteration = jax.jit(make_iteration(sim), donate_argnums=0)
     keys = iter(jax.random.split(key, 10_000))
 
@@ -229,7 +228,8 @@ def iteration_parts(config, repeats):
     grid = getattr(sim.algorithm, "grid", None)
     schedule = sim.algorithm.schedule(jnp.ones((sim.algorithm.num_rounds, config.num_peers),
                                                bool), key)
-    mix = jax.jit(lambda tree: mixing.mix(tree, schedule, sim.algorithm.num_groups, grid))
+    mixer = mixing.mixer(sim.algorithm.num_groups, grid=grid)
+    mix = jax.jit(lambda tree: mixing.mix(tree, schedule, mixer))
     mixing_s = _time(mix, shared, repeats=repeats)
     present = jnp.ones(config.num_peers, bool)
     consensus = jax.jit(mixing.consensus_distance)
@@ -266,9 +266,9 @@ def main(argv=None) -> None:
     _, peak = tt.measure_peak(2048, args.repeats)
     print(_cpu_line(peak))
     dataset_classes = 10
-    model = runner.build_model(config, dataset_classes, plan_lib.fixed(config))
+    model = assemble.build_model(config, dataset_classes, plan_lib.fixed(config))
     params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
-    apply_fn = runner.make_apply_fn(model)
+    apply_fn = models.make_apply_fn(model)
     optimizer = local.momentum_sgd(config.learning_rate, config.momentum)
     width = min(config.peer_chunk or config.num_peers, config.num_peers)
     rows = step_parts(config, model, params, apply_fn, optimizer, width, args.repeats)

@@ -51,11 +51,6 @@ class Params(NamedTuple):
     sigma: float = 1.0  # --attack_sigma: gaussian's standard deviation.
     tau: float = 1.5  # --attack_tau: alie's and ipm's factor.
 
-    @classmethod
-    def of(cls, config) -> Params:
-        """The parameters a Config's flags set."""
-        return cls(float(config.attack_sigma), float(config.attack_tau))
-
 
 def _slots(mask: jax.Array, x: jax.Array) -> jax.Array:
     """mask (G, M) broadcast against x (G, M, ...)."""
@@ -101,11 +96,14 @@ class Attack(NamedTuple):
       description: one line for the log and --help.
       poisons_labels: a data poisoning attack: messages are left as they are (`forge` is not
         called); the attackers' labels are to be flipped where the data is prepared.
+      check: (params) -> None, or what is wrong with them, naming the flag (asked at
+        validation, before any work).
     """
 
     forge: Callable[[Any, jax.Array, jax.Array, Params], Any] | None
     description: str = ""
     poisons_labels: bool = False
+    check: Callable[[Params], str | None] | None = None
 
     def apply(self, received, present: jax.Array, byzantine: jax.Array, key: jax.Array,
               params: Params | None = None):
@@ -159,14 +157,18 @@ ATTACKS.register("sign_flip", Attack(sign_flip, "minus the group's honest mean")
 ATTACKS.register("gaussian", Attack(gaussian, "N(0, sigma^2) per coordinate (--attack_sigma)"))
 ATTACKS.register("alie", Attack(alie, "a little is enough: honest mean + tau * honest std "
                                 "(--attack_tau)"))
+def _positive_tau(params: Params) -> str | None:
+    return None if params.tau > 0 else (
+        f"--attack_tau={params.tau!r} is not allowed with --attack=ipm; use a number > 0 (it "
+        "sends -tau times the honest mean)")
+
+
 ATTACKS.register("ipm", Attack(ipm, "inner product manipulation: -tau * the honest mean "
-                               "(--attack_tau)"))
+                               "(--attack_tau)", check=_positive_tau))
 ATTACKS.register("label_flip", Attack(None, "data poisoning: flipped labels, messages as they "
                                       "are", poisons_labels=True))
 
 
-def get(attack: str | Attack | None) -> Attack:
-    """An Attack from a registered name, an Attack, or None ('none')."""
-    if attack is None:
-        return ATTACKS.get("none")
-    return ATTACKS.get(attack) if isinstance(attack, str) else attack
+def get(name: str) -> Attack:
+    """The Attack registered as `name` (ConfigError naming --attack if none)."""
+    return ATTACKS.get(name)

@@ -135,11 +135,14 @@ class Wire(NamedTuple):
       combine: how a group combines the copies it receives through a lossy codec,
         `(tree (N, ...), ids (N,), num_groups, roundtrip, unit) -> tree` (`mixing.coded_*`);
         None: a lossy --codec is refused on this wire (never another wire's rule instead).
+      slices: each member reduces only its slice of the message (butterfly), so a group rule
+        other than the mean, or an attack, would run per slice: refused at validation.
     """
 
     cost: Cost
     seconds: Callable[..., clock.RoundTimes] | None = None
     combine: Callable[..., Any] | None = None
+    slices: bool = False
 
 
 ALLGATHER = Wire(allgather_cost, clock.allgather, mixing.coded_allgather)
@@ -149,7 +152,8 @@ RELAY = Wire(allgather_cost, clock.relay, mixing.coded_allgather)
 
 WIRE_MODELS: Registry[Wire] = Registry("wire")
 WIRE_MODELS.register("allgather", ALLGATHER)
-WIRE_MODELS.register("butterfly", Wire(butterfly_cost, clock.butterfly, mixing.coded_butterfly))
+WIRE_MODELS.register("butterfly", Wire(butterfly_cost, clock.butterfly, mixing.coded_butterfly,
+                                       slices=True))
 WIRE_MODELS.register("star", Wire(star_cost, clock.star, mixing.coded_server))
 WIRE_MODELS.register("relay", RELAY)
 

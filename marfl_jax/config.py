@@ -23,7 +23,6 @@ from marfl_jax.registry import ConfigError
 
 __all__ = ["Config", "ConfigError", "SECTIONS", "field_choices", "field_help", "peer_count"]
 
-TEXT_DATASETS = ("bbc_news", "20newsgroups")
 PRECISIONS = ("highest", "high", "default")
 DP_ACCOUNTING = "dp-accounting==0.6.0"
 T = TypeVar("T")
@@ -306,6 +305,7 @@ class Config:
                 _check(check[0](value), f.name, value, check[1])
         self._check_data()
         self._check_aggregator()
+        self._check_wire()
         self._check_attack()
         self._check_participation()
         self._check_distillation()
@@ -315,38 +315,71 @@ class Config:
         return self
 
     def _check_data(self) -> None:
-        text = self.dataset in TEXT_DATASETS
-        if self.model == "cnn" and text:
-            raise ConfigError(f"--model=cnn is not allowed with --dataset={self.dataset}: the "
-                              "CNN takes images; use --model=text_head (or mlp)")
-        if self.model == "text_head" and not text:
-            raise ConfigError(f"--model=text_head is not allowed with --dataset={self.dataset}: "
-                              "it takes text features; use one of: " + ", ".join(TEXT_DATASETS))
-        if text and self.encoder == "npz" and not self.features:
+        from marfl_jax import data, models  # Deferred: they import jax.
+
+        gives = getattr(data.DATASETS.get(self.dataset), "inputs", None)
+        takes = getattr(models.MODELS.get(self.model), "inputs", None)
+        if gives and takes and gives not in takes:
+            fitting = [name for name in models.MODELS.names()
+                       if gives in getattr(models.MODELS.get(name), "inputs", (gives,))]
+            raise ConfigError(f"--model={self.model} is not allowed with --dataset="
+                              f"{self.dataset}: the model takes {' or '.join(takes)}, the "
+                              f"dataset gives {gives}; use --model= one of: "
+                              + ", ".join(fitting))
+        if gives == "features" and self.encoder == "npz" and not self.features:
             raise ConfigError("--encoder=npz needs --features=PATH.npz (arrays x_train, y_train, "
                               "x_test, y_test)")
 
-    def _check_aggregator(self) -> None:
-        from marfl_jax import algorithms, comm, rules  # Deferred: they import jax.
+    def _algorithm(self):
+        from marfl_jax import algorithms  # Deferred: it imports jax.
 
-        exact_mean = rules.RULES.get(self.aggregator).exact_mean
-        if self.dp and not exact_mean:
+        return algorithms.make_algorithm(self.settings(algorithms.Settings))
+
+    def _check_aggregator(self) -> None:
+        from marfl_jax import rules  # Deferred: it imports jax.
+
+        rule = rules.RULES.get(self.aggregator)
+        if self.dp and not rule.exact_mean:
             raise ConfigError(f"--aggregator={self.aggregator} is not allowed with --dp: DP's "
                               "noise and accounting assume the group mean of the clipped "
                               "updates; use --aggregator=mean")
-        slots = not exact_mean or self.byzantine_fraction > 0
-        if slots and (comm.get_wire(algorithms.make_algorithm(self).wire)
-                      is comm.get_wire("butterfly")):
+        largest = self._algorithm().max_group_size
+        if rule.honest_majority and 2 * self.aggregator_f >= largest:
             raise ConfigError(
-                f"--wire=butterfly is not built for --aggregator={self.aggregator} or Byzantine "
-                "peers (the rule would run per slice at each slice's owner); use "
-                "--wire=allgather")
+                f"--aggregator_f={self.aggregator_f} with --aggregator={self.aggregator}: a "
+                f"full group of {largest} has no honest majority for f; use --aggregator_f < "
+                f"{largest / 2:g}")
+
+    def _check_wire(self) -> None:
+        """What the algorithm's wire can do, asked once: slots (a rule other than the mean, or
+        attackers) on a wire that slices the message, a lossy codec on a wire that cannot
+        combine coded copies, the clock on a wire without timing."""
+        from marfl_jax import codec, comm, rules  # Deferred: they import jax.
+
+        wire_name = self._algorithm().wire
+        wire, label = comm.get_wire(wire_name), comm.wire_label(wire_name)
+        slots = not rules.RULES.get(self.aggregator).exact_mean or self.byzantine_fraction > 0
+        if slots and wire.slices:
+            raise ConfigError(
+                f"--wire={self.wire} slices the message (each member reduces its slice) and is "
+                f"not built for --aggregator={self.aggregator} or Byzantine peers (the rule "
+                "would run per slice at each slice's owner); use --wire=allgather")
+        if not codec.CODECS.get(self.codec).lossless and wire.combine is None:
+            raise ConfigError(f"--codec={self.codec}: the wire {label} of --algorithm="
+                              f"{self.algorithm} does not say how a group combines copies "
+                              "received through a lossy codec (Wire.combine is None); use "
+                              "--codec=float32 or give the wire a combine")
+        if self.network != "none" and wire.seconds is None:
+            raise ConfigError(f"--network={self.network}: the wire {label} of --algorithm="
+                              f"{self.algorithm} (--wire={self.wire}) has no clock timing "
+                              "(marfl_jax.comm.Wire.seconds); give it one")
 
     def _check_attack(self) -> None:
         from marfl_jax import adversary, attacks  # Deferred: they import jax.
 
         attackers = adversary.pool_size(self.num_peers, self.byzantine_fraction)
-        if (self.attack != "none") != (attackers > 0):
+        attack = attacks.ATTACKS.get(self.attack)
+        if (attack.forge is not None or attack.poisons_labels) != (attackers > 0):
             raise ConfigError(
                 f"--attack={self.attack} with --byzantine_fraction={self.byzantine_fraction} "
                 f"({attackers} of {self.num_peers} peers): an attack needs attackers and "
@@ -355,20 +388,10 @@ class Config:
         if attackers and self.dp:
             raise ConfigError("--byzantine_fraction is not allowed with --dp: DP's noise and "
                               "accounting assume honest clipped updates; use one or the other")
-        limit = self._largest_group() if self.aggregator in ("trimmed_mean", "krum") else None
-        if limit is not None and 2 * self.aggregator_f >= limit:
-            raise ConfigError(
-                f"--aggregator_f={self.aggregator_f} with --aggregator={self.aggregator}: a "
-                f"full group of {limit} has no honest majority for f; use --aggregator_f < "
-                f"{limit / 2:g}")
-        if self.attack == "ipm":
-            _check(self.attack_tau > 0, "attack_tau", self.attack_tau,
-                   "a number > 0 with --attack=ipm (it sends -tau times the honest mean)")
-
-    def _largest_group(self) -> int:
-        from marfl_jax import algorithms  # Deferred: it imports jax.
-
-        return algorithms.make_algorithm(self).max_group_size
+        problem = attack.check and attack.check(
+            attacks.Params(float(self.attack_sigma), float(self.attack_tau)))
+        if problem:
+            raise ConfigError(problem)
 
     def _check_participation(self) -> None:
         for name in ("update_fraction", "aggregate_fraction"):
@@ -380,9 +403,7 @@ class Config:
                    f"{count} peers would take part")
 
     def _check_distillation(self) -> None:
-        from marfl_jax import algorithms  # Deferred: it imports jax.
-
-        if self.mkd and not algorithms.make_algorithm(self).group_keys:  # Only when --mkd.
+        if self.mkd and not self._algorithm().group_keys:  # Only when --mkd.
             raise ConfigError(f"--mkd is not allowed with --algorithm={self.algorithm}; "
                               "MKD distils within MAR-FL's groups: use --algorithm=marfl")
 
@@ -434,24 +455,6 @@ class Config:
         the runner receive these, never the Config."""
         return kind(*(getattr(self, name) for name in kind._fields))
 
-    def churn_model(self):
-        from marfl_jax import churn  # Deferred: churn imports jax.
-
-        return churn.ChurnModel(self.update_fraction, self.aggregate_fraction, self.dropout,
-                                self.dropout_timing, self.availability, self.mean_on_iterations,
-                                self.mean_off_iterations)
-
-    def distillation(self):
-        """MKD's settings, or None when --mkd is off. Under DP the CE term is dropped (the
-        authors: it would leak the labels past the noise)."""
-        if not self.mkd:
-            return None
-        from marfl_jax import mkd  # Deferred: mkd imports jax.
-
-        return mkd.Distillation(self.mkd_iterations, self.mkd_temperature,
-                                self.mkd_teacher_fraction, self.mkd_batches,
-                                blend=not self.mkd_no_blending, include_ce=not self.dp)
-
     @property
     def aggregating_peers(self) -> int:
         """n_0: peers drawn to aggregate each iteration (before dropout)."""
@@ -460,17 +463,6 @@ class Config:
     @property
     def privacy_delta(self) -> float:
         return self.dp_delta or self.num_peers**-1.1
-
-    def privacy(self):
-        """DP's settings, or None when --dp is off."""
-        if not self.dp:
-            return None
-        from marfl_jax import dp  # Deferred: dp imports jax.
-
-        return dp.Privacy(self.dp_noise_multiplier, self.dp_initial_clip,
-                          self.dp_target_quantile, self.dp_clip_lr, self.dp_server_lr,
-                          self.dp_server_momentum, self.aggregating_peers,
-                          split_on_aggregating=self.dp_noise_peers == "aggregating")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)

@@ -17,11 +17,14 @@ mixing matrix (measured slower by 4x at N=1024; docs/design.md).
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from marfl_jax import rules as rules_lib
 
 ABSENT = -1
 
@@ -287,63 +290,81 @@ def butterfly_slice(columns: int, sizes: jax.Array, unit: int = 1) -> jax.Array:
     return (position * sizes[:, None]) // units
 
 
-def mix(tree, schedule: jax.Array, num_groups: int, grid: Grid | None = None,
-        roundtrip=None, combine=None, unit: int = 1, rule=None,
-        max_group_size: int | None = None, transform=None, key: jax.Array | None = None):
-    """Applies the rounds of a schedule in order. schedule: (G, N) group ids; returns the tree.
+class Mixer(NamedTuple):
+    """How one run's groups combine their copies in a round, resolved once (`mixer`).
 
-    `rule`: the group rule (`marfl_jax.rules`: a registered name or a Rule; None = the mean).
-    A rule with `exact_mean` takes the mean's fast paths; any other rule runs every round through
-    `combine_groups` (slots of at most `max_group_size` members, default N).
-    With `grid` (the schedule's grid at full participation) and an exact mean, the rounds are
-    means along grid axes, which commute and repeat idempotently, so they run as ONE mean over
-    the axes the rounds cover (equal in exact arithmetic; members end bitwise equal) -- but only
-    where the round's schedule is checked to be that grid (`on_grid`, O(G N) integer work in
-    the step): otherwise (someone absent, groups redrawn) the segment means run instead.
-    With `roundtrip` (a lossy codec's tree -> decoded tree) every round is
-    `combine(tree, round_ids, num_groups, roundtrip, unit)`, the wire's way of combining coded
-    copies (`coded_allgather`, `coded_server`, `coded_butterfly`: `marfl_jax.comm.Wire.combine`;
-    the grid is not used: members end apart); only an exact-mean rule is defined there, and a
-    lossy round trip without a `combine` is refused.
-    With `transform` (`marfl_jax.adversary.message_transform`: what members receive from what
-    their mates hold, e.g. an attack then the codec), every round runs through the slots:
-    gather, `transform(slots, filled, slot_peer, fold_in(key, r))`, the rule, scatter back
-    (`roundtrip` and `combine` are then not used: the transform encodes)."""
-    from marfl_jax import rules as rules_lib  # Deferred: rules is a leaf; mixing stays first.
+    Attributes:
+      round: (tree (N, ...), group_ids (N,), key or None) -> tree, one round.
+      num_groups: the bound on the group ids of a round.
+      grid: the schedule's grid at full participation, only for the exact mean (`mix` then runs
+        the rounds as one grid mean where the step's schedule is that grid), else None.
+    """
 
-    rule = rules_lib.get(rule)
-    if transform is not None:
-        size = schedule.shape[1] if max_group_size is None else max_group_size
-        for r, round_ids in enumerate(schedule):
-            tree = combine_groups(tree, round_ids, num_groups, rule, size, transform,
-                                  jax.random.fold_in(key, r))
-        return tree
-    if roundtrip is not None:
-        if not rule.exact_mean:
+    round: Callable[[Any, jax.Array, jax.Array | None], Any]
+    num_groups: int
+    grid: Grid | None = None
+
+
+def mixer(num_groups: int, rule: rules_lib.Rule = rules_lib.MEAN, *,
+          max_group_size: int | None = None, grid: Grid | None = None, roundtrip=None,
+          combine=None, unit: int = 1, transform=None) -> Mixer:
+    """The round function of a rule, a codec, a wire and an attack, chosen once.
+
+    * `transform` (`marfl_jax.adversary.message_transform`: what members receive from what
+      their mates hold, e.g. an attack then the codec): every round runs through the slots,
+      gather, `transform(slots, filled, slot_peer, key)`, the rule, scatter back
+      (`combine_groups`; `roundtrip` and `combine` are not used: the transform encodes).
+    * `roundtrip` (a lossy codec's tree -> decoded tree): every round is
+      `combine(tree, ids, num_groups, roundtrip, unit)`, the wire's way of combining coded
+      copies (`coded_allgather`, `coded_server`, `coded_butterfly`: `marfl_jax.comm.Wire`);
+      only an exact-mean rule is defined there, and a round trip without a `combine` is refused.
+    * a rule without `exact_mean`: every round through the slots (`combine_groups`).
+    * the exact mean: segment means (`group_mean`), and with `grid` the grid mean where the
+      schedule is the grid (see `mix`).
+    Slots hold at most `max_group_size` members (default N); the segment sums scan that far."""
+    if transform is not None or not rule.exact_mean:
+        if roundtrip is not None and transform is None:
             raise ValueError("a lossy codec's round trip is defined only for an exact-mean rule "
                              "(--aggregator=mean)")
+
+        def through_slots(tree, ids, key):
+            size = ids.shape[0] if max_group_size is None else max_group_size
+            return combine_groups(tree, ids, num_groups, rule, size, transform, key)
+
+        return Mixer(through_slots, num_groups)
+    if roundtrip is not None:
         if combine is None:
             raise ValueError("a lossy codec's round trip needs the wire's way of combining coded "
                              "copies (marfl_jax.comm.Wire.combine); none was given")
-        for round_ids in schedule:
-            tree = combine(tree, round_ids, num_groups, roundtrip, unit)
-        return tree
-    if not rule.exact_mean:
-        size = schedule.shape[1] if max_group_size is None else max_group_size
-        for round_ids in schedule:
-            tree = combine_groups(tree, round_ids, num_groups, rule, size)
+        return Mixer(lambda tree, ids, key: combine(tree, ids, num_groups, roundtrip, unit),
+                     num_groups)
+    return Mixer(lambda tree, ids, key: group_mean(tree, ids, num_groups,
+                                                   max_group_size=max_group_size),
+                 num_groups, grid)
+
+
+def mix(tree, schedule: jax.Array, mixer: Mixer, key: jax.Array | None = None):
+    """Applies the rounds of a schedule (G, N) group ids in order, each by `mixer.round` (round
+    r's key: fold_in(key, r)); returns the tree.
+
+    With `mixer.grid` (an exact mean at full participation) the rounds are means along grid
+    axes, which commute and repeat idempotently, so they run as ONE mean over the axes the
+    rounds cover (equal in exact arithmetic; members end bitwise equal) -- but only where the
+    step's schedule is checked to be that grid (`on_grid`, O(G N) integer work): otherwise
+    (someone absent, groups redrawn) the rounds run one by one."""
+
+    def rounds(tree):
+        for r, round_ids in enumerate(schedule):  # G is small and static: unrolled.
+            tree = mixer.round(tree, round_ids,
+                               None if key is None else jax.random.fold_in(key, r))
         return tree
 
-    def segment_means(tree):
-        for round_ids in schedule:  # G is small and static: unrolled.
-            tree = group_mean(tree, round_ids, num_groups, max_group_size=max_group_size)
-        return tree
-
+    grid = mixer.grid
     if grid is not None:
-        return jax.lax.cond(on_grid(schedule, grid, num_groups),
+        return jax.lax.cond(on_grid(schedule, grid, mixer.num_groups),
                             lambda t: grid_mean(t, grid.radices, tuple(sorted(set(grid.axes)))),
-                            segment_means, tree)
-    return segment_means(tree)
+                            rounds, tree)
+    return rounds(tree)
 
 
 def grid_group_ids(grid: Grid) -> np.ndarray:

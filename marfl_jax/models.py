@@ -162,6 +162,12 @@ def _text_head(num_classes: int, *, hidden: int = TextHead.hidden,
     return TextHead(num_classes=num_classes, hidden=hidden, dropout=dropout)
 
 
+# What each factory's model takes (`Config.validate` pairs it with the dataset's `inputs`; a
+# factory without the attribute is not checked).
+_cnn.inputs = ("images",)
+_mlp.inputs = ("images", "features")
+_text_head.inputs = ("features",)
+
 # The built-in names, for compatibility; MODELS.names() also lists models registered later.
 MODEL_NAMES = MODELS.names()
 
@@ -195,3 +201,41 @@ def get_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
         raise ValueError(f"num_classes must be >= 1; got {num_classes}")
     _check_keywords(name, factory, kwargs)
     return factory(int(num_classes), **kwargs)
+
+
+def make_apply_fn(model: nn.Module, compute_dtype: str = "float32"):
+    """(params, x, rng=None) -> float32 logits; rng None: evaluation mode, a key: training mode.
+
+    With compute_dtype bfloat16 the parameters and inputs are cast on the way in, so the
+    forward and backward matmuls run in bfloat16 while the gradients reach the float32
+    parameters (the cast's transpose)."""
+    dropout = uses_dropout(model)
+    dtype = jnp.dtype(compute_dtype)
+
+    def apply_fn(params, x, rng=None):
+        if dtype != jnp.float32:
+            params = jax.tree.map(lambda p: p.astype(dtype), params)
+            x = jnp.asarray(x).astype(dtype)
+        if rng is None or not dropout:
+            logits = model.apply({"params": params}, x)
+        else:
+            logits = model.apply({"params": params}, x, train=True, rngs={"dropout": rng})
+        return logits.astype(jnp.float32)
+
+    return apply_fn
+
+
+def train_flops_per_example(apply_fn, params, sample_input: jax.Array) -> float | None:
+    """XLA's count of one example's forward + backward FLOPs (None where it reports none).
+    sample_input: (1, ...)."""
+    import optax
+
+    def loss(p, x, y):
+        return optax.softmax_cross_entropy_with_integer_labels(apply_fn(p, x), y).mean()
+
+    labels = jnp.zeros((1,), jnp.int32)
+    cost = jax.jit(jax.grad(loss)).lower(params, sample_input[:1], labels).compile()
+    cost = cost.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
+    flops = float((cost or {}).get("flops", 0.0))
+    return flops if flops > 0 else None

@@ -62,12 +62,6 @@ class Params(NamedTuple):
     tau: float = 100.0  # --clip_tau: centered clipping's radius.
     iterations: int = 1  # --clip_iterations: centered clipping's L.
 
-    @classmethod
-    def of(cls, config) -> Params:
-        """The parameters a Config's flags set."""
-        return cls(int(config.aggregator_f), float(config.clip_tau),
-                   int(config.clip_iterations))
-
 
 class Rule(NamedTuple):
     """A group rule.
@@ -79,12 +73,15 @@ class Rule(NamedTuple):
       exact_mean: the rule is the unweighted mean of the present members (the fast paths).
       description: one line for the log and --help.
       params: what `combine` gets as `params`.
+      honest_majority: the rule tolerates `params.f` copies only in a group where 2 f < n
+        (validation refuses an f that a full group cannot have).
     """
 
     combine: Callable[[Any, jax.Array, Params], Any]
     exact_mean: bool = False
     description: str = ""
     params: Params = Params()
+    honest_majority: bool = False
 
     def with_params(self, params: Params) -> Rule:
         return self._replace(params=params)
@@ -240,22 +237,21 @@ def centered_clip(received, present: jax.Array, params: Params):
     return jax.lax.fori_loop(0, params.iterations, step, start)
 
 
-RULES.register("mean", Rule(coordinatewise(mean), exact_mean=True,
-                            description="the unweighted group mean"))
+MEAN = Rule(coordinatewise(mean), exact_mean=True, description="the unweighted group mean")
+RULES.register("mean", MEAN)
 RULES.register("median", Rule(coordinatewise(median),
                               description="the coordinate-wise median of the group"))
 RULES.register("trimmed_mean", Rule(trimmed_mean, description="the coordinate-wise mean without "
-                                    "the f largest and f smallest copies (--aggregator_f)"))
+                                    "the f largest and f smallest copies (--aggregator_f)",
+                                    honest_majority=True))
 RULES.register("centered_clip", Rule(centered_clip, description="centered clipping from the "
                                      "median (--clip_tau, --clip_iterations)"))
 RULES.register("krum", Rule(krum, description="the copy nearest its n - f - 1 nearest mates "
-                            "(--aggregator_f)"))
+                            "(--aggregator_f)", honest_majority=True))
 
 
-def get(rule: str | Rule | None, params: Params | None = None) -> Rule:
-    """A Rule from a registered name, a Rule, or None (the mean); with `params`, bound to them."""
-    if rule is None:
-        rule = RULES.get("mean")
-    elif isinstance(rule, str):
-        rule = RULES.get(rule)
+def get(name: str, params: Params | None = None) -> Rule:
+    """The Rule registered as `name` (ConfigError naming --aggregator if none); with `params`,
+    bound to them."""
+    rule = RULES.get(name)
     return rule if params is None else rule.with_params(params)

@@ -32,11 +32,12 @@ RESULT_COLUMNS = (("iterations_to_target", "iterations to target"),
 def result_row(config: Config, result) -> dict:
     """The row every study can use: N, the algorithm and its grid, bytes per iteration and to
     the target, iterations, accuracies, wall time."""
-    from marfl_jax import algorithms
+
+    from marfl_jax import assemble
 
     summary, metrics = result.summary, result.metrics
     reached = summary["iteration_reached_target"]
-    algorithm = algorithms.make_algorithm(config)
+    algorithm = assemble.algorithm(config)
     keyed = algorithm.group_keys
     return {
         "num_peers": config.num_peers,

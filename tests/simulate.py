@@ -1,10 +1,12 @@
-"""A few jitted iterations of a Config on synthetic data: the device side and the ledger, without
-a dataset, orbax, evaluation or a workdir (the fast tier's end-to-end checks).
+"""A few jitted iterations of a Config on synthetic data, through the runner's own pieces
+(`assemble.pieces`, `assemble.Steps`, `runner.Progress` and `runner.Recorder`), without a
+dataset, orbax, evaluation or a workdir (the fast tier's end-to-end checks).
 
     rows, state = simulate(config, iterations=3)
 
-Each row holds the iteration, the ledger's fields for it and the info's scalars (train_loss,
-consensus, counts); the state is the final FLState (peer axis first).
+Each row is the runner's row of that iteration without evaluation (the ledger's fields, the
+stages' metrics, counts, the clock's and the accountant's fields); the state is the final
+FLState (peer axis first).
 """
 
 from __future__ import annotations
@@ -13,10 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from marfl_jax import comm, runner
+from marfl_jax import assemble, runner
 from marfl_jax import data as data_lib
 from marfl_jax import plan as plan_lib
-from marfl_jax.core import DeviceData, init_state, make_iteration
+from marfl_jax.core import DeviceData
 
 NUM_CLASSES = 10
 
@@ -37,24 +39,16 @@ def simulate(config, iterations: int | None = None):
     """Runs `iterations` (default config.max_iterations) iterations. Returns (rows, state)."""
     data = synthetic_data(config)
     sample = data_lib.preprocess(data.x_train[:1])
-    model = runner.build_model(config, NUM_CLASSES, plan_lib.fixed(config))
-    assembly = runner.assemble(config, model, sample)
-    sim, ledger = assembly.sim, assembly.ledger
-    key = jax.random.key(config.seed)
-    state = init_state(model, sim.optimizer, sample, config.num_peers, jax.random.fold_in(key, 0),
-                       sim.churn_model, sim.privacy)
-    steps = {flag: jax.jit(make_iteration(sim, flag))
-             for flag in (False, True) if not flag or sim.distillation is not None}
-    rows = []
+    model = assemble.build_model(config, NUM_CLASSES, plan_lib.fixed(config))
+    made = assemble.pieces(config, model, sample)
+    state = assemble.initial_state(config, model, made.sim, sample)
+    steps = assemble.Steps(made.sim, jax.eval_shape(lambda: state), data, config.seed)
+    progress = runner.Progress(state, 0, 0.0, made.ledger, made.accountant, [],
+                               config.target_accuracy, checkpoints=None)
+    recorder = runner.Recorder(made.sim, progress, config.learning_rate, start=0.0)
     for t in range(config.max_iterations if iterations is None else iterations):
-        distilling = sim.distillation is not None and sim.distillation.active(t)
-        weight = (np.float32(sim.distillation.weight(t)),) if distilling else ()
-        state, info = steps[distilling](state, jax.random.fold_in(jax.random.fold_in(key, 1), t),
-                                        data, *weight)
-        sizes = np.asarray(info["member_sizes"])
-        row = {"iteration": t, **ledger.record(sizes, distilling),
-               "mean_group_size": comm.mean_group_size(sizes)}
-        row.update(runner.stage_metrics(info))
-        row["present_peers"] = int(np.asarray(info["present"]).sum())
-        rows.append(row)
-    return rows, state
+        progress.state, info, distilling = steps(progress.state, t)
+        recorder.finish(recorder.row(t, info, distilling))
+        progress.t += 1
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in progress.metrics], \
+        progress.state

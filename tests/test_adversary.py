@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from marfl_jax import adversary, algorithms, attacks, mixing, rules
+from marfl_jax import adversary, assemble, attacks, mixing, rules
 from marfl_jax.config import Config, ConfigError
 from tests.simulate import simulate
 
@@ -35,7 +35,7 @@ def _count_together(schedule: np.ndarray, byzantine: np.ndarray) -> int:
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_collusion_keeps_groups_and_presence_and_packs_attackers(seed):
-    algorithm = algorithms.make_algorithm(Config(num_peers=64, group_size=4, key_dim=3))
+    algorithm = assemble.algorithm(Config(num_peers=64, group_size=4, key_dim=3))
     rng = np.random.default_rng(seed)
     present = rng.random((algorithm.num_rounds, 64)) < 0.85
     schedule = np.asarray(algorithm.schedule(jnp.asarray(present), jax.random.key(0)))
@@ -107,8 +107,8 @@ def test_one_round_equals_its_per_group_reference(attack, rule_name):
     adv = adversary.Adversary(byzantine, attacks.get(attack), params)
     transform = adversary.message_transform(adv)
     rule = rules.get(rule_name, rules.Params(f=1))
-    got = jax.jit(lambda t: mixing.mix(t, jnp.asarray(group_ids)[None], num_groups, rule=rule,
-                                       transform=transform, key=jax.random.key(0)))(tree)
+    got = jax.jit(lambda t: mixing.mix(t, jnp.asarray(group_ids)[None], mixing.mixer(
+        num_groups, rule, transform=transform), jax.random.key(0)))(tree)
     want = _reference_round(tree, group_ids, byzantine, attack, params, rule_name, 1)
     for k in tree:
         chex.assert_trees_all_close(np.asarray(got[k]), want[k].astype(np.float32),

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from absl.testing import parameterized
 
-from marfl_jax import attacks
+from marfl_jax import assemble, attacks
 
 SHAPES = ((3, 2), (4,), ())
 
@@ -110,7 +110,7 @@ def test_params_come_from_the_config(name):
 
     config = Config(attack=name, attack_sigma=0.5, attack_tau=3.0,
                     byzantine_fraction=0.1).validate()
-    assert attacks.Params.of(config) == attacks.Params(sigma=0.5, tau=3.0)
+    assert assemble.attack_params(config) == attacks.Params(sigma=0.5, tau=3.0)
     assert attacks.get(config.attack) is attacks.ATTACKS.get(name)
     with pytest.raises(ConfigError, match="--attack_sigma=-1.0 is not allowed"):
         Config(attack=name, attack_sigma=-1.0, byzantine_fraction=0.1).validate()

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import parameterized
 
-from marfl_jax import algorithms, comm, mixing
+from marfl_jax import assemble, comm, mixing
 from marfl_jax.algorithms import baselines
 from marfl_jax.config import Config
 
@@ -22,7 +22,7 @@ def _tree(num_peers, seed=0):
 
 
 def _run(config, present=None, seed=0):
-    algorithm = algorithms.make_algorithm(config)
+    algorithm = assemble.algorithm(config)
     n = config.num_peers
     present = jnp.ones(n, bool) if present is None else present
     present = jnp.broadcast_to(present, (algorithm.num_rounds, n))
@@ -47,7 +47,8 @@ class ClosedFormTest(chex.TestCase, parameterized.TestCase):
         for name, expected in closed_forms.items():
             algorithm, schedule, cost = _run(dataclasses.replace(base, algorithm=name))
             self.assertTrue(algorithm.exact)
-            chex.assert_trees_all_close(mixing.mix(tree, schedule, algorithm.num_groups), mean,
+            mixer = mixing.mixer(algorithm.num_groups)
+            chex.assert_trees_all_close(mixing.mix(tree, schedule, mixer), mean,
                                         atol=1e-5)
             self.assertEqual(cost.bytes, expected, name)
 

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from marfl_jax import algorithms, clock, comm, mixing, network, runner
+from marfl_jax import assemble, clock, comm, mixing, network, runner
 from marfl_jax.config import Config, ConfigError
 
 CNN_PAYLOAD = 4_799_528  # The paper CNN's float32 weights, bytes.
@@ -24,7 +24,7 @@ def uniform(n, up_mbps=10.0, down_mbps=10.0, latency_s=0.0, speed=100.0):
 
 
 def full_schedule(config):
-    algorithm = algorithms.make_algorithm(config)
+    algorithm = assemble.algorithm(config)
     present = jnp.ones((algorithm.num_rounds, config.num_peers), bool)
     return algorithm, algorithm.schedule(present, jax.random.key(0))
 

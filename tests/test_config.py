@@ -69,7 +69,7 @@ def test_fractions_that_draw_nobody_are_refused():
 def test_choices_come_from_the_registries():
     from marfl_jax import ALGORITHMS
 
-    ALGORITHMS.register("test_only", lambda config: None)
+    ALGORITHMS.register("test_only", lambda settings: ALGORITHMS.get("arfl")(settings))
     try:
         Config(algorithm="test_only").validate()
     finally:

@@ -6,20 +6,21 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from marfl_jax import Config, algorithms, core, mixing, models, runner
+from marfl_jax import Config, assemble, core, mixing, models
 from marfl_jax.core import Context, Step, build_chain, make_iteration, run_chain, step_keys
 
 TINY = Config(model="mlp", num_peers=4, group_size=2, key_dim=2, local_batches=1, batch_size=4)
 
 
 def _names(chain):
-    return [stage.__qualname__.split(".")[0] for stage in chain]
+    return [stage.update.__qualname__.split(".")[0] for stage in chain]
 
 
 def _simulation(config: Config):
     model = models.get_model(config.model, 10)
-    return runner.make_simulation(config, model), model
+    return assemble.simulation(config, model), model
 
 
 def test_the_chain_states_how_dp_and_mkd_compose():
@@ -34,6 +35,20 @@ def test_the_chain_states_how_dp_and_mkd_compose():
     mkd_only, _ = _simulation(Config(model="mlp", num_peers=16, key_dim=2, mkd=True))
     assert _names(build_chain(mkd_only, distilling=True)) == [
         "participation", "local_update", "distill", "aggregate", "observe"]
+
+
+def test_stages_own_their_state_under_one_name():
+    private, _ = _simulation(Config(model="mlp", num_peers=64, dp=True, mkd=True))
+    owners = [s for s in build_chain(private, distilling=True) if s.init is not None]
+    assert [s.update.__qualname__.split(".")[0] for s in owners] == ["privatize"]
+    params = {"w": jnp.ones((3, 2))}
+    states = core.initial_stage_states(private, params)
+    assert set(states) == {"privacy"}
+    chex.assert_trees_all_equal(states["privacy"].reference, params)
+    assert core.initial_stage_states(_simulation(TINY)[0], params) == {}
+    twice = [owners[0], owners[0]]
+    with pytest.raises(ValueError, match="two stages initialise the state 'privacy'"):
+        core.init_stages(twice, params)
 
 
 def test_step_keys_are_distinct_and_a_function_of_the_key():
@@ -92,7 +107,7 @@ def test_iteration_is_the_chain_under_jit():
         chex.assert_trees_all_equal(leaf, jnp.broadcast_to(leaf[:1], leaf.shape))
     assert float(mixing.consensus_distance(new.params, jnp.ones(4, bool))) == 0.0
     assert info["member_sizes"].shape == (2, 4)
-    assert algorithms.make_algorithm(TINY).exact
+    assert assemble.algorithm(TINY).exact
 
 
 def _forget_peer(peer):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from dp_accounting import pld, rdp
 
-from marfl_jax import accounting, comm, dp, runner
+from marfl_jax import accounting, assemble, comm, dp, runner
 from marfl_jax.config import Config, ConfigError
 
 
@@ -72,7 +72,8 @@ class TestMechanism:
             settings.update_noise_multiplier, rel=1e-6)
         drawn = settings._replace(split_on_aggregating=False)
         assert float(dp.noise_split(drawn, jnp.int32(40))[2]) == 64
-        assert Config(dp=True, num_peers=64, dp_noise_peers="drawn").privacy() == drawn._replace(
+        assert assemble.privacy(
+            Config(dp=True, num_peers=64, dp_noise_peers="drawn")) == drawn._replace(
             noise_multiplier=0.5)
 
     @pytest.mark.slow
@@ -83,7 +84,7 @@ class TestMechanism:
                                      dp_noise_multiplier=0.5, max_iterations=2,
                                      local_batches=1, eval_every=5)
         state = runner.run(config, str(tmp_path)).state
-        clip = np.asarray(state.privacy.clip)
+        clip = np.asarray(state.stages["privacy"].clip)
         assert clip.min() == clip.max() != config.dp_initial_clip
 
     @pytest.mark.parametrize("quantile", [0.5, 0.8])
@@ -206,6 +207,35 @@ class TestRuns:
 
         assert strip(resumed) == strip(straight)
 
+    @pytest.mark.slow
+    def test_an_interrupted_run_resumes_dps_state_exactly(self, tmp_path, monkeypatch):
+        """DP's per-peer state lives in FLState.stages: interrupted after its checkpoint at
+        iteration 2 (an exception out of the loop at iteration 3, before its row), the resumed
+        run gives the straight run's rows and its final stage state bit for bit."""
+        config = dataclasses.replace(TINY, dp=True, dropout=0.3, max_iterations=5,
+                                     checkpoint_every=2)
+        straight = runner.run(config, str(tmp_path / "straight"))
+        finish = runner.Recorder.finish
+
+        def interrupted(recorder, row):
+            if row["iteration"] == 3:
+                raise KeyboardInterrupt
+            finish(recorder, row)
+
+        monkeypatch.setattr(runner.Recorder, "finish", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            runner.run(config, str(tmp_path / "split"))
+        monkeypatch.setattr(runner.Recorder, "finish", finish)
+        resumed = runner.run(config, str(tmp_path / "split"))
+
+        def strip(rows):
+            return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+        assert strip(resumed.metrics) == strip(straight.metrics)
+        assert set(resumed.state.stages) == {"privacy"}
+        chex.assert_trees_all_equal(resumed.state.stages, straight.state.stages)
+        chex.assert_trees_all_equal(resumed.state.params, straight.state.params)
+
     def test_ledger_counts_dp_payloads_and_the_indicator(self):
         ledger = comm.Ledger(payload_bytes=100, payloads_per_message=3, scalar_bytes=4)
         row = ledger.record(np.full((3, 8), 2))
@@ -221,4 +251,4 @@ def test_config_refuses_impossible_privacy():
     with pytest.raises(ConfigError, match="--dp_target_quantile"):
         Config(dp_target_quantile=1.5).validate()
     assert Config(num_peers=64).privacy_delta == pytest.approx(64**-1.1)
-    assert Config(dp=True, mkd=True).distillation().include_ce is False
+    assert assemble.distillation(Config(dp=True, mkd=True)).include_ce is False

@@ -7,12 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from marfl_jax import Config, evaluation, local, models, runner
+from marfl_jax import Config, evaluation, local, models
 
 
 def _setup(num_peers=8):
     model = models.get_model("mlp", 10, hidden=(16,))
-    apply_fn = runner.make_apply_fn(model)
+    apply_fn = models.make_apply_fn(model)
     one = model.init(jax.random.key(0), jnp.zeros((1, 784)))["params"]
     params = jax.tree.map(lambda x: jnp.broadcast_to(x, (num_peers,) + x.shape), one)
     # Peers 2 and 5 hold other models; 0, 1, 3, 4, 6, 7 share one.
@@ -60,7 +60,7 @@ def test_same_accuracies_as_evaluating_every_peer(eval_peers):
 
 def test_bfloat16_compute_runs_matmuls_in_bfloat16_with_float32_parameters():
     model = models.get_model("mlp", 10, hidden=(16,))
-    apply_fn = runner.make_apply_fn(model, "bfloat16")
+    apply_fn = models.make_apply_fn(model, "bfloat16")
     params = model.init(jax.random.key(0), jnp.zeros((1, 784)))["params"]
     x = jnp.ones((4, 784))
 
@@ -72,5 +72,5 @@ def test_bfloat16_compute_runs_matmuls_in_bfloat16_with_float32_parameters():
     grads = jax.grad(loss)(params)
     assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
     assert apply_fn(params, x).dtype == jnp.float32
-    np.testing.assert_allclose(apply_fn(params, x), runner.make_apply_fn(model)(params, x),
+    np.testing.assert_allclose(apply_fn(params, x), models.make_apply_fn(model)(params, x),
                                rtol=0.05, atol=0.05)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from marfl_jax import algorithms, evaluation, mixing, runner
+from marfl_jax import assemble, evaluation, mixing, runner
 from marfl_jax.config import Config
 
 TINY = Config(model="mlp", num_peers=8, group_size=2, key_dim=3, local_batches=2, batch_size=16,
@@ -77,7 +77,7 @@ def test_bucket_schedule_and_dirichlet_partition(tmp_path):
     rows = runner.run(config, str(tmp_path)).metrics
     # Each member receives |g| - 1 messages of weights + momentum per round (full participation,
     # so every iteration has the same groups).
-    algorithm = algorithms.make_algorithm(config)
+    algorithm = assemble.algorithm(config)
     schedule = algorithm.schedule(jnp.ones((algorithm.num_rounds, 6), bool), jax.random.key(0))
     sizes = np.stack([mixing.member_group_sizes(ids, algorithm.num_groups) for ids in schedule])
     messages = int((sizes * (sizes > 0) - (sizes > 0)).sum())

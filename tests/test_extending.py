@@ -79,7 +79,7 @@ def test_own_group_rule(in_tmp):
     rule = RULES.get("medoid")
     x = np.arange(8, dtype=np.float32)[:, None]
     ids = np.array([[0, 0, 1, 1, -1, 2, 2, 3]], np.int32)
-    np.testing.assert_allclose(mixing.mix(x, ids, 4, rule=rule, max_group_size=2)[:, 0],
+    np.testing.assert_allclose(mixing.mix(x, ids, mixing.mixer(4, rule, max_group_size=2))[:, 0],
                                [0, 0, 2, 2, 4, 5, 5, 7])
 
 

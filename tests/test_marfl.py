@@ -33,7 +33,7 @@ class GridScheduleTest(chex.TestCase, parameterized.TestCase):
         self.assertEqual(rule.exact_rounds, key_dim)
         schedule = marfl.moshpit_schedule(jnp.ones((key_dim, num_peers), bool), rule)
         tree = _random_tree(num_peers)
-        mixed = mixing.mix(tree, schedule, rule.num_groups)
+        mixed = mixing.mix(tree, schedule, mixing.mixer(rule.num_groups))
         expected = jax.tree.map(lambda x: jnp.broadcast_to(x.mean(0), x.shape), tree)
         chex.assert_trees_all_close(mixed, expected, atol=1e-5)
 
@@ -52,7 +52,7 @@ class GridScheduleTest(chex.TestCase, parameterized.TestCase):
         schedule = marfl.moshpit_schedule(jnp.broadcast_to(present, (3,) + present.shape), rule)
         self.assertTrue(bool(jnp.all(schedule[:, ~present] == -1)))
         tree = _random_tree(27)
-        mixed = mixing.mix(tree, schedule, rule.num_groups)
+        mixed = mixing.mix(tree, schedule, mixing.mixer(rule.num_groups))
         chex.assert_trees_all_equal(mixed["w"][~present], tree["w"][~present])
 
 
@@ -67,7 +67,8 @@ class BucketScheduleTest(chex.TestCase):
         ratios = []
         for seed in range(5):
             tree = _random_tree(100, seed)
-            ratios.append(_disagreement(mixing.mix(tree, schedule, 25)) / _disagreement(tree))
+            ratios.append(_disagreement(mixing.mix(tree, schedule, mixing.mixer(25)))
+                          / _disagreement(tree))
         self.assertBetween(float(np.mean(ratios)), 0.01, 0.08)
 
     def test_125_peers_uses_hard_coded_alphas(self):
@@ -78,7 +79,7 @@ class BucketScheduleTest(chex.TestCase):
         np.testing.assert_array_equal(schedule[1], (np.arange(125) // 4 + 1 * rank) % 32)
         # Mixing always preserves the global mean.
         tree = _random_tree(125)
-        mixed = mixing.mix(tree, jnp.asarray(schedule), rule.num_groups)
+        mixed = mixing.mix(tree, jnp.asarray(schedule), mixing.mixer(rule.num_groups))
         chex.assert_trees_all_close(jax.tree.map(lambda x: x.mean(0), mixed),
                                     jax.tree.map(lambda x: x.mean(0), tree), atol=1e-5)
 
@@ -86,7 +87,7 @@ class BucketScheduleTest(chex.TestCase):
         rule = marfl.authors_key_rule(1, 4, 3)
         schedule = marfl.moshpit_schedule(jnp.ones((3, 1), bool), rule)
         tree = _random_tree(1)
-        chex.assert_trees_all_close(mixing.mix(tree, schedule, rule.num_groups), tree)
+        chex.assert_trees_all_close(mixing.mix(tree, schedule, mixing.mixer(rule.num_groups)), tree)
 
 
 class MixedRadixTest(chex.TestCase, parameterized.TestCase):
@@ -102,7 +103,7 @@ class MixedRadixTest(chex.TestCase, parameterized.TestCase):
         rule = marfl.mixed_radix_key_rule(num_peers, radices)
         schedule = marfl.moshpit_schedule(jnp.ones((rule.exact_rounds, num_peers), bool), rule)
         tree = _random_tree(num_peers, seed=num_peers)
-        mixed = mixing.mix(tree, schedule, rule.num_groups)
+        mixed = mixing.mix(tree, schedule, mixing.mixer(rule.num_groups))
         expected = jax.tree.map(lambda x: jnp.broadcast_to(x.mean(0), x.shape), tree)
         chex.assert_trees_all_close(mixed, expected, atol=1e-5)
         # Each round's groups have exactly the radix's size.
@@ -115,7 +116,7 @@ class MixedRadixTest(chex.TestCase, parameterized.TestCase):
         present = jnp.asarray(np.arange(100) % 7 != 3)
         schedule = marfl.moshpit_schedule(jnp.broadcast_to(present, (3,) + present.shape), rule)
         tree = _random_tree(100)
-        mixed = mixing.mix(tree, schedule, rule.num_groups)
+        mixed = mixing.mix(tree, schedule, mixing.mixer(rule.num_groups))
         chex.assert_trees_all_equal(mixed["w"][~present], tree["w"][~present])
         self.assertLess(_disagreement(jax.tree.map(lambda x: x[present], mixed)),
                         0.05 * _disagreement(jax.tree.map(lambda x: x[present], tree)))

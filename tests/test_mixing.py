@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from absl.testing import parameterized
 
-from marfl_jax import mixing
+from marfl_jax import assemble, mixing, rules
 
 
 def _tree(num_peers, seed=0):
@@ -170,24 +170,25 @@ def test_consensus_of_identical_models_is_exactly_zero():
     (dict(num_peers=12, algorithm="fedavg"), (12,)),
 ])
 def test_grid_rounds_equal_the_segment_means_of_the_schedule(changes, radices):
-    from marfl_jax import Config, algorithms
+    from marfl_jax import Config
 
-    algorithm = algorithms.make_algorithm(Config(**changes))
+    algorithm = assemble.algorithm(Config(**changes))
     n = math.prod(radices)
     schedule = algorithm.schedule(jnp.ones((algorithm.num_rounds, n), bool), jax.random.key(0))
     assert algorithm.grid is not None and algorithm.grid.radices == radices
     assert len(algorithm.grid.axes) == algorithm.num_rounds
     tree = _tree(n)
-    chex.assert_trees_all_close(mixing.mix(tree, schedule, algorithm.num_groups, algorithm.grid),
-                                mixing.mix(tree, schedule, algorithm.num_groups),
+    on_grid = mixing.mixer(algorithm.num_groups, grid=algorithm.grid)
+    chex.assert_trees_all_close(mixing.mix(tree, schedule, on_grid),
+                                mixing.mix(tree, schedule, mixing.mixer(algorithm.num_groups)),
                                 rtol=1e-5, atol=1e-6)
 
 
 def test_schedules_that_are_no_grid_have_none():
-    from marfl_jax import Config, algorithms
+    from marfl_jax import Config
 
-    assert algorithms.make_algorithm(Config(num_peers=100, key_dim=3)).grid is None  # Buckets.
-    assert algorithms.make_algorithm(Config(num_peers=16, algorithm="gossip")).grid is None
+    assert assemble.algorithm(Config(num_peers=100, key_dim=3)).grid is None  # Buckets.
+    assert assemble.algorithm(Config(num_peers=16, algorithm="gossip")).grid is None
     wrong = np.stack([np.arange(8) % 2, np.arange(8) % 3])  # Not the groups of a grid axis.
     assert mixing.grid_of(wrong, (2, 2, 2)) is None
 
@@ -197,10 +198,10 @@ def test_full_participation_mixes_without_scatter():
     finds the schedule to be the grid: a `lax.cond` between the grid mean (no scatter) and the
     segment sums, in the aggregation and in observe's agreement shortcut. With dropout only the
     segment sums are compiled."""
-    from marfl_jax import Config, core, models, runner
+    from marfl_jax import Config, core, models
 
     def hlo(config):
-        sim = runner.make_simulation(config, models.get_model("mlp", 10, hidden=(8,)))
+        sim = assemble.simulation(config, models.get_model("mlp", 10, hidden=(8,)))
         state = jax.eval_shape(lambda: core.init_state(
             models.get_model("mlp", 10, hidden=(8,)), sim.optimizer, jnp.zeros((1, 784)),
             config.num_peers, jax.random.key(0), sim.churn_model))
@@ -214,7 +215,7 @@ def test_full_participation_mixes_without_scatter():
                     batch_size=4)
     assert hlo(config).count("stablehlo.case") == 2
     assert "stablehlo.case" not in hlo(Config(**{**config.__dict__, "dropout": 0.2}))
-    grid = runner.make_simulation(config, models.get_model("mlp", 10, hidden=(8,))
+    grid = assemble.simulation(config, models.get_model("mlp", 10, hidden=(8,))
                                   ).algorithm.grid
     tree = _tree(8)
     grid_branch = jax.jit(lambda t: mixing.grid_mean(t, grid.radices, (0, 1, 2))).lower(tree)
@@ -273,9 +274,10 @@ class GroupRuleTest(chex.TestCase, parameterized.TestCase):
         # Not exact_mean: forces the generic path.
         slots_mean = rules.Rule(rules.coordinatewise(rules.mean))
         for name, schedule, groups in _churned_schedules():
-            segment = self.variant(lambda t, s, g=groups: mixing.mix(t, s, g))(tree, schedule)
+            segment = self.variant(lambda t, s, g=groups: mixing.mix(t, s, mixing.mixer(g)))(
+                tree, schedule)
             generic = self.variant(lambda t, s, g=groups: mixing.mix(
-                t, s, g, rule=slots_mean, max_group_size=12))(tree, schedule)
+                t, s, mixing.mixer(g, slots_mean, max_group_size=12)))(tree, schedule)
             chex.assert_trees_all_close(generic, segment, atol=1e-6, rtol=1e-6,
                                         custom_message=name)
             chex.assert_trees_all_equal(generic["count"], tree["count"])
@@ -283,8 +285,8 @@ class GroupRuleTest(chex.TestCase, parameterized.TestCase):
     def test_median_is_numpys_per_group_and_absent_peers_keep_theirs(self):
         tree = _tree(12, seed=4)
         for name, schedule, groups in _churned_schedules():
-            out = jax.jit(lambda t, s, g=groups: mixing.mix(t, s, g, rule="median",
-                                                             max_group_size=12))(tree, schedule)
+            out = jax.jit(lambda t, s, g=groups: mixing.mix(t, s, mixing.mixer(
+                g, rules.get("median"), max_group_size=12)))(tree, schedule)
             w = np.asarray(tree["w"])
             for ids in schedule:
                 expected = w.copy()
@@ -305,8 +307,8 @@ class GroupRuleTest(chex.TestCase, parameterized.TestCase):
         from marfl_jax import rules
 
         x = jnp.arange(6, dtype=jnp.float32)[:, None] * 10
-        out = mixing.mix(x, jnp.array([[1, 0, 1, -1, 0, 1]], jnp.int32), 2,
-                         rule=rules.Rule(rules.coordinatewise(spy)), max_group_size=3)
+        out = mixing.mix(x, jnp.array([[1, 0, 1, -1, 0, 1]], jnp.int32), mixing.mixer(
+            2, rules.Rule(rules.coordinatewise(spy)), max_group_size=3))
         received, present = seen[0]
         np.testing.assert_array_equal(present, [[True, True, False], [True, True, True]])
         np.testing.assert_array_equal(received[..., 0], [[10, 40, 0], [0, 20, 50]])
@@ -321,14 +323,16 @@ class GroupRuleTest(chex.TestCase, parameterized.TestCase):
         assert not bool(mixing.on_grid(ids[::-1], grid, 12))  # Rounds in another order.
         tree = _tree(12, seed=6)
         absent = ids.at[:, 7].set(-1)
-        segment = mixing.mix(tree, absent, 12)
-        checked = jax.jit(lambda t, s: mixing.mix(t, s, 12, grid))(tree, absent)
+        segment = mixing.mix(tree, absent, mixing.mixer(12))
+        checked = jax.jit(lambda t, s: mixing.mix(t, s, mixing.mixer(12, grid=grid)))(tree, absent)
         chex.assert_trees_all_close(checked, segment, atol=1e-6)
         chex.assert_trees_all_equal(checked["w"][7], tree["w"][7])
-        chex.assert_trees_all_equal(jax.jit(lambda t, s: mixing.mix(t, s, 12, grid))(tree, ids),
+        on_grid = jax.jit(lambda t, s: mixing.mix(t, s, mixing.mixer(12, grid=grid)))
+        chex.assert_trees_all_equal(on_grid(tree, ids),
                                     mixing.grid_mean(tree, (3, 4), (0, 1)))
 
     def test_a_lossy_round_trip_takes_only_the_mean(self):
         with pytest.raises(ValueError, match="exact-mean"):
-            mixing.mix(_tree(4), jnp.zeros((1, 4), jnp.int32), 1, roundtrip=lambda t: t,
-                       rule="median")
+            from marfl_jax import rules
+
+            mixing.mixer(1, rules.get("median"), roundtrip=lambda t: t)

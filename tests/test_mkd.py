@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from marfl_jax import algorithms, comm, local, mkd, models, runner
+from marfl_jax import assemble, comm, local, mkd, models, runner
 from marfl_jax.algorithms import marfl
 from marfl_jax.config import Config, ConfigError
 
@@ -191,7 +191,7 @@ class TestGroupSizeBounds:
     def test_unbounded_bucket_rules_are_flagged(self):
         assert marfl.authors_key_rule(10, 4, 2).max_group_size is None  # 3 buckets < M.
         assert marfl.mixed_radix_key_rule(100, (4, 5, 5)).max_group_size == 5
-        algorithm = algorithms.make_algorithm(Config(num_peers=10, group_size=4, key_dim=2))
+        algorithm = assemble.algorithm(Config(num_peers=10, group_size=4, key_dim=2))
         assert algorithm.max_group_size == 10
 
 
@@ -251,6 +251,6 @@ def test_config_refuses_mkd_outside_marfl_and_bad_values():
         Config(mkd_teacher_fraction=0.0).validate()
     with pytest.raises(ConfigError, match="--mkd_iterations=0"):
         Config(mkd_iterations=0).validate()
-    assert Config().distillation() is None
-    assert Config(mkd=True, mkd_no_blending=True).distillation().blend is False
+    assert assemble.distillation(Config()) is None
+    assert assemble.distillation(Config(mkd=True, mkd_no_blending=True)).blend is False
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from marfl_jax import Config, plan, runner
+from marfl_jax import Config, assemble, models, plan, runner
 from marfl_jax.plan import Plan
 
 SMALL = Config(model="mlp", num_peers=8, group_size=2, key_dim=3, local_batches=1, batch_size=8,
@@ -38,12 +38,12 @@ def _choose(config, tmp_path, budget_s=60.0, log=print, backend="cpu", wrap=None
         log(message)
 
     def build_apply_fn(candidate):
-        model = runner.build_model(config, 10, candidate)
+        model = assemble.build_model(config, 10, candidate)
         import jax
         import jax.numpy as jnp
 
         params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
-        return runner.make_apply_fn(model), params
+        return models.make_apply_fn(model), params
 
     import jax.numpy as jnp
 
@@ -248,12 +248,12 @@ def test_im2col_bytes_counts_every_convolutions_patches():
     import jax
     import jax.numpy as jnp
 
-    model = runner.build_model(Config(), 10, Plan(0, "lax"))
+    model = assemble.build_model(Config(), 10, Plan(0, "lax"))
     sample = jnp.zeros((1, 28, 28, 1))
     params = model.init(jax.random.key(0), sample)["params"]
     # conv1: 26x26 pixels x 9x1 taps, conv2: 24x24 x 9x32; x2 (patches and their gradient).
     expected = 2 * 4 * 16 * (26 * 26 * 9 * 1 + 24 * 24 * 9 * 32)
-    assert plan.im2col_bytes(runner.make_apply_fn(model), params, sample, 16) == expected
+    assert plan.im2col_bytes(models.make_apply_fn(model), params, sample, 16) == expected
 
 
 def test_the_plan_cache_lives_beside_the_compile_cache(monkeypatch, tmp_path):

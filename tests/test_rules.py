@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from absl.testing import parameterized
 
-from marfl_jax import mixing, rules
+from marfl_jax import assemble, mixing, rules
 
 SHAPES = ((3, 2), (4,), ())  # Three leaves of different shapes per member.
 # (groups, slots, f): including groups of n <= 2f present copies.
@@ -115,7 +115,7 @@ class CombineGroupsTest(chex.TestCase):
 
         tree = {"w": jnp.ones((6, 3, 2)), "b": jnp.ones(6), "count": jnp.arange(6)}
         schedule = jnp.array([[0, 0, 1, 1, -1, 1], [0, 1, 0, 1, 0, 1]], jnp.int32)
-        out = mixing.mix(tree, schedule, 2, rule=rules.Rule(spy), max_group_size=3)
+        out = mixing.mix(tree, schedule, mixing.mixer(2, rules.Rule(spy), max_group_size=3))
         assert calls == [{"w": (2, 3, 3, 2), "b": (2, 3), "count": None}] * 2
         chex.assert_trees_all_equal(out["count"], tree["count"])
 
@@ -127,7 +127,7 @@ class CombineGroupsTest(chex.TestCase):
         params = rules.Params(f=1, tau=0.7, iterations=2)
         for name in ("trimmed_mean", "krum", "centered_clip"):
             out = jax.jit(lambda t, s, n=name: mixing.mix(
-                t, s, 3, rule=rules.get(n, params), max_group_size=4))(tree, ids[None])
+                t, s, mixing.mixer(3, rules.get(n, params), max_group_size=4)))(tree, ids[None])
             for g in range(3):
                 members = np.flatnonzero(ids == g)
                 slots = {k: np.asarray(v)[members][None] for k, v in tree.items()}
@@ -149,7 +149,7 @@ class CombineGroupsTest(chex.TestCase):
         original = mixing.combine_groups
         mixing.combine_groups = None  # The mean must never reach the slots.
         try:
-            out = mixing.mix(tree, ids, 4, rule="mean")
+            out = mixing.mix(tree, ids, mixing.mixer(4, rules.MEAN))
         finally:
             mixing.combine_groups = original
         chex.assert_trees_all_equal(out, mixing.group_mean(tree, ids[0], 4))
@@ -161,6 +161,6 @@ def test_params_come_from_the_config(name):
 
     config = Config(aggregator=name, aggregator_f=2, clip_tau=0.5, clip_iterations=3,
                     group_size=8, key_dim=2).validate()
-    rule = rules.get(config.aggregator, rules.Params.of(config))
+    rule = rules.get(config.aggregator, assemble.rule_params(config))
     assert rule.params == rules.Params(f=2, tau=0.5, iterations=3)
     assert rule.combine is rules.RULES.get(name).combine

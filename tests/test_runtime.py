@@ -181,7 +181,7 @@ def test_run_traces_at_the_configs_precision_and_leaves_the_callers(monkeypatch,
         seen.append(jax.config.jax_default_matmul_precision)
         raise Traced
 
-    monkeypatch.setattr(runner, "build", build)
+    monkeypatch.setattr(runner, "assemble", build)
     jax.config.update("jax_default_matmul_precision", "bfloat16")
     for flag in ("highest", "default"):
         with pytest.raises(Traced):

@@ -9,10 +9,10 @@ import jax
 import numpy as np
 import pytest
 
-from marfl_jax import Config, runner
+from marfl_jax import Config, assemble
 from marfl_jax import data as data_lib
 from marfl_jax import plan as plan_lib
-from marfl_jax.core import init_state, make_iteration
+from marfl_jax.core import make_iteration
 from tests.simulate import synthetic_data
 
 _MLP = dict(model="mlp", num_peers=16, group_size=4, key_dim=2, local_batches=1, batch_size=4)
@@ -47,10 +47,9 @@ def float_scatters(hlo_text: str) -> list[str]:
 def iteration_hlo(config: Config) -> str:
     data = synthetic_data(config, examples_per_peer=8)
     sample = data_lib.preprocess(data.x_train[:1])
-    model = runner.build_model(config, 10, plan_lib.fixed(config))
-    sim = runner.assemble(config, model, sample).sim
-    state = init_state(model, sim.optimizer, sample, config.num_peers, jax.random.key(0),
-                       sim.churn_model, sim.privacy)
+    model = assemble.build_model(config, 10, plan_lib.fixed(config))
+    sim = assemble.pieces(config, model, sample).sim
+    state = assemble.initial_state(config, model, sim, sample)
     distilling = sim.distillation is not None
     weight = (np.float32(0.5),) if distilling else ()
     lowered = jax.jit(make_iteration(sim, distilling)).lower(state, jax.random.key(1), data,

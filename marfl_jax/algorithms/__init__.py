@@ -82,10 +82,9 @@ class Settings(NamedTuple):
     wire: str = "allgather"
 
 
-def make_algorithm(config) -> Algorithm:
-    """The algorithm named by `config.algorithm`, for `config.num_peers` peers (config: a
-    Config or anything with the `Settings` fields; the factory receives the `Settings`)."""
-    settings = Settings(*(getattr(config, name) for name in Settings._fields))
+def make_algorithm(settings: Settings) -> Algorithm:
+    """The algorithm registered as `settings.algorithm`, for `settings.num_peers` peers (a
+    Config's: `config.settings(Settings)`)."""
     return ALGORITHMS.get(settings.algorithm)(settings)
 
 

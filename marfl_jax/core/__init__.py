@@ -3,7 +3,12 @@
 Nothing here reads or writes files; `marfl_jax.runner` owns the host loop and its I/O.
 """
 
-from marfl_jax.core.iteration import Simulation, build_chain, make_iteration
+from marfl_jax.core.iteration import (
+    Simulation,
+    build_chain,
+    initial_stage_states,
+    make_iteration,
+)
 from marfl_jax.core.stage import (
     Context,
     Info,
@@ -11,6 +16,7 @@ from marfl_jax.core.stage import (
     Stage,
     Step,
     StepKeys,
+    init_stages,
     run_chain,
     step_keys,
 )
@@ -27,7 +33,9 @@ __all__ = [
     "Step",
     "StepKeys",
     "build_chain",
+    "init_stages",
     "init_state",
+    "initial_stage_states",
     "make_iteration",
     "run_chain",
     "step_keys",

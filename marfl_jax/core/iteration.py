@@ -2,12 +2,12 @@
 
     churn -> [adversary] -> [clock] -> local -> [dp] -> [mkd] -> mixing (or dp's) -> observe
 
-Each stage's module in `marfl_jax/core/` is named after the kernel module it drives
-(`core/churn.py` runs `marfl_jax.churn`'s draws, `core/mixing.py` `marfl_jax.mixing`'s group
-means, ...); `observe` reads what the host accounts for.
+Each stage has a module of its own in `marfl_jax/core/`, named for what it does
+(`participation` draws who takes part with `marfl_jax.churn`, `aggregation` runs the rounds of
+`marfl_jax.mixing`, ...); `observe` reads what the host accounts for.
 
 `build_chain` is the one place that says which stages run and in what order, and so how DP and
-MKD interact: under DP the aggregation is DP's (`dp.private_aggregate`), and when both are
+MKD interact: under DP the aggregation is DP's (`privacy.private_aggregate`), and when both are
 on, MKD distils from the noised models and the post-distillation difference is what is smoothed
 (the authors' order). A new stage is a module with a factory returning a `Stage` and one line
 here.
@@ -21,11 +21,20 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from marfl_jax import comm, rules, sharding
+from marfl_jax import comm, mixing, rules, sharding
 from marfl_jax.adversary import flip_labels, message_transform
 from marfl_jax.churn import ChurnModel
-from marfl_jax.core import adversary, churn, clock, dp, local, mixing, mkd, observe
-from marfl_jax.core.stage import Context, Stage, Step, run_chain, step_keys
+from marfl_jax.core import (
+    aggregation,
+    distillation,
+    observe,
+    participation,
+    placement,
+    privacy,
+    timing,
+    training,
+)
+from marfl_jax.core.stage import Context, Stage, Step, init_stages, run_chain, step_keys
 from marfl_jax.core.state import DeviceData, FLState
 from marfl_jax.dp import Privacy
 from marfl_jax.mkd import Distillation
@@ -50,8 +59,7 @@ class Simulation(NamedTuple):
       roundtrip: a lossy message codec's tree -> decoded tree (`marfl_jax.codec`), or None.
       slice_unit: values a butterfly slice keeps together (the codec's block; 1 elementwise).
       share_momentum: messages carry momentum beside the weights (False: weights only).
-      aggregator: the group rule, a name in `marfl_jax.rules.RULES` or a Rule bound to its
-        parameters ('mean': the group mean).
+      aggregator: the group rule (`marfl_jax.rules.Rule`, bound to its parameters).
       adversary: the Byzantine peers (`marfl_jax.adversary.Adversary`), or None.
     """
 
@@ -70,15 +78,8 @@ class Simulation(NamedTuple):
     roundtrip: Any = None
     slice_unit: int = 1
     share_momentum: bool = True
-    aggregator: Any = "mean"
+    aggregator: rules.Rule = rules.MEAN
     adversary: Any = None
-
-    @property
-    def combine(self):
-        """How a group combines coded payloads: the algorithm's wire's `combine`
-        (`marfl_jax.comm.Wire`); None without a lossy codec. ConfigError when the wire has
-        none and a lossy codec is on."""
-        return None if self.roundtrip is None else comm.coded_combine(self.algorithm.wire)
 
 
 def everyone_takes_part(churn_model: ChurnModel, sim_clock=None) -> bool:
@@ -92,8 +93,7 @@ def everyone_takes_part(churn_model: ChurnModel, sim_clock=None) -> bool:
 def build_chain(sim: Simulation, distilling: bool = False) -> list[Stage]:
     """The stages of one iteration; `distilling` = an MKD iteration (t < K)."""
     num_groups = sim.algorithm.num_groups
-    rule = rules.get(sim.aggregator)
-    attackers = sim.adversary
+    rule, attackers = sim.aggregator, sim.adversary
     # What mates receive when it is not what members hold: forged by attackers, or encoded for
     # a rule other than the mean (the mean's coded paths are the wire's `combine`).
     transform = message_transform(
@@ -103,44 +103,58 @@ def build_chain(sim: Simulation, distilling: bool = False) -> list[Stage]:
     grid = (getattr(sim.algorithm, "grid", None)
             if rule.exact_mean and transform is None
             and everyone_takes_part(sim.churn_model, sim.clock) else None)
+    mean = mixing.mixer(num_groups, max_group_size=sim.algorithm.max_group_size, grid=grid)
+    if transform is None and rule.exact_mean and sim.roundtrip is None:
+        mixer = mean
+    else:
+        coded = transform is None and sim.roundtrip is not None
+        mixer = mixing.mixer(
+            num_groups, rule, max_group_size=sim.algorithm.max_group_size,
+            roundtrip=sim.roundtrip if coded else None, transform=transform, unit=sim.slice_unit,
+            combine=comm.coded_combine(sim.algorithm.wire) if coded else None)
     honest = None if attackers is None else attackers.honest
-    chain = [churn.participation(sim.churn_model, sim.algorithm)]
+    chain = [participation.participation(sim.churn_model, sim.algorithm)]
     if attackers is not None:
-        chain.append(adversary.adversary(attackers, num_groups))
+        chain.append(placement.placement(attackers, num_groups))
     if sim.clock is not None:
-        chain.append(clock.timing(sim.clock, sim.algorithm, distilling))
-    chain += [
-        local.local_update(apply_fn=sim.apply_fn, optimizer=sim.optimizer,
-                                  local_batches=sim.local_batches, batch_size=sim.batch_size,
-                                  model_dropout=sim.model_dropout, peer_chunk=sim.peer_chunk,
-                                  label_map=label_map(attackers)),
-    ]
+        chain.append(timing.timing(sim.clock, sim.algorithm, distilling))
+    chain.append(training.local_update(
+        apply_fn=sim.apply_fn, optimizer=sim.optimizer, local_batches=sim.local_batches,
+        batch_size=sim.batch_size, model_dropout=sim.model_dropout, peer_chunk=sim.peer_chunk,
+        label_map=label_map(attackers)))
     private = sim.privacy is not None
     if private:
-        chain.append(dp.privatize(sim.privacy))
+        chain.append(privacy.privatize(sim.privacy))
     if distilling:
         if sim.distillation is None:
             raise ValueError("an MKD iteration needs Simulation.distillation")
         if private:
-            chain.append(dp.noised_model_teaches(sim.privacy))
-        chain.append(mkd.distill(
+            chain.append(privacy.noised_model_teaches(sim.privacy))
+        chain.append(distillation.distill(
             sim.distillation, num_groups=num_groups,
             max_group_size=sim.algorithm.max_group_size, apply_fn=sim.apply_fn,
             optimizer=sim.optimizer, batch_size=sim.batch_size, model_dropout=sim.model_dropout,
             roundtrip=sim.roundtrip))
         if private:
-            chain.append(dp.distilled_update())
-    wire = dict(roundtrip=sim.roundtrip, combine=sim.combine, unit=sim.slice_unit,
-                share_momentum=sim.share_momentum, rule=rule,
-                max_group_size=sim.algorithm.max_group_size)
-    chain.append(dp.private_aggregate(sim.privacy, num_groups, grid, **wire) if private
-                 else mixing.aggregate(num_groups, grid, **wire, transform=transform,
-                                          counted=honest))
+            chain.append(privacy.distilled_update())
+    chain.append(privacy.private_aggregate(sim.privacy, mixer, mean,
+                                           share_momentum=sim.share_momentum) if private
+                 else aggregation.aggregate(mixer, share_momentum=sim.share_momentum,
+                                            counted=honest))
     # One exact mean over every grid axis leaves all peers bitwise equal.
     agreed = (grid is not None and not private and sim.roundtrip is None
               and {a for a, r in enumerate(grid.radices) if r > 1} <= set(grid.axes))
     chain.append(observe.observe(num_groups, grid if agreed else None, counted=honest))
     return chain
+
+
+def initial_stage_states(sim: Simulation, params) -> dict[str, Any]:
+    """The states of every stage either iteration variant runs, by name, from the peers'
+    initial params (peer axis first): what `FLState.stages` starts as."""
+    states = init_stages(build_chain(sim), params)
+    if sim.distillation is not None:
+        states.update(init_stages(build_chain(sim, True), params))
+    return states
 
 
 def label_map(attackers):

@@ -43,7 +43,7 @@ def observe(num_groups: int, agreed: mixing.Grid | None = None, counted=None) ->
             "params_finite": finite,
         }
 
-    return stage
+    return Stage(stage)
 
 
 def params_finite(params) -> jax.Array:

@@ -2,6 +2,14 @@
 
     stage(step: Step, context: Context) -> (step: Step, info: dict[str, jax.Array])
 
+A `Stage` is that function (`update`) and, for a stage that keeps something from one iteration
+to the next, optax's other half: `init(params) -> state` (params with the peer axis first; the
+state too, for per-peer state) and the name its state is kept under, `FLState.stages[name]`.
+The run state holds every stage's state in that one dict, so it is checkpointed and restored
+with the peers' models (DP's clip thresholds, references and smoothed updates are the first).
+A stage reads and writes its state through the step (`Step.stage_state`, `Step.with_stage_state`);
+several stages may share one state (DP's), which exactly one of them initialises.
+
 `Step` carries the peers' state through the iteration together with what earlier stages decided
 (who trains, who takes part in which round, the groups, DP's privatized update); a stage returns
 it updated with `_replace` and adds its metrics to the iteration's `info`. A 0-d entry IS a
@@ -79,6 +87,15 @@ class Step(NamedTuple):
     schedule: jax.Array | None = None
     privatized: Privatized | None = None
 
+    def stage_state(self, name: str):
+        """The state the stages named `name` keep (`FLState.stages[name]`)."""
+        return self.peers.stages[name]
+
+    def with_stage_state(self, name: str, value) -> Step:
+        """The step with `FLState.stages[name]` replaced by `value`."""
+        return self._replace(peers=self.peers._replace(stages={**self.peers.stages,
+                                                               name: value}))
+
     @property
     def aggregating(self) -> jax.Array:
         """(N,) bool, peers that start the aggregation (presence only ends within it)."""
@@ -102,13 +119,44 @@ class Context(NamedTuple):
         return self.data.counts.shape[0]
 
 
-Stage = Callable[[Step, Context], tuple[Step, Info]]
+class Stage(NamedTuple):
+    """One stage of the iteration (see the module docstring).
+
+    Attributes:
+      update: (step, context) -> (step, info).
+      init: (params, leaves (N, ...)) -> the stage's initial state, or None for a stage that
+        keeps nothing (or reads a state another stage initialises).
+      state: the key of its state in `FLState.stages` (with `init`, or to name the state it
+        shares), else None.
+    """
+
+    update: Callable[[Step, Context], tuple[Step, Info]]
+    init: Callable[[Any], Any] | None = None
+    state: str | None = None
+
+    def __call__(self, step: Step, context: Context) -> tuple[Step, Info]:
+        return self.update(step, context)
+
+
+def init_stages(stages: Sequence[Stage], params) -> dict[str, Any]:
+    """Every stage's initial state by name, from the peers' initial params (peer axis first).
+    ValueError when two stages initialise one name."""
+    states = {}
+    for stage in stages:
+        if stage.init is None:
+            continue
+        if stage.state is None:
+            raise ValueError(f"a stage with an init names no state: {stage}")
+        if stage.state in states:
+            raise ValueError(f"two stages initialise the state {stage.state!r}")
+        states[stage.state] = stage.init(params)
+    return states
 
 
 def run_chain(stages: Sequence[Stage], step: Step, context: Context) -> tuple[Step, Info]:
     """Applies the stages in order; their infos are merged (a later key replaces an earlier)."""
     info: Info = {}
     for stage in stages:
-        step, stage_info = stage(step, context)
+        step, stage_info = stage.update(step, context)
         info.update(stage_info)
     return step, info

@@ -8,17 +8,19 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from marfl_jax import churn, dp
+from marfl_jax import churn
 
 
 class FLState(NamedTuple):
     """Every peer's model and optimizer state (leaves with leading peer axis N), whether each
-    peer is available (Markov churn), (N,) bool, and under DP each peer's `dp.PrivacyState`."""
+    peer is available (Markov churn), (N,) bool, and the stages' states by name
+    (`marfl_jax.core.stage.Stage`; under DP `stages["privacy"]` is each peer's
+    `dp.PrivacyState`)."""
 
     params: Any
     opt_state: Any
     available: jax.Array
-    privacy: dp.PrivacyState | None = None
+    stages: dict[str, Any]
 
 
 class DeviceData(NamedTuple):
@@ -31,13 +33,15 @@ class DeviceData(NamedTuple):
 
 
 def init_state(model, optimizer, sample_input: jax.Array, num_peers: int, key: jax.Array,
-               churn_model: churn.ChurnModel, privacy: dp.Privacy | None = None) -> FLState:
+               churn_model: churn.ChurnModel, init_stages=None) -> FLState:
     """Every peer starts from the same initial model (as the authors' seeded processes do).
 
     Args:
       model: a flax module; `model.init(key, sample_input)["params"]` is one peer's params.
       optimizer: the optax transformation whose state every peer carries.
       sample_input: (1, ...) one input example.
+      init_stages: params (N, ...) -> the stages' states by name (`stage.init_stages` of the
+        chain: `marfl_jax.core.iteration.init_stages(sim)`); None: no stage keeps state.
     Returns:
       FLState with every leaf stacked on a leading axis of N peers.
     """
@@ -48,4 +52,4 @@ def init_state(model, optimizer, sample_input: jax.Array, num_peers: int, key: j
     params = stack(params)
     return FLState(params, stack(opt_state),
                    churn.initial_availability(availability_key, num_peers, churn_model),
-                   None if privacy is None else dp.init_state(params, privacy.initial_clip))
+                   {} if init_stages is None else init_stages(params))

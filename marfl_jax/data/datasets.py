@@ -7,6 +7,10 @@
     @DATASETS.register('my_data')
     def my_data(data_dir, **options):
         return Dataset('my_data', x_train, y_train, x_test, y_test, num_classes, 'my arrays')
+
+A loader may say what its examples are, `my_data.inputs = 'images'` (28x28) or `'features'`
+(D floats), so that `Config.validate` refuses a model that takes the other (`models.MODELS`'
+factories say what they take the same way).
 """
 
 from __future__ import annotations
@@ -93,3 +97,9 @@ def _bbc_news(data_dir: str | None, **options: Any) -> Dataset:
 @DATASETS.register('20newsgroups')
 def _20newsgroups(data_dir: str | None, **options: Any) -> Dataset:
     return load_text_dataset('20newsgroups', data_dir, **options)
+
+
+for _loader in (_mnist10k, _mnist, _fashion_mnist):
+    _loader.inputs = 'images'
+for _loader in (_bbc_news, _20newsgroups):
+    _loader.inputs = 'features'

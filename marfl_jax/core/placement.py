@@ -8,7 +8,7 @@ from marfl_jax import adversary as adversary_lib
 from marfl_jax.core.stage import Context, Stage, Step
 
 
-def adversary(attackers: adversary_lib.Adversary, num_groups: int) -> Stage:
+def placement(attackers: adversary_lib.Adversary, num_groups: int) -> Stage:
     """With `--byzantine_placement=collude` the present attackers are packed into the same
     groups in every round (`adversary.collude`: group sizes and presence unchanged).
 
@@ -22,4 +22,4 @@ def adversary(attackers: adversary_lib.Adversary, num_groups: int) -> Stage:
                 step.schedule, byzantine, num_groups))
         return step, {"byzantine_peers": (step.took_part & byzantine).sum()}
 
-    return stage
+    return Stage(stage)

@@ -24,4 +24,4 @@ def participation(churn_model: churn.ChurnModel, algorithm) -> Stage:
                              present=drawn.present, schedule=schedule)
         return step, {"updating_peers": updating.sum()}
 
-    return stage
+    return Stage(stage)

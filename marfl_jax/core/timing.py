@@ -57,4 +57,4 @@ def timing(sim_clock: clock.Clock, algorithm, distilling: bool = False) -> Stage
                       "sim_seconds": compute + comm + coordination,
                       "stragglers": cut_off.sum()}
 
-    return stage
+    return Stage(stage)

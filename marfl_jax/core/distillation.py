@@ -56,4 +56,4 @@ def distill(distillation: mkd.Distillation, *, num_groups: int, max_group_size: 
             "distill_loss": mean_over_distilled([s.loss for s in stats]),
         }
 
-    return stage
+    return Stage(stage)

@@ -13,20 +13,27 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from marfl_jax import dp, mixing, rules
+from marfl_jax import dp, mixing
 from marfl_jax.core.stage import Context, Privatized, Stage, Step
+
+# The key of DP's per-peer state (`dp.PrivacyState`) in `FLState.stages`.
+PRIVACY = "privacy"
 
 
 def privatize(privacy: dp.Privacy) -> Stage:
     """Sets `step.privatized`: every peer's clipped, noised update since its reference (only
-    the aggregating peers' are used), the unclipped indicators and the norms."""
+    the aggregating peers' are used), the unclipped indicators and the norms. Initialises DP's
+    state, `FLState.stages[PRIVACY]` (`dp.init_state`: references = the initial models, clip
+    thresholds = --dp_initial_clip), which the other DP stages share."""
 
     def stage(step: Step, context: Context):
         update, unclipped, norms = dp.privatize(context.keys.dp_noise, step.peers.params,
-                                                step.peers.privacy, step.aggregating, privacy)
+                                                step.stage_state(PRIVACY), step.aggregating,
+                                                privacy)
         return step._replace(privatized=Privatized(update, unclipped, norms)), {}
 
-    return stage
+    return Stage(stage, init=lambda params: dp.init_state(params, privacy.initial_clip),
+                 state=PRIVACY)
 
 
 def noised_model_teaches(privacy: dp.Privacy) -> Stage:
@@ -34,36 +41,34 @@ def noised_model_teaches(privacy: dp.Privacy) -> Stage:
 
     def stage(step: Step, context: Context):
         peers = step.peers
-        noised_model = dp.apply_delta(peers.privacy.reference, step.privatized.update,
+        noised_model = dp.apply_delta(step.stage_state(PRIVACY).reference, step.privatized.update,
                                       privacy.server_lr)
         params = dp.where_peers(step.aggregating, noised_model, peers.params)
         return step._replace(peers=peers._replace(params=params)), {}
 
-    return stage
+    return Stage(stage)
 
 
 def distilled_update() -> Stage:
     """The update to smooth becomes theta - theta_ref after MKD (not clipped or noised)."""
 
     def stage(step: Step, context: Context):
-        update = jax.tree.map(jnp.subtract, step.peers.params, step.peers.privacy.reference)
+        update = jax.tree.map(jnp.subtract, step.peers.params,
+                              step.stage_state(PRIVACY).reference)
         return step._replace(privatized=step.privatized._replace(update=update)), {}
 
-    return stage
+    return Stage(stage)
 
 
-def private_aggregate(privacy: dp.Privacy, num_groups: int, grid: mixing.Grid | None = None,
-                      *, roundtrip=None, combine=None, unit: int = 1,
-                      share_momentum: bool = True, rule=None,
-                      max_group_size: int | None = None) -> Stage:
+def private_aggregate(privacy: dp.Privacy, mixer: mixing.Mixer, indicators: mixing.Mixer, *,
+                      share_momentum: bool = True) -> Stage:
     """DP's steps 2-4 over the schedule's groups; the averaged model becomes each aggregating
     peer's reference. Non-aggregating peers keep everything. The shared tensors (model,
-    momentum unless `share_momentum=False`, the smoothed noised update) cross the wire through
-    `roundtrip` (a lossy codec's; the noise is in them before encoding), each round combined by
-    the wire's `combine` (`marfl_jax.comm.Wire.combine`); the clip indicators are float32
-    scalars. `rule` (`marfl_jax.rules`; None = the mean) combines the shared tensors;
-    the clip indicators are always averaged (their mean is the adaptive clip's quantile
-    estimate).
+    momentum unless `share_momentum=False`, the smoothed noised update) are combined by the
+    run's round function `mixer` (the mean; with a lossy codec the wire's combine of coded
+    copies, the noise in them before encoding); the clip indicators, float32 scalars, by
+    `indicators` (the plain mean: their mean is the adaptive clip's quantile estimate). When
+    both are one mixer and momentum is shared, the four are mixed in one pass.
 
     Info: `consensus_before` (of the shared models), `aggregating` (n), `dp_split_peers` (the n
     of this iteration's noise split), `dp_clip` (mean S before
@@ -73,23 +78,21 @@ def private_aggregate(privacy: dp.Privacy, num_groups: int, grid: mixing.Grid | 
 
     def stage(step: Step, context: Context):
         peers, private, aggregating = step.peers, step.privatized, step.aggregating
-        state = peers.privacy
+        state = step.stage_state(PRIVACY)
         smoothed = dp.where_peers(aggregating, dp.smooth(
             state.smoothed, private.update, privacy.server_momentum), state.smoothed)
         shared = dp.where_peers(aggregating, dp.apply_delta(state.reference, smoothed,
                                                             privacy.server_lr), peers.params)
         before = mixing.consensus_distance(shared, step.took_part)
-        if roundtrip is None and share_momentum and rules.get(rule).exact_mean:
+        if mixer is indicators and share_momentum:
             shared, opt_state, smoothed, mean_indicator = mixing.mix(
-                (shared, peers.opt_state, smoothed, private.unclipped), step.schedule,
-                num_groups, grid, rule=rule, max_group_size=max_group_size)
+                (shared, peers.opt_state, smoothed, private.unclipped), step.schedule, mixer)
         else:
             payloads = (shared, smoothed) + ((peers.opt_state,) if share_momentum else ())
-            mixed = mixing.mix(payloads, step.schedule, num_groups, grid, roundtrip, combine,
-                               unit, rule, max_group_size)
+            mixed = mixing.mix(payloads, step.schedule, mixer)
             shared, smoothed = mixed[:2]
             opt_state = mixed[2] if share_momentum else peers.opt_state
-            mean_indicator = mixing.mix(private.unclipped, step.schedule, num_groups, grid)
+            mean_indicator = mixing.mix(private.unclipped, step.schedule, indicators)
         num_aggregating = aggregating.sum()
         clip = jnp.where(aggregating, dp.update_clip(context.keys.dp_clip, state.clip,
                                                      mean_indicator, num_aggregating, privacy),
@@ -98,8 +101,8 @@ def private_aggregate(privacy: dp.Privacy, num_groups: int, grid: mixing.Grid | 
                                       smoothed, clip)
         count = jnp.maximum(num_aggregating, 1)
         peers = peers._replace(params=dp.where_peers(aggregating, shared, peers.params),
-                               opt_state=opt_state, privacy=new_privacy)
-        return step._replace(peers=peers), {
+                               opt_state=opt_state)
+        return step._replace(peers=peers).with_stage_state(PRIVACY, new_privacy), {
             "consensus_before": before,
             "aggregating": num_aggregating,
             "dp_split_peers": dp.noise_split(privacy, num_aggregating)[2],
@@ -108,4 +111,4 @@ def private_aggregate(privacy: dp.Privacy, num_groups: int, grid: mixing.Grid | 
             "dp_update_norm": jnp.where(aggregating, private.norms, 0).sum() / count,
         }
 
-    return stage
+    return Stage(stage)

@@ -39,4 +39,4 @@ def local_update(*, apply_fn, optimizer, local_batches: int, batch_size: int,
         step = step._replace(peers=step.peers._replace(params=params, opt_state=opt_state))
         return step, {"train_loss": losses.sum() / jnp.maximum(updating, 1)}
 
-    return stage
+    return Stage(stage)

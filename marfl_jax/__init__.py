@@ -7,17 +7,21 @@ axis; every byte that would cross the network is counted exactly.
     result = run(Config(num_peers=16, group_size=4, key_dim=2), workdir="runs/n16")
 
 Extension points (each a registry: register a name, then use it as the flag's value):
-`ALGORITHMS` (group schedule + wire model), `WIRE_MODELS`, `MODELS`, `DATASETS`, `PARTITIONS`.
-The simulation itself is `marfl_jax.core`: the iteration as a chain of stages.
+`ALGORITHMS` (group schedule + wire), `WIRE_MODELS`, `RULES` (group rules), `ATTACKS`,
+`CODECS`, `MODELS`, `DATASETS`, `PARTITIONS`. The simulation itself is `marfl_jax.core`: the
+iteration as a chain of stages; `marfl_jax.assemble` builds a run's pieces from a Config.
 """
 
 from marfl_jax.algorithms import ALGORITHMS, Algorithm, make_algorithm
-from marfl_jax.comm import WIRE_MODELS, Ledger, WireCost
+from marfl_jax.attacks import ATTACKS, Attack
+from marfl_jax.codec import CODECS, Codec
+from marfl_jax.comm import WIRE_MODELS, Ledger, Wire, WireCost
 from marfl_jax.config import Config, ConfigError
 from marfl_jax.core import Context, FLState, Simulation, Stage, Step, build_chain, make_iteration
 from marfl_jax.data import DATASETS, PARTITIONS, Dataset, DataUnavailableError, PeerIndex
 from marfl_jax.models import MODELS
 from marfl_jax.registry import Registry
+from marfl_jax.rules import RULES, Rule
 from marfl_jax.runner import RunResult, run
 from marfl_jax.watch import DivergenceError
 
@@ -25,7 +29,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ALGORITHMS",
+    "ATTACKS",
     "Algorithm",
+    "Attack",
+    "CODECS",
+    "Codec",
     "Config",
     "ConfigError",
     "Context",
@@ -38,12 +46,15 @@ __all__ = [
     "MODELS",
     "PARTITIONS",
     "PeerIndex",
+    "RULES",
     "Registry",
+    "Rule",
     "RunResult",
     "Simulation",
     "Stage",
     "Step",
     "WIRE_MODELS",
+    "Wire",
     "WireCost",
     "build_chain",
     "make_algorithm",

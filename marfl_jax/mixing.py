@@ -401,9 +401,10 @@ def combine_groups(tree, group_ids: jax.Array, num_groups: int, rule, max_group_
     (`rank_in_group`), `rule.combine` is called ONCE on the whole message (the tree of slot
     leaves, integer leaves None there, with `rule.params`) and gives each group's value, which
     is scattered back to the members. Absent peers (id -1) keep their values; integer leaves are
-    unchanged. Memory: num_groups * max_group_size copies of the message (at most N members are
-    filled). `transform(slots, filled, slot_peer (G, M) int32, key) -> slots` turns what the
-    members hold into what their mates receive before the rule (see `mix`)."""
+    unchanged; a `per_member` rule gives each member its own slot's value. Memory: num_groups *
+    max_group_size copies of the message (at most N members are filled). `transform(slots,
+    filled, slot_peer (G, M) int32, key) -> slots` turns what the members hold into what their
+    mates receive before the rule (see `mixer`)."""
     leaves, treedef = jax.tree.flatten(tree)
     floating = [jnp.issubdtype(x.dtype, jnp.floating) for x in leaves]
     if not any(floating):
@@ -428,10 +429,11 @@ def combine_groups(tree, group_ids: jax.Array, num_groups: int, rule, max_group_
         slots = transform(slots, filled, slot_peer, key)
     combined = treedef.flatten_up_to(rule.combine(slots, filled, rule.params))
     own_group = jnp.where(present, group_ids, 0)
+    own_slot = (own_group, rank) if rule.per_member else own_group  # The member's own value.
 
     def scatter(x, value):
         mask = present.reshape((-1,) + (1,) * (x.ndim - 1))
-        return jnp.where(mask, value.astype(x.dtype)[own_group], x)
+        return jnp.where(mask, value.astype(x.dtype)[own_slot], x)
 
     return treedef.unflatten([scatter(x, c) if f else x
                               for x, c, f in zip(leaves, combined, floating, strict=True)])

@@ -39,6 +39,9 @@ with 2 f_g < n, ByzFL's requirement (it raises for 2f >= n). With n <= 2 that is
   neighbours counting itself, i.e. sorted distance row [1 : n - f]; not Blanchard et al.'s
   n - f - 2). With f_g <= (n - 1) // 2 that is >= 1 neighbour whenever n >= 2; n = 1 takes
   the only copy. Ties go to the lowest rank.
+* `self_centered_clip` (per member): member i takes x_i + (1/n) sum_j clip(x_j - x_i, tau), its
+  mates' copies clipped around its own (ClippedGossip, He, Karimireddy & Jaggi 2022, uniform
+  weights within the group); a `per_member` rule returns (G, M, ...) leaves, one value per slot.
 * `centered_clip`: v_0 = the group's coordinate-wise median (there is no server momentum to
   start from; ByzFL starts from 0, then from its previous output), then `iterations` times
   v <- v + (1/n) sum_i (x_i - v) min(1, tau / ||x_i - v||), norms over the whole copy.
@@ -75,6 +78,8 @@ class Rule(NamedTuple):
       params: what `combine` gets as `params`.
       honest_majority: the rule tolerates `params.f` copies only in a group where 2 f < n
         (validation refuses an f that a full group cannot have).
+      per_member: `combine` returns (G, M, ...) leaves, one value per member (slot [g, r] is
+        what member r of group g takes), instead of one value per group.
     """
 
     combine: Callable[[Any, jax.Array, Params], Any]
@@ -82,6 +87,7 @@ class Rule(NamedTuple):
     description: str = ""
     params: Params = Params()
     honest_majority: bool = False
+    per_member: bool = False
 
     def with_params(self, params: Params) -> Rule:
         return self._replace(params=params)
@@ -238,6 +244,25 @@ def centered_clip(received, present: jax.Array, params: Params):
 
 
 MEAN = Rule(coordinatewise(mean), exact_mean=True, description="the unweighted group mean")
+def self_centered_clip(received, present: jax.Array, params: Params):
+    """ClippedGossip's step within a group (He, Karimireddy & Jaggi 2022, with uniform weights
+    1/n over the n present members): member i takes x_i + (1/n) sum_j clip(x_j - x_i, tau),
+    clip(d, tau) = d min(1, tau / ||d||) with the norm over the whole copy. Per member: each
+    clips its mates' copies around its own, so members of one group end apart. Memory: one
+    difference of the slots at a time (a loop over the M ranks)."""
+    count = jnp.maximum(present.sum(axis=1), 1).astype(jnp.float32)
+    total = jax.tree.map(jnp.zeros_like, received)
+    for j in range(present.shape[1]):
+        differences = jax.tree.map(lambda x, j=j: x[:, j:j + 1] - x, received)  # x_j - x_i.
+        norms = jnp.sqrt(_squared_norms(differences))  # (G, M): one per member i.
+        scale = jnp.where(norms > params.tau, params.tau / jnp.maximum(norms, 1e-30), 1.0)
+        weights = jnp.where(present & present[:, j:j + 1], scale, 0.0)
+        total = jax.tree.map(lambda t, d, w=weights: t + present_like(w, d).astype(d.dtype) * d,
+                             total, differences)
+    return jax.tree.map(
+        lambda x, t: x + t / present_like(count[:, None], t).astype(t.dtype), received, total)
+
+
 RULES.register("mean", MEAN)
 RULES.register("median", Rule(coordinatewise(median),
                               description="the coordinate-wise median of the group"))
@@ -248,6 +273,9 @@ RULES.register("centered_clip", Rule(centered_clip, description="centered clippi
                                      "median (--clip_tau, --clip_iterations)"))
 RULES.register("krum", Rule(krum, description="the copy nearest its n - f - 1 nearest mates "
                             "(--aggregator_f)", honest_majority=True))
+RULES.register("self_centered_clip", Rule(
+    self_centered_clip, per_member=True, description="each member adds the mean of its mates' "
+    "differences clipped to --clip_tau around its own copy (ClippedGossip)"))
 
 
 def get(name: str, params: Params | None = None) -> Rule:

@@ -164,3 +164,35 @@ def test_params_come_from_the_config(name):
     rule = rules.get(config.aggregator, assemble.rule_params(config))
     assert rule.params == rules.Params(f=2, tau=0.5, iterations=3)
     assert rule.combine is rules.RULES.get(name).combine
+
+
+def test_self_centered_clip_is_clipped_gossip_for_each_member():
+    """Each member i takes x_i + (1/n) sum_j clip(x_j - x_i, tau) (whole-copy norms), written
+    plainly per member in float64; absent peers keep theirs; with a radius no difference reaches
+    every member takes the group mean."""
+    rng = np.random.default_rng(5)
+    tree = {"w": jnp.asarray(rng.normal(size=(10, 3)), jnp.float32),
+            "b": jnp.asarray(rng.normal(size=(10,)), jnp.float32)}
+    ids = np.array([0, 1, 0, 2, -1, 1, 0, 2, 0, 1], np.int32)
+    for tau in (0.7, 1e6):
+        rule = rules.get("self_centered_clip", rules.Params(tau=tau))
+        assert rule.per_member and not rule.exact_mean
+        out = jax.jit(lambda t, r=rule: mixing.mix(
+            t, ids[None], mixing.mixer(3, r, max_group_size=4)))(tree)
+        flat = np.concatenate([np.asarray(tree["w"], np.float64),
+                               np.asarray(tree["b"], np.float64)[:, None]], axis=1)
+        got = np.concatenate([np.asarray(out["w"]), np.asarray(out["b"])[:, None]], axis=1)
+        for g in range(3):
+            members = np.flatnonzero(ids == g)
+            for i in members:
+                total = np.zeros(flat.shape[1])
+                for j in members:
+                    d = flat[j] - flat[i]
+                    norm = np.linalg.norm(d)
+                    total += d * min(1.0, tau / max(norm, 1e-30))
+                np.testing.assert_allclose(got[i], flat[i] + total / members.size, atol=2e-5,
+                                           err_msg=f"tau {tau} peer {i}")
+                if tau == 1e6:
+                    np.testing.assert_allclose(got[i], flat[members].mean(0), atol=2e-5)
+        np.testing.assert_array_equal(got[4], flat[4].astype(np.float32))
+        assert not np.allclose(got[0], got[2]) or tau == 1e6  # Members end apart.

@@ -294,15 +294,18 @@ class Mixer(NamedTuple):
     """How one run's groups combine their copies in a round, resolved once (`mixer`).
 
     Attributes:
-      round: (tree (N, ...), group_ids (N,), key or None) -> tree, one round.
+      round: (tree (N, ...), group_ids (N,), key or None, state) -> (tree, state), one round;
+        `state` is the rule's per-peer state (None for a rule without one).
       num_groups: the bound on the group ids of a round.
       grid: the schedule's grid at full participation, only for the exact mean (`mix` then runs
         the rounds as one grid mean where the step's schedule is that grid), else None.
+      init: the rule's `init` (the message (N, ...) -> its per-peer state), or None.
     """
 
-    round: Callable[[Any, jax.Array, jax.Array | None], Any]
+    round: Callable[[Any, jax.Array, jax.Array | None, Any], tuple[Any, Any]]
     num_groups: int
     grid: Grid | None = None
+    init: Callable[[Any], Any] | None = None
 
 
 def mixer(num_groups: int, rule: rules_lib.Rule = rules_lib.MEAN, *,
@@ -327,25 +330,25 @@ def mixer(num_groups: int, rule: rules_lib.Rule = rules_lib.MEAN, *,
             raise ValueError("a lossy codec's round trip is defined only for an exact-mean rule "
                              "(--aggregator=mean)")
 
-        def through_slots(tree, ids, key):
+        def through_slots(tree, ids, key, state):
             size = ids.shape[0] if max_group_size is None else max_group_size
-            return combine_groups(tree, ids, num_groups, rule, size, transform, key)
+            return combine_groups(tree, ids, num_groups, rule, size, transform, key, state)
 
-        return Mixer(through_slots, num_groups)
+        return Mixer(through_slots, num_groups, init=rule.init)
     if roundtrip is not None:
         if combine is None:
             raise ValueError("a lossy codec's round trip needs the wire's way of combining coded "
                              "copies (marfl_jax.comm.Wire.combine); none was given")
-        return Mixer(lambda tree, ids, key: combine(tree, ids, num_groups, roundtrip, unit),
-                     num_groups)
-    return Mixer(lambda tree, ids, key: group_mean(tree, ids, num_groups,
-                                                   max_group_size=max_group_size),
-                 num_groups, grid)
+        return Mixer(lambda tree, ids, key, state: (
+            combine(tree, ids, num_groups, roundtrip, unit), state), num_groups)
+    return Mixer(lambda tree, ids, key, state: (
+        group_mean(tree, ids, num_groups, max_group_size=max_group_size), state),
+        num_groups, grid)
 
 
 def mix(tree, schedule: jax.Array, mixer: Mixer, key: jax.Array | None = None):
     """Applies the rounds of a schedule (G, N) group ids in order, each by `mixer.round` (round
-    r's key: fold_in(key, r)); returns the tree.
+    r's key: fold_in(key, r)); returns the tree (`mix_with_state` for a rule with state).
 
     With `mixer.grid` (an exact mean at full participation) the rounds are means along grid
     axes, which commute and repeat idempotently, so they run as ONE mean over the axes the
@@ -354,10 +357,7 @@ def mix(tree, schedule: jax.Array, mixer: Mixer, key: jax.Array | None = None):
     (someone absent, groups redrawn) the rounds run one by one."""
 
     def rounds(tree):
-        for r, round_ids in enumerate(schedule):  # G is small and static: unrolled.
-            tree = mixer.round(tree, round_ids,
-                               None if key is None else jax.random.fold_in(key, r))
-        return tree
+        return mix_with_state(tree, None, schedule, mixer, key)[0]
 
     grid = mixer.grid
     if grid is not None:
@@ -365,6 +365,17 @@ def mix(tree, schedule: jax.Array, mixer: Mixer, key: jax.Array | None = None):
                             lambda t: grid_mean(t, grid.radices, tuple(sorted(set(grid.axes)))),
                             rounds, tree)
     return rounds(tree)
+
+
+def mix_with_state(tree, state, schedule: jax.Array, mixer: Mixer,
+                   key: jax.Array | None = None):
+    """The rounds one by one, threading a rule's per-peer `state` (`Rule.init`; leaves
+    (N, ...), each peer's own; None for a rule without state) through `mixer.round` (no grid
+    shortcut: `mix` takes it for the mean). Returns (tree, state)."""
+    for r, round_ids in enumerate(schedule):  # G is small and static: unrolled.
+        tree, state = mixer.round(tree, round_ids,
+                                  None if key is None else jax.random.fold_in(key, r), state)
+    return tree, state
 
 
 def grid_group_ids(grid: Grid) -> np.ndarray:
@@ -395,7 +406,7 @@ def on_grid(schedule: jax.Array, grid: Grid, num_groups: int) -> jax.Array:
 
 
 def combine_groups(tree, group_ids: jax.Array, num_groups: int, rule, max_group_size: int,
-                   transform=None, key: jax.Array | None = None):
+                   transform=None, key: jax.Array | None = None, state=None):
     """One round under a group rule (`marfl_jax.rules.Rule`), its generic path: every floating
     leaf is gathered into slots (num_groups, max_group_size, ...) by group id and rank in group
     (`rank_in_group`), `rule.combine` is called ONCE on the whole message (the tree of slot
@@ -404,11 +415,13 @@ def combine_groups(tree, group_ids: jax.Array, num_groups: int, rule, max_group_
     unchanged; a `per_member` rule gives each member its own slot's value. Memory: num_groups *
     max_group_size copies of the message (at most N members are filled). `transform(slots,
     filled, slot_peer (G, M) int32, key) -> slots` turns what the members hold into what their
-    mates receive before the rule (see `mixer`)."""
+    mates receive before the rule (see `mixer`). A rule with state (`Rule.init`) gets each
+    member's own `state` in its slot and returns its new one there, scattered back to the member
+    (absent peers keep theirs). Returns (tree, state)."""
     leaves, treedef = jax.tree.flatten(tree)
     floating = [jnp.issubdtype(x.dtype, jnp.floating) for x in leaves]
     if not any(floating):
-        return tree
+        return tree, state
     num_peers = group_ids.shape[0]
     present = group_ids >= 0
     segment = jnp.where(present, group_ids, num_groups)  # Absent peers: a discarded group.
@@ -427,16 +440,23 @@ def combine_groups(tree, group_ids: jax.Array, num_groups: int, rule, max_group_
                                for x, f in zip(leaves, floating, strict=True)])
     if transform is not None:
         slots = transform(slots, filled, slot_peer, key)
-    combined = treedef.flatten_up_to(rule.combine(slots, filled, rule.params))
+    if rule.init is None:
+        combined = rule.combine(slots, filled, rule.params)
+    else:
+        combined, state_slots = rule.combine(slots, filled, rule.params,
+                                             jax.tree.map(gather, state))
+    combined = treedef.flatten_up_to(combined)
     own_group = jnp.where(present, group_ids, 0)
     own_slot = (own_group, rank) if rule.per_member else own_group  # The member's own value.
 
-    def scatter(x, value):
+    def scatter(x, value, where=own_slot):
         mask = present.reshape((-1,) + (1,) * (x.ndim - 1))
-        return jnp.where(mask, value.astype(x.dtype)[own_slot], x)
+        return jnp.where(mask, value.astype(x.dtype)[where], x)
 
+    if rule.init is not None:  # Each member's own new state.
+        state = jax.tree.map(lambda x, v: scatter(x, v, (own_group, rank)), state, state_slots)
     return treedef.unflatten([scatter(x, c) if f else x
-                              for x, c, f in zip(leaves, combined, floating, strict=True)])
+                              for x, c, f in zip(leaves, combined, floating, strict=True)]), state
 
 
 def grid_of(schedule: np.ndarray, radices: tuple[int, ...]) -> Grid | None:

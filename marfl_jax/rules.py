@@ -39,6 +39,9 @@ with 2 f_g < n, ByzFL's requirement (it raises for 2f >= n). With n <= 2 that is
   neighbours counting itself, i.e. sorted distance row [1 : n - f]; not Blanchard et al.'s
   n - f - 2). With f_g <= (n - 1) // 2 that is >= 1 neighbour whenever n >= 2; n = 1 takes
   the only copy. Ties go to the lowest rank.
+* `centered_clip_previous` (per member, with state): centered clipping as below, but each
+  member starts from its own previous output (ByzFL's CenteredClipping keeps its last output;
+  at the first round the member's initial copy), kept per peer in the run state (`Rule.init`).
 * `self_centered_clip` (per member): member i takes x_i + (1/n) sum_j clip(x_j - x_i, tau), its
   mates' copies clipped around its own (ClippedGossip, He, Karimireddy & Jaggi 2022, uniform
   weights within the group); a `per_member` rule returns (G, M, ...) leaves, one value per slot.
@@ -80,6 +83,11 @@ class Rule(NamedTuple):
         (validation refuses an f that a full group cannot have).
       per_member: `combine` returns (G, M, ...) leaves, one value per member (slot [g, r] is
         what member r of group g takes), instead of one value per group.
+      init: for a rule that keeps per-peer state: (the message, leaves (N, ...)) -> the state,
+        leaves (N, ...) (None where nothing is kept). `combine` then takes it as a fourth
+        argument, each member's own in its slot (G, M, ...), and returns (values, new state
+        slots); the aggregation stage keeps it in `FLState.stages["aggregator"]`, so it is
+        checkpointed with the run.
     """
 
     combine: Callable[[Any, jax.Array, Params], Any]
@@ -88,6 +96,7 @@ class Rule(NamedTuple):
     params: Params = Params()
     honest_majority: bool = False
     per_member: bool = False
+    init: Callable[[Any], Any] | None = None
 
     def with_params(self, params: Params) -> Rule:
         return self._replace(params=params)
@@ -244,23 +253,50 @@ def centered_clip(received, present: jax.Array, params: Params):
 
 
 MEAN = Rule(coordinatewise(mean), exact_mean=True, description="the unweighted group mean")
+def clipped_mean_around(received, present: jax.Array, centres, tau: float):
+    """(1/n) sum_j clip(x_j - c_i, tau) for every member i: its present mates' copies x_j
+    clipped around its own centre c_i (whole-copy norms), n its group's present copies.
+    received, centres: trees of (G, M, ...) leaves -> (G, M, ...). One difference at a time (a
+    loop over the M ranks)."""
+    count = jnp.maximum(present.sum(axis=1), 1).astype(jnp.float32)
+    total = jax.tree.map(jnp.zeros_like, centres)
+    for j in range(present.shape[1]):
+        differences = jax.tree.map(lambda x, c, j=j: x[:, j:j + 1] - c, received, centres)
+        norms = jnp.sqrt(_squared_norms(differences))  # (G, M): one per member i.
+        scale = jnp.where(norms > tau, tau / jnp.maximum(norms, 1e-30), 1.0)
+        weights = jnp.where(present & present[:, j:j + 1], scale, 0.0)
+        total = jax.tree.map(lambda t, d, w=weights: t + present_like(w, d).astype(d.dtype) * d,
+                             total, differences)
+    return jax.tree.map(lambda t: t / present_like(count[:, None], t).astype(t.dtype), total)
+
+
 def self_centered_clip(received, present: jax.Array, params: Params):
     """ClippedGossip's step within a group (He, Karimireddy & Jaggi 2022, with uniform weights
     1/n over the n present members): member i takes x_i + (1/n) sum_j clip(x_j - x_i, tau),
     clip(d, tau) = d min(1, tau / ||d||) with the norm over the whole copy. Per member: each
-    clips its mates' copies around its own, so members of one group end apart. Memory: one
-    difference of the slots at a time (a loop over the M ranks)."""
-    count = jnp.maximum(present.sum(axis=1), 1).astype(jnp.float32)
-    total = jax.tree.map(jnp.zeros_like, received)
-    for j in range(present.shape[1]):
-        differences = jax.tree.map(lambda x, j=j: x[:, j:j + 1] - x, received)  # x_j - x_i.
-        norms = jnp.sqrt(_squared_norms(differences))  # (G, M): one per member i.
-        scale = jnp.where(norms > params.tau, params.tau / jnp.maximum(norms, 1e-30), 1.0)
-        weights = jnp.where(present & present[:, j:j + 1], scale, 0.0)
-        total = jax.tree.map(lambda t, d, w=weights: t + present_like(w, d).astype(d.dtype) * d,
-                             total, differences)
-    return jax.tree.map(
-        lambda x, t: x + t / present_like(count[:, None], t).astype(t.dtype), received, total)
+    clips its mates' copies around its own, so members of one group end apart."""
+    return jax.tree.map(jnp.add, received,
+                        clipped_mean_around(received, present, received, params.tau))
+
+
+def centered_clip_previous(received, present: jax.Array, params: Params, previous):
+    """ByzFL's CenteredClipping from its previous output, per member: member i starts from what
+    it took in its last round (its initial copy at first), v <- v + (1/n) sum_j clip(x_j - v,
+    tau), `params.iterations` times. Returns (values, state): both each member's v."""
+
+    def step(_, v):
+        return jax.tree.map(jnp.add, v, clipped_mean_around(received, present, v, params.tau))
+
+    out = jax.lax.fori_loop(0, params.iterations, step,
+                            jax.tree.map(lambda p, x: p.astype(x.dtype), previous, received))
+    return out, out
+
+
+def floating_leaves(message):
+    """A copy of the message's floating leaves, None for the others: a rule state that
+    remembers it (a copy: the run state's buffers are donated to the step one by one)."""
+    return jax.tree.map(lambda x: jnp.copy(x) if jnp.issubdtype(x.dtype, jnp.floating) else None,
+                        message)
 
 
 RULES.register("mean", MEAN)
@@ -273,6 +309,10 @@ RULES.register("centered_clip", Rule(centered_clip, description="centered clippi
                                      "median (--clip_tau, --clip_iterations)"))
 RULES.register("krum", Rule(krum, description="the copy nearest its n - f - 1 nearest mates "
                             "(--aggregator_f)", honest_majority=True))
+RULES.register("centered_clip_previous", Rule(
+    centered_clip_previous, per_member=True, init=floating_leaves,
+    description="centered clipping from each member's previous output, ByzFL's start "
+    "(--clip_tau, --clip_iterations)"))
 RULES.register("self_centered_clip", Rule(
     self_centered_clip, per_member=True, description="each member adds the mean of its mates' "
     "differences clipped to --clip_tau around its own copy (ClippedGossip)"))

@@ -42,13 +42,18 @@ def test_stages_own_their_state_under_one_name():
     owners = [s for s in build_chain(private, distilling=True) if s.init is not None]
     assert [s.update.__qualname__.split(".")[0] for s in owners] == ["privatize"]
     params = {"w": jnp.ones((3, 2))}
-    states = core.initial_stage_states(private, params)
+    peers = core.FLState(params, (), jnp.ones(3, bool), {})
+    states = core.initial_stage_states(private, peers)
     assert set(states) == {"privacy"}
     chex.assert_trees_all_equal(states["privacy"].reference, params)
-    assert core.initial_stage_states(_simulation(TINY)[0], params) == {}
+    assert core.initial_stage_states(_simulation(TINY)[0], peers) == {}
     twice = [owners[0], owners[0]]
     with pytest.raises(ValueError, match="two stages initialise the state 'privacy'"):
-        core.init_stages(twice, params)
+        core.init_stages(twice, peers)
+    remembering, _ = _simulation(dataclasses.replace(TINY, aggregator="centered_clip_previous"))
+    states = core.initial_stage_states(remembering, peers._replace(opt_state={"m": params["w"]}))
+    assert set(states) == {"aggregator"}
+    chex.assert_trees_all_equal(states["aggregator"], (params, {"m": params["w"]}))
 
 
 def test_step_keys_are_distinct_and_a_function_of_the_key():

@@ -196,3 +196,50 @@ def test_self_centered_clip_is_clipped_gossip_for_each_member():
                     np.testing.assert_allclose(got[i], flat[members].mean(0), atol=2e-5)
         np.testing.assert_array_equal(got[4], flat[4].astype(np.float32))
         assert not np.allclose(got[0], got[2]) or tau == 1e6  # Members end apart.
+
+
+def test_centered_clip_previous_starts_each_member_from_its_last_output():
+    """Two rounds threading the rule's per-peer state: each member clips around what it took in
+    its previous round (its own initial copy at first), written plainly in float64; an absent
+    peer keeps its copy and its state."""
+    rng = np.random.default_rng(6)
+    tree = {"w": jnp.asarray(rng.normal(size=(8, 3)), jnp.float32)}
+    schedule = np.array([[0, 0, 1, 1, 2, 2, -1, 3], [0, 1, 0, 1, 2, 3, -1, 2]], np.int32)
+    params = rules.Params(tau=0.8, iterations=2)
+    rule = rules.get("centered_clip_previous", params)
+    state = rule.init(tree)
+    out, new_state = jax.jit(lambda t, s: mixing.mix_with_state(
+        t, s, schedule, mixing.mixer(4, rule, max_group_size=2)))(tree, state)
+    x = np.asarray(tree["w"], np.float64)
+    previous = x.copy()
+    for ids in schedule:
+        start = previous.copy()
+        for g in range(4):
+            members = np.flatnonzero(ids == g)
+            for i in members:
+                v = start[i].copy()
+                for _ in range(params.iterations):
+                    steps = [(x[j] - v) * min(1.0, params.tau / max(np.linalg.norm(x[j] - v),
+                                                                     1e-30)) for j in members]
+                    v = v + np.mean(steps, axis=0)
+                previous[i] = v
+        x = np.where((ids >= 0)[:, None], previous, x)
+    np.testing.assert_allclose(np.asarray(out["w"]), x, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(new_state["w"]), previous, atol=2e-5)
+    np.testing.assert_array_equal(np.asarray(new_state["w"])[6], np.asarray(tree["w"])[6])
+
+
+def test_a_rule_with_state_runs_in_the_chain_and_keeps_it_in_the_run_state():
+    from marfl_jax.config import Config
+    from tests.simulate import simulate
+
+    config = Config(model="mlp", num_peers=8, group_size=2, key_dim=3, local_batches=1,
+                    batch_size=8, aggregator="centered_clip_previous", clip_tau=1.0,
+                    max_iterations=2).validate()
+    rows, state = simulate(config)
+    remembered = state.stages["aggregator"]
+    # Everyone took part: each member's state is what it took, its params after the rounds.
+    chex.assert_trees_all_close(remembered[0], state.params)
+    chex.assert_trees_all_close(jax.tree.leaves(remembered[1]), [
+        x for x in jax.tree.leaves(state.opt_state) if jnp.issubdtype(x.dtype, jnp.floating)])
+    assert rows[-1]["consensus_after"] > 0  # Members end apart (per-member results).

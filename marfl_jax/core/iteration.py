@@ -148,12 +148,12 @@ def build_chain(sim: Simulation, distilling: bool = False) -> list[Stage]:
     return chain
 
 
-def initial_stage_states(sim: Simulation, params) -> dict[str, Any]:
+def initial_stage_states(sim: Simulation, peers: FLState) -> dict[str, Any]:
     """The states of every stage either iteration variant runs, by name, from the peers'
-    initial params (peer axis first): what `FLState.stages` starts as."""
-    states = init_stages(build_chain(sim), params)
+    initial state (peer axis first): what `FLState.stages` starts as."""
+    states = init_stages(build_chain(sim), peers)
     if sim.distillation is not None:
-        states.update(init_stages(build_chain(sim, True), params))
+        states.update(init_stages(build_chain(sim, True), peers))
     return states
 
 

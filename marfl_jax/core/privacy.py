@@ -32,7 +32,7 @@ def privatize(privacy: dp.Privacy) -> Stage:
                                                 privacy)
         return step._replace(privatized=Privatized(update, unclipped, norms)), {}
 
-    return Stage(stage, init=lambda params: dp.init_state(params, privacy.initial_clip),
+    return Stage(stage, init=lambda peers: dp.init_state(peers.params, privacy.initial_clip),
                  state=PRIVACY)
 
 

@@ -3,8 +3,9 @@
     stage(step: Step, context: Context) -> (step: Step, info: dict[str, jax.Array])
 
 A `Stage` is that function (`update`) and, for a stage that keeps something from one iteration
-to the next, optax's other half: `init(params) -> state` (params with the peer axis first; the
-state too, for per-peer state) and the name its state is kept under, `FLState.stages[name]`.
+to the next, optax's other half: `init(peers) -> state` (from the initial `FLState`, leaves with
+the peer axis first; the state too, for per-peer state) and the name its state is kept under,
+`FLState.stages[name]`.
 The run state holds every stage's state in that one dict, so it is checkpointed and restored
 with the peers' models (DP's clip thresholds, references and smoothed updates are the first).
 A stage reads and writes its state through the step (`Step.stage_state`, `Step.with_stage_state`);
@@ -124,8 +125,8 @@ class Stage(NamedTuple):
 
     Attributes:
       update: (step, context) -> (step, info).
-      init: (params, leaves (N, ...)) -> the stage's initial state, or None for a stage that
-        keeps nothing (or reads a state another stage initialises).
+      init: (the initial FLState, its `stages` empty) -> the stage's initial state, or None for
+        a stage that keeps nothing (or reads a state another stage initialises).
       state: the key of its state in `FLState.stages` (with `init`, or to name the state it
         shares), else None.
     """
@@ -138,8 +139,8 @@ class Stage(NamedTuple):
         return self.update(step, context)
 
 
-def init_stages(stages: Sequence[Stage], params) -> dict[str, Any]:
-    """Every stage's initial state by name, from the peers' initial params (peer axis first).
+def init_stages(stages: Sequence[Stage], peers: FLState) -> dict[str, Any]:
+    """Every stage's initial state by name, from the peers' initial state (peer axis first).
     ValueError when two stages initialise one name."""
     states = {}
     for stage in stages:
@@ -149,7 +150,7 @@ def init_stages(stages: Sequence[Stage], params) -> dict[str, Any]:
             raise ValueError(f"a stage with an init names no state: {stage}")
         if stage.state in states:
             raise ValueError(f"two stages initialise the state {stage.state!r}")
-        states[stage.state] = stage.init(params)
+        states[stage.state] = stage.init(peers)
     return states
 
 

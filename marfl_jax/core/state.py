@@ -40,8 +40,9 @@ def init_state(model, optimizer, sample_input: jax.Array, num_peers: int, key: j
       model: a flax module; `model.init(key, sample_input)["params"]` is one peer's params.
       optimizer: the optax transformation whose state every peer carries.
       sample_input: (1, ...) one input example.
-      init_stages: params (N, ...) -> the stages' states by name (`stage.init_stages` of the
-        chain: `marfl_jax.core.iteration.init_stages(sim)`); None: no stage keeps state.
+      init_stages: the initial FLState (its `stages` empty) -> the stages' states by name
+        (`marfl_jax.core.iteration.initial_stage_states(sim, peers)`); None: no stage keeps
+        state.
     Returns:
       FLState with every leaf stacked on a leading axis of N peers.
     """
@@ -50,6 +51,6 @@ def init_state(model, optimizer, sample_input: jax.Array, num_peers: int, key: j
     opt_state = optimizer.init(params)
     stack = functools.partial(jax.tree.map, lambda x: jnp.broadcast_to(x, (num_peers,) + x.shape))
     params = stack(params)
-    return FLState(params, stack(opt_state),
-                   churn.initial_availability(availability_key, num_peers, churn_model),
-                   {} if init_stages is None else init_stages(params))
+    peers = FLState(params, stack(opt_state),
+                    churn.initial_availability(availability_key, num_peers, churn_model), {})
+    return peers if init_stages is None else peers._replace(stages=init_stages(peers))

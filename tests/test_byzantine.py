@@ -94,7 +94,7 @@ def test_what_ran_is_drawn_and_tabled_whatever_it_is(tmp_path, monkeypatch):
     assert len(table.splitlines()) == 2 + len(lines) and "| marfl, collude | " in table
     assert "%" in table.splitlines()[-1]
     assert byzantine.tables(rows) == "**10 % sign_flip.**\n\n" + table
-    assert "10 % sign_flip: fedavg random rules " in byzantine.summarize(rows)
+    assert "10 % sign_flip: fedavg random krum " in byzantine.summarize(rows)
 
     # Rules, attacks and fractions beyond the defaults beside them: the known first, in order.
     more = rows + [dict(r, rule="mean") for r in rows] + [

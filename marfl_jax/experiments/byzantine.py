@@ -153,8 +153,8 @@ def draw(rows, curves, configs, path):
     panels, lines, rules = panels_of(rows), lines_of(rows), rules_of(rows)
     honest = {(r["algorithm"], r["rule"]): r["final_accuracy"] for r in rows
               if not r["fraction"]}
-    fig, axes = plt.subplots(1, max(len(panels), 1),
-                             figsize=(max(3.2, 0.8 * len(rules) + 1) * max(len(panels), 1), 3.4),
+    width = max(3.2, 0.8 * len(rules) + 1) * max(len(panels), 1)
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(max(width, 6.0), 3.4),
                              squeeze=False)
     for ax, (attack, fraction) in zip(axes[0], panels, strict=False):
         cells = []
@@ -170,9 +170,9 @@ def draw(rows, curves, configs, path):
         ax.set_xticks(range(len(rules)), [r.replace("_", "\n") for r in rules], fontsize=7)
         ax.set_yticks(range(len(lines)), [f"{a} {p}" for a, p in lines], fontsize=7)
         ax.set_title(f"{attack}, {100 * fraction:g} % attackers", fontsize=9)
-    best_honest = max(honest.values(), default=float("nan"))
-    fig.suptitle(f"Honest peers' accuracy (%) after the run; no attackers: up to "
-                 f"{100 * best_honest:.0f} %", fontsize=10)
+    fig.suptitle("Honest peers' accuracy (%) after the run" + (
+        f"; no attackers: up to {100 * max(honest.values()):.0f} %" if honest else ""),
+        fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -219,8 +219,8 @@ def tables(rows) -> str:
 
 
 def _span(values) -> str:
-    low, high = min(values), max(values)
-    return pct(low) if low == high else f"{pct(low)} to {pct(high)}"
+    low, high = pct(min(values)), pct(max(values))
+    return low if low == high else f"{low} to {high}"
 
 
 def summarize(rows) -> str:
@@ -236,9 +236,11 @@ def summarize(rows) -> str:
             mine = [r for r in rows if (r["attack"], r["fraction"], r["algorithm"],
                                         r["placement"]) == (attack, fraction, a, p)]
             mean = [r["final_accuracy"] for r in mine if r["rule"] == "mean"]
-            others = [r["final_accuracy"] for r in mine if r["rule"] != "mean"]
+            others = [r for r in mine if r["rule"] != "mean"]
+            named = (others[0]["rule"] if len({r["rule"] for r in others}) == 1 else
+                     "other rules" if mean else "rules")
             words = ([f"mean {pct(mean[0])}"] if mean else []) + (
-                [f"{'other rules' if mean else 'rules'} {_span(others)}"] if others else [])
+                [f"{named} {_span([r['final_accuracy'] for r in others])}"] if others else [])
             if words:
                 said.append(f"{a} {p} {', '.join(words)}")
         parts.append(f"{100 * fraction:g} % {attack}: {'; '.join(said)}.")

@@ -7,9 +7,12 @@
 Experiments (the modules of `marfl_jax/experiments/` with a report section, in its order):
 `baselines` (MNIST, N = 16, 64, 125; MAR-FL, FedAvg, AR-FL, RDFL), `churn`, `mkd`, `dp`, `text`
 (BBC News; 20 Newsgroups with `--text_data_dir` or scikit-learn's cache), `network` (the
-clock), `codec` (momentum and message codecs); the scales are `marfl_jax.scales.SCALES`. Runs
-go to `--workdir/<experiment>/<run>/`, figures
-to `results/reproduction/<scale>/` beside the report. Finished runs are reused, so an
+clock), `codec` (momentum and message codecs), `byzantine` (attackers and robust group rules,
+beyond the paper). The scales are `marfl_jax.scales.SCALES`: the shared setting, the size, and
+the settings each gives the studies (the others keep the defaults of the study's module).
+Each section of the report is written from its study's record (`STUDY`), none by hand. Runs
+go to `--workdir/<experiment>/<run>/`, figures to `results/reproduction/<scale>/` beside the
+report. Finished runs are reused, so an
 interrupted reproduction continues where it stopped; the report is rewritten after each
 experiment. A run whose dataset is missing is listed in the report as not run, with the reason.
 """
@@ -55,7 +58,9 @@ def main(argv: list[str]) -> None:
 
     runtime.configure(Config())  # The runs' numerics (defaults), before machine() starts jax.
 
-    scale = dataclasses.replace(scales.SCALES[FLAGS.scale], text_data_dir=FLAGS.text_data_dir)
+    scale = scales.SCALES[FLAGS.scale]
+    if FLAGS.text_data_dir:
+        scale = scales.with_options(scale, "text", {"data_dir": FLAGS.text_data_dir})
     if FLAGS.data_dir:
         scale = dataclasses.replace(
             scale, mnist=dataclasses.replace(scale.mnist, data_dir=FLAGS.data_dir))

@@ -1,5 +1,7 @@
 """The Markdown of sweeps: numbers as the report shows them, a run's setting in one line, tables,
-and the paper reproduction's report (REPRODUCTION.md) from the outcomes of its studies."""
+and the paper reproduction's report (REPRODUCTION.md) from the outcomes of its studies: every
+section from its study's record (title, claim, setting, summary, tables, figures), nothing
+written by hand."""
 
 from __future__ import annotations
 
@@ -67,10 +69,6 @@ def write_report(outcomes: Sequence, path: str, *, scale, command: str,
     """Writes the Markdown report of `outcomes` (`sweep.Outcome`s of studies run at `scale`)
     to `path` (figures linked relative to it)."""
     here = os.path.dirname(os.path.abspath(path))
-    path_text = ""
-    if os.path.exists(path):
-        with open(path) as f:
-            path_text = f.read()
     lines = [
         "# Reproducing the MAR-FL paper",
         "",
@@ -99,7 +97,8 @@ def write_report(outcomes: Sequence, path: str, *, scale, command: str,
             lines += [f"**Measured** ({runs}, "
                       f"{_duration(outcome.run_seconds)} of run time). "
                       f"{study.summarize(outcome.rows)}", "",
-                      markdown_table(outcome.rows, study.columns), ""]
+                      (study.tables(outcome.rows) if study.tables is not None
+                       else markdown_table(outcome.rows, study.columns)), ""]
         else:
             lines += ["**Measured.** Nothing: no run of this experiment could start here.", ""]
         if outcome.figure:
@@ -118,18 +117,7 @@ def write_report(outcomes: Sequence, path: str, *, scale, command: str,
               ["Every run of this scale ran."])
     lines.append("")
     with open(path, "w") as f:
-        f.write("\n".join(lines) + _kept_tail(path_text))
-
-
-# What follows this line in the report is written by hand (studies beyond the paper) and kept
-# when the report is written again.
-KEPT_MARKER = "<!-- Below: kept when launch.reproduce writes this file again. -->"
-
-
-def _kept_tail(text: str) -> str:
-    """The report's hand-written tail (from KEPT_MARKER on), or ''."""
-    at = text.find(KEPT_MARKER)
-    return "" if at < 0 else "\n" + text[at:]
+        f.write("\n".join(lines))
 
 
 def _by_reason(not_run: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:

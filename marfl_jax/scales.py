@@ -1,9 +1,12 @@
-"""How large a sweep is: a `Scale` (the shared MNIST setting and every study's parameters), the
-named `SCALES` of the paper reproduction, and the settings they share: the paper's flagfiles,
-the Moshpit grid of N peers and one run per algorithm at each N.
+"""How large a sweep is: a `Scale` (the shared MNIST setting, the size, and the study settings
+it gives), the named `SCALES` of the paper reproduction, and the settings they share: the
+paper's flagfiles, the Moshpit grid of N peers and one run per algorithm at each N.
 
-`launch.compare` builds its Scale from `SCALES["small"]`, the study's `defaults` and its flags;
-`launch.reproduce --scale=NAME` takes `SCALES[NAME]`.
+A study's own settings (churn's dropouts, DP's noise multipliers, ...) and their defaults are
+its module's (`STUDY.options`); a scale only names the ones it changes, per study.
+`launch.compare` builds its Scale from `SCALES["small"]`'s shared setting and size (not its
+study settings), the study's `defaults` and its flags; `launch.reproduce --scale=NAME` takes
+`SCALES[NAME]`.
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from marfl_jax.config import Config
 
@@ -25,7 +29,9 @@ class Scale:
 
     `mnist` is the shared MNIST setting (model, data, B, b, target, budget); with
     `paper_flagfiles` the MNIST runs at N take their setting from launch/configs/mnist_n{N}.cfg
-    instead (dataset and data_dir still from `mnist`).
+    instead (dataset and data_dir still from `mnist`). `options` maps a study's name to the
+    settings of that study this scale gives ({option name: value}); the rest keep the study's
+    defaults (`STUDY.options`, read with `STUDY.options_of(scale)`).
     """
 
     name: str
@@ -33,49 +39,35 @@ class Scale:
     peer_counts: tuple[int, ...] = (16, 64, 125)
     algorithms: tuple[str, ...] = ("marfl", "fedavg", "arfl", "rdfl")
     paper_flagfiles: bool = False
-    study_peers: int = 64  # N of the churn, MKD, DP and codec studies.
-    dropouts: tuple[float, ...] = (0.0, 0.2, 0.5)
-    churn_algorithms: tuple[str, ...] = ("marfl", "fedavg", "rdfl")
-    mkd_fractions: tuple[float, ...] = (0.4, 1.0)
-    mkd_iterations: int = 8
-    mkd_eval_every: int = 1  # Bytes to 50 % need every evaluation.
-    dp_noise_multipliers: tuple[float, ...] = (0.2, 0.5, 1.0)
-    dp_iterations: int = 40
-    dp_target_accuracy: float = 1.0  # 1.0: every DP run takes all dp_iterations.
-    text_max_iterations: int = 100  # BBC News.
-    text_data_dir: str = ""  # 20 Newsgroups ('' = scikit-learn's cache).
-    feature_dim: int = 768  # The frozen text encoder's output (the paper's DistilBERT: 768).
-    newsgroups_peer_counts: tuple[int, ...] = (16,)
-    newsgroups_max_iterations: int = 200
-    network_profiles: tuple[str, ...] = ("uniform", "lognormal", "deadline")
-    codecs: tuple[str, ...] = ("float32", "float16", "bfloat16", "int8")  # Of codec.CODECS.
-    codec_algorithms: tuple[str, ...] = ("marfl",)
-    # A study's own settings, (name, values) pairs as text (launch.compare --option=NAME=V1,V2):
-    # the study module reads them with `option` and says which it takes in its docstring.
-    options: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    study_peers: int = 64  # N of the studies at one N (churn, MKD, DP, codec, byzantine).
+    options: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
 
-    def option(self, name: str, default: tuple, kind=str) -> tuple:
-        """The values of the study setting `name` (converted by `kind`), else `default`."""
-        given = dict(self.options).get(name)
-        return default if given is None else tuple(kind(v) for v in given)
 
+# The settings the reproduction gives to the studies, on top of their defaults: MKD evaluates
+# every iteration (bytes to 50 %), DP takes its whole budget.
+_REPRODUCTION = {"mkd": {"eval_every": 1}, "dp": {"target_accuracy": 1.0}}
 
 SCALES = {
     "small": Scale(
         name="small",
         mnist=Config(model="mlp", dataset="mnist10k", local_batches=2, batch_size=16,
                      target_accuracy=0.9, max_iterations=60, eval_every=2, eval_peers="8",
-                     checkpoint_every=0)),
+                     checkpoint_every=0),
+        options={**_REPRODUCTION,
+                 "churn": {"dropouts": (0.0, 0.2, 0.5)},
+                 "dp": {**_REPRODUCTION["dp"], "iterations": 40},
+                 "byzantine": {"iterations": 30, "fractions": (0.0, 0.1, 0.2),
+                               "attacks": ("sign_flip",), "algorithms": ("marfl", "fedavg")}}),
     "full": Scale(
         name="full",
         mnist=Config(model="cnn", dataset="mnist", target_accuracy=0.95, max_iterations=500,
                      eval_every=5, eval_peers="8", checkpoint_every=25),
         paper_flagfiles=True,
-        dropouts=(0.0, 0.1, 0.2, 0.5),
-        dp_iterations=100,
-        text_max_iterations=500,
-        newsgroups_peer_counts=(16, 64, 125),
-        newsgroups_max_iterations=1000),
+        options={**_REPRODUCTION,
+                 "dp": {**_REPRODUCTION["dp"], "iterations": 100},
+                 "text": {"bbc_iterations": 500, "newsgroups_peers": (16, 64, 125),
+                          "newsgroups_iterations": 1000},
+                 "byzantine": {"iterations": 100, "fractions": (0.0, 0.1, 0.2)}}),
 }
 
 
@@ -84,6 +76,12 @@ def with_defaults(scale: Scale, defaults: dict) -> Scale:
     mnist = dataclasses.replace(scale.mnist, **defaults.get("mnist", {}))
     return dataclasses.replace(scale, mnist=mnist,
                                **{k: v for k, v in defaults.items() if k != "mnist"})
+
+
+def with_options(scale: Scale, study: str, values: Mapping[str, Any]) -> Scale:
+    """`scale` with the settings `values` of the study `study` given on top of its own."""
+    options = {**scale.options, study: {**scale.options.get(study, {}), **values}}
+    return dataclasses.replace(scale, options=options)
 
 
 def config_from_flagfile(path: str, **overrides) -> Config:

@@ -1,12 +1,13 @@
-"""One way to write a study: the `Study` spec, and the runner that runs (or reuses) its configs
-and writes its rows, CSV and figure.
+"""One way to write a study: the `Study` spec, its `Option`s, and the runner that runs (or
+reuses) its configs and writes its rows, CSV and figure.
 
-A study is one module of `marfl_jax.experiments` holding `STUDY = Study(...)`: its name, its
-configs for a `Scale`, a row per finished run, the CSV's fields, the figure, and (for the
-paper's reproduction report) the claim it checks, the setting, the table and the sentence on
-what was measured. `launch.compare --study=NAME` runs one; `launch.reproduce` runs those with a
-`section`, in section order. `runner.run` returns a run already finished in its workdir instead
-of running it again, so an interrupted sweep continues where it stopped.
+A study is one module of `marfl_jax.experiments` holding `STUDY = Study(...)`: its name, its own
+settings (`options`, with their defaults), its configs for a `Scale`, a row per finished run, the
+CSV's fields, the figure, and (for the paper's reproduction report) the claim it checks, the
+setting, the tables and the sentence on what was measured. `launch.compare --study=NAME` runs
+one; `launch.reproduce` runs those with a `section`, in section order, and writes each one's
+report section from its record. `runner.run` returns a run already finished in its workdir
+instead of running it again, so an interrupted sweep continues where it stopped.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import csv
 import dataclasses
 import functools
 import os
-from collections.abc import Callable, Sequence
+import types
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from marfl_jax import data
 from marfl_jax.config import Config
@@ -63,12 +66,48 @@ def first_reaching(metrics: Sequence[dict], accuracy: float) -> dict | None:
 
 
 @dataclasses.dataclass(frozen=True)
+class Option:
+    """One of a study's own settings: its default, the converter of each value given as text
+    (`launch.compare --option=NAME=V1,V2`), and what it sets.
+
+    A tuple default takes any number of values; any other default takes exactly one (None: the
+    shared setting's value, which `help` names)."""
+
+    default: Any
+    kind: Callable[[str], Any] = str
+    help: str = ""
+
+    @property
+    def many(self) -> bool:
+        return isinstance(self.default, tuple)
+
+    def parse(self, texts: Sequence[str]):
+        """The value the texts give (each converted by `kind`); ValueError if they give none."""
+        values = tuple(self.kind(text) for text in texts)
+        if self.many:
+            return values
+        if len(values) != 1:
+            raise ValueError(f"takes one value, not {len(values)}")
+        return values[0]
+
+    def normalize(self, value):
+        """A value given in code as it is read: a tuple for a tuple option."""
+        if self.many and not isinstance(value, tuple):
+            return tuple(value) if isinstance(value, (list, set, frozenset)) else (value,)
+        return value
+
+
+@dataclasses.dataclass(frozen=True)
 class Study:
-    """A sweep: its runs, its rows, its figure and (in the report) its words.
+    """A sweep: its own settings, its runs, its rows, its figure and (in the report) its words.
 
     Attributes:
-      name: the `--study` / `--experiments` name, the CSV's stem.
-      configs: (scale, workdir) -> one Config per run, each with its own workdir under workdir.
+      name: the `--study` / `--experiments` name, the CSV's stem (and its module's name).
+      configs: (scale, workdir) -> one Config per run, each with its own workdir under workdir;
+        the study's settings at that scale are `STUDY.options_of(scale)`.
+      options: the study's own settings by name (`Option`: default, converter, help): what
+        `launch.compare --option=NAME=V1,V2` and a scale's `options[name]` may set. The shared
+        setting and the size (peer counts, algorithms, N) are the `Scale`'s.
       make_row: (config, RunResult) -> a dict, one per run.
       fields: the CSV's columns (keys of the rows).
       draw: (rows, curves, configs, path) -> None, the figure; curves maps a run's workdir
@@ -76,11 +115,12 @@ class Study:
       figure: the figure's file name in launch.compare's workdir (default `<name>.png`; the
         reproduction's figures are always `<name>.png`).
       defaults: launch.compare's defaults where they differ from `SCALES["small"]`: Scale
-        fields, and "mnist": Config fields.
+        fields (the size), and "mnist": Config fields.
       section: its place in the paper reproduction's report (None: launch.compare only).
-      title, claim: the report's heading and the paper's claim it checks.
+      title, claim: the report's heading and the (paper's) claim it checks.
       setting: (scale, configs) -> what was run, one paragraph.
       columns: (row key, column heading) pairs of the report's table.
+      tables: rows -> the Markdown of the report's tables (None: one table of `columns`).
       summarize: rows -> the sentence on what was measured.
       derive: rows -> None, adds columns that compare runs (None: nothing to add).
       data_flag: the launch.reproduce flag that supplies the study's data, named in the reason
@@ -89,6 +129,7 @@ class Study:
 
     name: str
     configs: Callable[..., list[Config]]
+    options: Mapping[str, Option] = dataclasses.field(default_factory=dict)
     make_row: Callable = result_row
     fields: tuple[str, ...] = ROW_FIELDS
     draw: Callable | None = None
@@ -99,6 +140,7 @@ class Study:
     claim: str = ""
     setting: Callable | None = None
     columns: tuple[tuple[str, str], ...] = ()
+    tables: Callable[[list[dict]], str] | None = None
     summarize: Callable[[list[dict]], str] | None = None
     derive: Callable[[list[dict]], None] | None = None
     data_flag: str = "--data_dir"
@@ -106,6 +148,35 @@ class Study:
     @property
     def figure_name(self) -> str:
         return self.figure or f"{self.name}.png"
+
+    def check_option_names(self, names, given_by: str = "--option") -> None:
+        """ValueError naming `given_by`, this study and its options if a name is not one."""
+        unknown = [name for name in names if name not in self.options]
+        if unknown:
+            allowed = ", ".join(self.options) if self.options else "none"
+            raise ValueError(f"{given_by}: the study {self.name} has no option "
+                             f"{', '.join(unknown)}; its options: {allowed}")
+
+    def parse_options(self, given: Sequence[tuple[str, Sequence[str]]]) -> dict:
+        """{name: value} of (name, values as text) pairs (`--option=NAME=V1,V2`), each checked
+        and converted; ValueError naming --option for a name or value it cannot take."""
+        self.check_option_names([name for name, _ in given])
+        values = {}
+        for name, texts in given:
+            try:
+                values[name] = self.options[name].parse(texts)
+            except ValueError as error:
+                raise ValueError(f"--option={name}={','.join(texts)}: {error} (the study "
+                                 f"{self.name}: {self.options[name].help})") from None
+        return values
+
+    def options_of(self, scale) -> types.SimpleNamespace:
+        """The study's settings at `scale`: its defaults, with `scale.options[name]` on top."""
+        given = scale.options.get(self.name, {})
+        self.check_option_names(given, f"scale {scale.name}")
+        return types.SimpleNamespace(**{
+            name: option.normalize(given[name]) if name in given else option.default
+            for name, option in self.options.items()})
 
 
 @dataclasses.dataclass

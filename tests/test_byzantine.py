@@ -1,22 +1,21 @@
-"""The Byzantine study (marfl_jax/experiments/byzantine.py): its grid, rows, figure and table;
-a sweep that records a diverged run; and the issue's bar on the MLP (slow)."""
+"""The Byzantine study (marfl_jax/experiments/byzantine.py): its grid, rows, figure, tables and
+report section; a sweep that records a diverged run; and the issue's bar on the MLP (slow)."""
 
 import dataclasses
 import os
 
 import pytest
 
-from marfl_jax import experiments, runner, scales, sweep, watch
+from marfl_jax import experiments, report, runner, sweep, watch
 from marfl_jax import workdir as files
 from marfl_jax.config import Config
 from marfl_jax.experiments import byzantine
 
 
 def _scale(**options):
-    study = experiments.get("byzantine")
-    scale = scales.with_defaults(scales.SCALES["small"], study.defaults)
-    return scales.with_defaults(scale, {"options": tuple(
-        (k, tuple(str(x) for x in v)) for k, v in options.items())})
+    """launch.compare's scale with `--option=NAME=V1,V2` for each of `options`."""
+    return experiments.compare_scale(experiments.get("byzantine"), options=[
+        (k, tuple(str(x) for x in v)) for k, v in options.items()])
 
 
 def test_the_grid_and_each_runs_f():
@@ -64,6 +63,61 @@ def test_rows_figure_and_table(tmp_path):
     assert table.splitlines()[0] == ("| algorithm, placement | mean | median | trimmed_mean | "
                                      "centered_clip |")
     assert "| marfl, collude |" in table and "| marfl, random |" in table
+
+
+def _drawn(rows, configs, path, monkeypatch):
+    """Draws the figure to `path`; returns its panels' (title, x tick labels, y tick labels)."""
+    import matplotlib.pyplot as plt
+
+    figures = []
+    close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: (figures.append(fig), close(fig)))
+    byzantine.draw(rows, {}, configs, path)
+    assert os.path.getsize(path) > 0
+    return [(ax.get_title(), [t.get_text() for t in ax.get_xticklabels()],
+             [t.get_text() for t in ax.get_yticklabels()]) for ax in figures[0].axes]
+
+
+def test_what_ran_is_drawn_and_tabled_whatever_it_is(tmp_path, monkeypatch):
+    """launch.compare --study=byzantine --option=rules=krum --option=fractions=0.1
+    --option=attacks=sign_flip: krum, not one of the study's default rules, is in the figure,
+    the table, the summary and the report's section."""
+    scale = _scale(rules=["krum"], fractions=[0.1], attacks=["sign_flip"])
+    configs = byzantine.STUDY.configs(scale, str(tmp_path))
+    assert {c.aggregator for c in configs} == {"krum"}
+    rows = [byzantine.make_row(c, _result(0.5 + 0.1 * i)) for i, c in enumerate(configs)]
+    lines = ["fedavg random", "gossip random", "marfl collude", "marfl random"]
+    assert _drawn(rows, configs, str(tmp_path / "b.png"), monkeypatch) == [
+        ("sign_flip, 10 % attackers", ["krum"], lines)]
+    table = byzantine.table(rows, 0.1, "sign_flip")
+    assert table.splitlines()[0] == "| algorithm, placement | krum |"
+    assert len(table.splitlines()) == 2 + len(lines) and "| marfl, collude | " in table
+    assert "%" in table.splitlines()[-1]
+    assert byzantine.tables(rows) == "**10 % sign_flip.**\n\n" + table
+    assert "10 % sign_flip: fedavg random krum " in byzantine.summarize(rows)
+
+    # Rules, attacks and fractions beyond the defaults beside them: the known first, in order.
+    more = rows + [dict(r, rule="mean") for r in rows] + [
+        dict(r, attack="mimic", fraction=0.3) for r in rows] + [
+        dict(r, fraction=0.0, attack="none", placement="random", rule="krum") for r in rows]
+    panels = _drawn(more, configs, str(tmp_path / "c.png"), monkeypatch)
+    assert [(title, rules) for title, rules, _ in panels] == [
+        ("sign_flip, 10 % attackers", ["mean", "krum"]),
+        ("mimic, 30 % attackers", ["mean", "krum"])]
+    text = byzantine.tables(more)
+    assert text.startswith("**No attackers.**\n\n| algorithm | krum |\n|---|---|\n| marfl | ")
+    assert "**30 % mimic.**\n\n| algorithm, placement | mean | krum |" in text
+
+    # The report's section is the study's record: title, claim, setting, summary, tables.
+    outcome = sweep.Outcome(byzantine.STUDY, configs, rows, None, 1.0)
+    path = tmp_path / "REPRODUCTION.md"
+    path.write_text("# old\n\n## Beyond the paper, by hand\n")
+    report.write_report([outcome], str(path), scale=scale, command="test", machine="here",
+                        wall_seconds=1.0)
+    written = path.read_text()
+    assert f"## 1. {byzantine.STUDY.title}" in written and "by hand" not in written
+    assert byzantine.STUDY.claim in written and table in written
+    assert "group rules krum" in written and byzantine.summarize(rows) in written
 
 
 def test_a_sweep_records_a_diverged_run_and_reuses_it(tmp_path, monkeypatch):

@@ -21,11 +21,15 @@ TINY = scales.Scale(
     mnist=Config(model="mlp", dataset="mnist10k", local_batches=1, batch_size=8,
                  target_accuracy=0.9, max_iterations=2, eval_every=1, eval_peers="2",
                  checkpoint_every=0),
-    peer_counts=(16,), algorithms=("marfl", "arfl"), study_peers=8, dropouts=(0.5,),
-    churn_algorithms=("marfl",), mkd_fractions=(1.0,), mkd_iterations=1,
-    dp_noise_multipliers=(0.5,), dp_iterations=2, text_max_iterations=1, feature_dim=16,
-    newsgroups_peer_counts=(16,), newsgroups_max_iterations=1, network_profiles=("deadline",),
-    codecs=("int8",))
+    peer_counts=(16,), algorithms=("marfl", "arfl"), study_peers=8,
+    options={"churn": {"dropouts": (0.5,), "algorithms": ("marfl",)},
+             "mkd": {"fractions": (1.0,), "iterations": 1},
+             "dp": {"noise_multipliers": (0.5,)},
+             "text": {"bbc_iterations": 1, "feature_dim": 16, "newsgroups_peers": (16,),
+                      "newsgroups_iterations": 1},
+             "network": {"profiles": ("deadline",)}, "codec": {"codecs": ("int8",)},
+             "byzantine": {"fractions": (0.25,), "attacks": ("sign_flip",),
+                           "rules": ("median",), "algorithms": ("marfl",)}})
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "launch/configs/*.cfg"))))
@@ -73,7 +77,7 @@ def test_tiny_reproduction_writes_the_report(tmp_path):
     text = open(path).read()
 
     by_name = {o.study.name: o for o in outcomes}
-    assert [len(by_name[n].rows) for n in experiments.paper_names()] == [2, 1, 2, 2, 1, 2, 2]
+    assert [len(by_name[n].rows) for n in experiments.paper_names()] == [2, 1, 2, 2, 1, 2, 2, 2]
     for outcome in outcomes:
         assert f"## {outcomes.index(outcome) + 1}. {outcome.study.title}" in text
         assert os.path.exists(outcome.figure)
@@ -139,12 +143,13 @@ def test_codec_summary_compares_weights_only_with_momentum():
                       "with momentum it took 50 iterations.")
 
 
-def test_the_reports_hand_written_tail_is_kept(tmp_path):
-    path = str(tmp_path / "REPRODUCTION.md")
-    tail = f"{report.KEPT_MARKER}\n\n## Beyond the paper\n\nBy hand.\n"
-    with open(path, "w") as f:
-        f.write("# old generated text\n\n" + tail)
-    report.write_report([], path, scale=TINY, command="test", machine="here", wall_seconds=1.0)
-    text = open(path).read()
-    assert "old generated text" not in text and text.endswith(tail)
-    assert text.count(report.KEPT_MARKER) == 1
+def test_the_report_is_written_whole_from_the_studies(tmp_path):
+    """Nothing of an earlier report survives: every section comes from a study's record."""
+    path = tmp_path / "REPRODUCTION.md"
+    path.write_text("# old generated text\n\n## Beyond the paper\n\nBy hand.\n")
+    report.write_report([], str(path), scale=TINY, command="test", machine="here",
+                        wall_seconds=1.0)
+    text = path.read_text()
+    assert "old generated text" not in text and "By hand" not in text
+    assert text.startswith("# Reproducing the MAR-FL paper") and text.endswith(
+        "Every run of this scale ran.\n")

@@ -2,13 +2,15 @@
 on a tiny sweep."""
 
 import csv
+import importlib
 import os
+import pkgutil
 import subprocess
 import sys
 
 import pytest
 
-from marfl_jax import experiments, runner, sweep
+from marfl_jax import experiments, runner, scales, sweep
 from marfl_jax.config import Config
 from marfl_jax.experiments import codec, mkd
 
@@ -16,24 +18,82 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_every_module_of_the_package_is_a_study():
-    names = list(experiments.studies())
-    assert names == sorted(names) and {"scaling", "churn", "mkd", "dp", "network",
-                                       "codec", "baselines", "text"} <= set(names)
-    assert experiments.paper_names()[:7] == ("baselines", "churn", "mkd", "dp", "text",
-                                             "network", "codec")
-    for name, study in experiments.studies().items():
-        assert study.name == name and study.fields
-        assert study.section is None or (study.title and study.claim and study.summarize)
+    modules = sorted(info.name for info in pkgutil.iter_modules(experiments.__path__))
+    assert modules == list(experiments.studies())  # A module without STUDY fails here.
+    for name in modules:
+        study = importlib.import_module(f"marfl_jax.experiments.{name}").STUDY
+        assert experiments.get(name) is study and study.name == name
+    assert experiments.paper_names() == ("baselines", "churn", "mkd", "dp", "text", "network",
+                                         "codec", "byzantine")
+    for study in experiments.studies().values():
+        assert study.section is None or (study.title and study.claim and study.setting
+                                         and study.summarize)
 
 
 def test_compare_defaults_come_from_the_study():
-    from marfl_jax import scales
-
-    scale = scales.with_defaults(scales.SCALES["small"], experiments.get("mkd").defaults)
+    scale = experiments.compare_scale(experiments.get("mkd"))
     (plain, *_) = experiments.get("mkd").configs(scale, "runs/mkd")
     assert (plain.model, plain.local_batches, plain.eval_every, plain.num_peers) == (
         "cnn", 4, 1, 64)
     assert scales.SCALES["small"].mnist.model == "mlp"
+
+
+def test_a_study_declares_its_settings_and_a_scale_gives_some():
+    churn = experiments.get("churn")
+    assert churn.options_of(scales.SCALES["full"]).dropouts == (0.0, 0.1, 0.2, 0.5)  # Default.
+    assert churn.options_of(scales.SCALES["small"]).dropouts == (0.0, 0.2, 0.5)  # The scale's.
+    # launch.compare: the study's defaults, not the settings a scale gives the reproduction.
+    assert churn.options_of(experiments.compare_scale(churn)).dropouts == (0.0, 0.1, 0.2, 0.5)
+    scale = experiments.compare_scale(churn, sizes={"study_peers": 16}, mnist={"seed": 3},
+                                      options=[("dropouts", ("0.5",)),
+                                               ("algorithms", ("marfl",))])
+    configs = churn.configs(scale, "runs/c")
+    assert [(c.algorithm, c.dropout, c.num_peers, c.seed) for c in configs] == [
+        ("marfl", 0.5, 16, 3)]
+    # A setting of one value, and one that defaults to the shared setting's.
+    dp = experiments.get("dp")
+    given = experiments.compare_scale(dp, mnist={"max_iterations": 7},
+                                      options=[("noise_multipliers", ("1",))])
+    assert [(c.max_iterations, c.dp, c.dp_noise_multiplier)
+            for c in dp.configs(given, "runs/d")][1] == (7, True, 1.0)
+    assert [c.max_iterations for c in dp.configs(given, "runs/d")] == [7, 7]
+    assert {c.max_iterations for c in dp.configs(scales.SCALES["small"], "runs/d")} == {40}
+    assert experiments.compare_scale(mkd.STUDY, options=[("iterations", ("3",))]).options == {
+        "mkd": {"iterations": 3}}
+    for scale in scales.SCALES.values():
+        experiments.check_options(scale)
+
+
+def test_an_unknown_setting_is_refused_naming_the_study_and_its_settings():
+    byzantine = experiments.get("byzantine")
+    with pytest.raises(ValueError, match=r"^--option: the study byzantine has no option "
+                       r"rulez; its options: fractions, attacks, rules, placements, "
+                       r"algorithms, iterations$"):
+        experiments.compare_scale(byzantine, options=[("rulez", ("krum",))])
+    with pytest.raises(ValueError, match="the study scaling has no option dropouts; its "
+                       "options: none"):
+        experiments.compare_scale(experiments.get("scaling"), options=[("dropouts", ("0",))])
+    with pytest.raises(ValueError, match=r"--option=iterations=1,2: takes one value, not 2"):
+        experiments.compare_scale(mkd.STUDY, options=[("iterations", ("1", "2"))])
+    with pytest.raises(ValueError, match=r"--option=fractions=x: could not convert"):
+        experiments.compare_scale(mkd.STUDY, options=[("fractions", ("x",))])
+    bad = scales.with_options(scales.SCALES["small"], "churn", {"dropout": (0.1,)})
+    with pytest.raises(ValueError, match="scale small: the study churn has no option dropout"):
+        experiments.paper(bad, "w", ["baselines"])
+    with pytest.raises(ValueError, match="scale small: options for unknown studies chrun"):
+        experiments.check_options(scales.with_options(scales.SCALES["small"], "chrun", {}))
+
+
+@pytest.mark.smoke
+def test_compare_refuses_an_unknown_setting_before_any_run(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "launch.compare", "--study=byzantine", "--option=rulez=krum",
+         f"--workdir={tmp_path / 'runs'}"], cwd=ROOT, capture_output=True, text=True,
+        timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert ("error: --option: the study byzantine has no option rulez; its options: "
+            "fractions, attacks, rules, placements, algorithms, iterations") in result.stderr
+    assert not (tmp_path / "runs").exists()
 
 
 def test_mkd_configs_differ_only_in_mkd():

@@ -1,22 +1,25 @@
 """Byzantine peers: honest accuracy after a fixed number of iterations, for fractions of attackers
 x attacks x group rules x algorithms x placement (what small Moshpit groups buy, or cost,
-against the server's single robust aggregate).
+against the server's single robust aggregate; section 8 of the reproduction, beyond the paper).
 
     python -m launch.compare --study=byzantine                    # the whole grid (long)
     python -m launch.compare --study=byzantine --option=algorithms=marfl,fedavg \\
         --option=fractions=0,0.1,0.2 --option=attacks=sign_flip,alie,label_flip   # results/
+    python -m launch.reproduce --experiments=byzantine  # the scale's grid (small: sign_flip)
 
-Settings (`--option=NAME=V1,V2`): `fractions` (default 0, 0.05, 0.1, 0.2), `attacks`
-(sign_flip, gaussian, alie, ipm, label_flip), `rules` (mean, median, trimmed_mean,
-centered_clip), `placements` (random, collude; for algorithms whose groups come from keys,
-MAR-FL: a server's one group or random pairs leave colluders no key to choose) and
-`algorithms` (marfl, fedavg, gossip); flags `--churn_peers` (N, default 64), `--model`,
-`--max_iterations` (default 30: every run takes them all, no target). Each run's rule tolerates
+Settings (`--option=NAME=V1,V2`, `STUDY.options`): `fractions` (default 0, 0.05, 0.1, 0.2),
+`attacks` (sign_flip, gaussian, alie, ipm, label_flip; any of `marfl_jax.attacks.ATTACKS`),
+`rules` (mean, median, trimmed_mean, centered_clip; any of `marfl_jax.rules.RULES`, krum too),
+`placements` (random, collude; for algorithms whose groups come from keys, MAR-FL: a server's
+one group or random pairs leave colluders no key to choose), `algorithms` (marfl, fedavg,
+gossip) and `iterations` (default: the shared `--max_iterations`, 30 here: every run takes them
+all, no target); N is `--churn_peers` (64), the model `--model`. Each run's rule tolerates
 f = max(1, ceil(fraction * M)) copies (M its largest group, at most (M - 1) // 2): what a group
 of M holds at that fraction on average, as a defender sizing the rule would assume; centered
 clipping uses tau = 1 and 3 iterations. Accuracy is over the honest peers only. Writes
 `byzantine.csv` and `byzantine.png` (a heat map per attack and fraction: honest final accuracy
-for each algorithm and placement x rule).
+for each algorithm and placement x rule); the table, the figure and the report's section show
+every rule, attack, fraction, algorithm and placement that ran.
 """
 
 from __future__ import annotations
@@ -24,11 +27,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from collections.abc import Iterable, Sequence
 
 from marfl_jax import algorithms
 from marfl_jax.config import Config
+from marfl_jax.report import describe, pct, set_of
 from marfl_jax.scales import mnist_config, moshpit_grid
-from marfl_jax.sweep import Study
+from marfl_jax.sweep import Option, Study
 
 FRACTIONS = (0.0, 0.05, 0.1, 0.2)
 ATTACKS = ("sign_flip", "gaussian", "alie", "ipm", "label_flip")
@@ -38,6 +43,16 @@ CLIP = dict(clip_tau=1.0, clip_iterations=3)
 FIELDS = ("algorithm", "placement", "fraction", "byzantine_peers", "attack", "rule",
           "aggregator_f", "group_size", "iterations", "final_accuracy", "accuracy_min",
           "accuracy_max", "consensus_after", "diverged", "bytes", "wall_seconds")
+OPTIONS = {
+    "fractions": Option(FRACTIONS, float, "fractions of the peers that attack (0: none)"),
+    "attacks": Option(ATTACKS, str, "the attacks (marfl_jax.attacks.ATTACKS)"),
+    "rules": Option(RULES, str, "the group rules (marfl_jax.rules.RULES)"),
+    "placements": Option(PLACEMENTS, str, "where attackers sit, for algorithms with keys "
+                         "(marfl_jax.adversary.PLACEMENTS)"),
+    "algorithms": Option(("marfl", "fedavg", "gossip"), str, "the algorithms"),
+    "iterations": Option(None, int, "each run's iterations (default: the shared setting's "
+                         "max_iterations)"),
+}
 
 
 def tolerated(fraction: float, largest_group: int) -> int:
@@ -60,21 +75,24 @@ def one_run(base: Config, algorithm: str, placement: str, fraction: float, attac
 
 
 def configs(scale, workdir):
+    options = STUDY.options_of(scale)
     n = scale.study_peers
     m, d, schedule = moshpit_grid(n)
     base = dataclasses.replace(mnist_config(scale, n, workdir), group_size=m, key_dim=d,
                                schedule=schedule, target_accuracy=1.0, eval_every=10)
+    if options.iterations is not None:
+        base = dataclasses.replace(base, max_iterations=options.iterations)
     runs = []
-    for fraction in scale.option("fractions", FRACTIONS, float):
-        for attack in scale.option("attacks", ATTACKS) if fraction else ("none",):
-            for algorithm in scale.option("algorithms", ("marfl", "fedavg", "gossip")):
+    for fraction in options.fractions:
+        for attack in options.attacks if fraction else ("none",):
+            for algorithm in options.algorithms:
                 keyed = algorithms.make_algorithm(
                     dataclasses.replace(base, algorithm=algorithm)).group_keys
-                places = (scale.option("placements", PLACEMENTS) if fraction and keyed
+                places = (options.placements if fraction and keyed
                           else ("random",))  # Colluders choose keys; others have none.
                 for placement in places:
                     runs += [one_run(base, algorithm, placement, fraction, attack, rule)
-                             for rule in scale.option("rules", RULES)]
+                             for rule in options.rules]
     return runs
 
 
@@ -95,6 +113,36 @@ def make_row(config: Config, result) -> dict:
         "wall_seconds": summary["wall_seconds"]}
 
 
+def ordered(values: Iterable, known: Sequence = ()) -> list:
+    """Each of `values` once: those in `known` in its order, then the others as first seen."""
+    seen = list(dict.fromkeys(values))
+    return [v for v in known if v in seen] + [v for v in seen if v not in known]
+
+
+def rules_of(rows) -> list[str]:
+    """The rules that ran, RULES' first."""
+    return ordered((r["rule"] for r in rows), RULES)
+
+
+def lines_of(rows) -> list[tuple[str, str]]:
+    """The (algorithm, placement) pairs that ran."""
+    return sorted({(r["algorithm"], r["placement"]) for r in rows})
+
+
+def panels_of(rows) -> list[tuple[str, float]]:
+    """The (attack, fraction) pairs that ran with attackers: by attack (ATTACKS' first), then
+    fraction."""
+    attacked = [r for r in rows if r["fraction"]]
+    return [(attack, fraction) for attack in ordered((r["attack"] for r in attacked), ATTACKS)
+            for fraction in sorted({r["fraction"] for r in attacked if r["attack"] == attack})]
+
+
+def _cell(rows, fraction, attack, algorithm, placement, rule) -> dict | None:
+    return next((r for r in rows if (r["fraction"], r["attack"], r["algorithm"],
+                                     r["placement"], r["rule"])
+                 == (fraction, attack, algorithm, placement, rule)), None)
+
+
 def draw(rows, curves, configs, path):
     """One heat map per (attack, fraction): rows algorithm/placement, columns rule."""
     import matplotlib
@@ -102,57 +150,141 @@ def draw(rows, curves, configs, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = sorted({(r["attack"], r["fraction"]) for r in rows if r["fraction"]})
-    lines = sorted({(r["algorithm"], r["placement"]) for r in rows})
-    rules = [r for r in RULES if any(row["rule"] == r for row in rows)]
+    panels, lines, rules = panels_of(rows), lines_of(rows), rules_of(rows)
     honest = {(r["algorithm"], r["rule"]): r["final_accuracy"] for r in rows
               if not r["fraction"]}
-    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(3.2 * max(len(panels), 1), 3.4),
+    width = max(3.2, 0.8 * len(rules) + 1) * max(len(panels), 1)
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(max(width, 6.0), 3.4),
                              squeeze=False)
     for ax, (attack, fraction) in zip(axes[0], panels, strict=False):
-        cells = [[next((r["final_accuracy"] or 0.0 for r in rows
-                        if (r["attack"], r["fraction"], r["algorithm"], r["placement"], r["rule"])
-                        == (attack, fraction, a, p, rule)), float("nan")) for rule in rules]
-                 for a, p in lines]
+        cells = []
+        for a, p in lines:
+            found = [_cell(rows, fraction, attack, a, p, rule) for rule in rules]
+            cells.append([float("nan") if r is None else r["final_accuracy"] or 0.0
+                          for r in found])
         ax.imshow(cells, vmin=0, vmax=1, cmap="RdYlGn")
         for i, line in enumerate(cells):
             for j, value in enumerate(line):
-                ax.text(j, i, f"{100 * value:.0f}", ha="center", va="center", fontsize=8)
+                if not math.isnan(value):
+                    ax.text(j, i, f"{100 * value:.0f}", ha="center", va="center", fontsize=8)
         ax.set_xticks(range(len(rules)), [r.replace("_", "\n") for r in rules], fontsize=7)
         ax.set_yticks(range(len(lines)), [f"{a} {p}" for a, p in lines], fontsize=7)
         ax.set_title(f"{attack}, {100 * fraction:g} % attackers", fontsize=9)
-    best_honest = max(honest.values(), default=float("nan"))
-    fig.suptitle(f"Honest peers' accuracy (%) after the run; no attackers: up to "
-                 f"{100 * best_honest:.0f} %", fontsize=10)
+    fig.suptitle("Honest peers' accuracy (%) after the run" + (
+        f"; no attackers: up to {100 * max(honest.values()):.0f} %" if honest else ""),
+        fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-STUDY = Study(
-    name="byzantine",
-    configs=configs,
-    make_row=make_row,
-    fields=FIELDS,
-    draw=draw,
-    defaults=dict(mnist=dict(max_iterations=30, eval_peers="all")),
-)
+def _accuracy(row) -> str:
+    if row is None:
+        return ""
+    return (f"{100 * float(row['final_accuracy']):.1f} %"
+            + (" (diverged)" if str(row["diverged"]) == "True" else ""))
 
 
 def table(rows, fraction: float, attack: str) -> str:
     """A Markdown table of honest final accuracy: algorithm/placement x rule."""
-    lines = sorted({(r["algorithm"], r["placement"]) for r in rows})
-    rules = [r for r in RULES if any(row["rule"] == r for row in rows)]
+    rules = rules_of(rows)
     out = ["| algorithm, placement | " + " | ".join(rules) + " |",
            "|---|" + "---|" * len(rules)]
-    for a, p in lines:
-        cells = []
-        for rule in rules:
-            row = next((r for r in rows if (r["fraction"], r["attack"], r["algorithm"],
-                                            r["placement"], r["rule"])
-                        == (fraction, attack, a, p, rule)), None)
-            cells.append("" if row is None else f"{100 * float(row['final_accuracy']):.1f} %"
-                         + (" (diverged)" if str(row["diverged"]) == "True" else ""))
+    for a, p in lines_of(rows):
+        cells = [_accuracy(_cell(rows, fraction, attack, a, p, rule)) for rule in rules]
         out.append(f"| {a}, {p} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 
+
+def honest_table(rows) -> str:
+    """A Markdown table of the runs without attackers' final accuracy: algorithm x rule."""
+    honest = [r for r in rows if not r["fraction"]]
+    rules = rules_of(honest)
+    out = ["| algorithm | " + " | ".join(rules) + " |", "|---|" + "---|" * len(rules)]
+    for a in ordered(r["algorithm"] for r in honest):
+        cells = [_accuracy(next((r for r in honest if (r["algorithm"], r["rule"]) == (a, rule)),
+                                None)) for rule in rules]
+        out.append(f"| {a} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def tables(rows) -> str:
+    """The report's tables: without attackers, then one per attack and fraction."""
+    parts = []
+    if any(not r["fraction"] for r in rows):
+        parts += ["**No attackers.**", honest_table(rows)]
+    for attack, fraction in panels_of(rows):
+        parts += [f"**{100 * fraction:g} % {attack}.**", table(rows, fraction, attack)]
+    return "\n\n".join(parts)
+
+
+def _span(values) -> str:
+    low, high = pct(min(values)), pct(max(values))
+    return low if low == high else f"{low} to {high}"
+
+
+def summarize(rows) -> str:
+    """Per attack and fraction, each algorithm and placement's accuracy under the mean and
+    under the other rules."""
+    parts = []
+    honest = [r["final_accuracy"] for r in rows if not r["fraction"]]
+    if honest:
+        parts.append(f"Without attackers: {_span(honest)} under every rule.")
+    for attack, fraction in panels_of(rows):
+        said = []
+        for a, p in lines_of(rows):
+            mine = [r for r in rows if (r["attack"], r["fraction"], r["algorithm"],
+                                        r["placement"]) == (attack, fraction, a, p)]
+            mean = [r["final_accuracy"] for r in mine if r["rule"] == "mean"]
+            others = [r for r in mine if r["rule"] != "mean"]
+            named = (others[0]["rule"] if len({r["rule"] for r in others}) == 1 else
+                     "other rules" if mean else "rules")
+            words = ([f"mean {pct(mean[0])}"] if mean else []) + (
+                [f"{named} {_span([r['final_accuracy'] for r in others])}"] if others else [])
+            if words:
+                said.append(f"{a} {p} {', '.join(words)}")
+        parts.append(f"{100 * fraction:g} % {attack}: {'; '.join(said)}.")
+    diverged = sum(str(r["diverged"]) == "True" for r in rows)
+    if diverged:
+        parts.append(f"{diverged} run{'s' if diverged > 1 else ''} diverged.")
+    return " ".join(parts)
+
+
+def setting(scale, configs):
+    options = STUDY.options_of(scale)
+    largest = {}
+    for config in configs:
+        largest.setdefault(config.algorithm, algorithms.make_algorithm(config).max_group_size)
+    groups = ", ".join(f"{name} {m}" for name, m in largest.items())
+    return (f"N = {scale.study_peers}, {', '.join(options.algorithms)} (largest group: "
+            f"{groups}); attackers: the fractions {set_of(options.fractions)} of the peers, "
+            "drawn once from the seed, full participation; attacks "
+            f"{', '.join(options.attacks)}; group rules {', '.join(options.rules)}, each "
+            "tolerating f = max(1, ceil(p M)) copies, at most (M - 1) // 2 (M the largest "
+            "group; centered clipping tau 1, 3 iterations); placements "
+            f"{', '.join(options.placements)} where groups come from keys (colluders announce "
+            f"the keys that pack them into the same groups); {describe(configs[0])}. Accuracy "
+            "is the honest peers' test accuracy after the last iteration; no target, every "
+            "run takes all its iterations.")
+
+
+STUDY = Study(
+    name="byzantine",
+    configs=configs,
+    options=OPTIONS,
+    make_row=make_row,
+    fields=FIELDS,
+    draw=draw,
+    defaults=dict(mnist=dict(max_iterations=30, eval_peers="all")),
+    section=8,
+    title="Beyond the paper: Byzantine peers inside Moshpit groups",
+    claim=("None: the MAR-FL paper assumes honest peers, and its group mean is not robust "
+           "to a single peer that sends anything it likes. This experiment (ours) asks what "
+           "a few attackers do to MAR-FL, and what robust group rules (applied by every "
+           "member to the copies it receives, ByzFL's definitions) buy inside Moshpit's small "
+           "groups compared with the same rules at FedAvg's server, which sees every upload "
+           "at once, and with gossip's pairs."),
+    setting=setting,
+    tables=tables,
+    summarize=summarize,
+)

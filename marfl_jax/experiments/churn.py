@@ -2,8 +2,11 @@
 accuracy and bytes to the target against p (section 2 of the reproduction).
 
     python -m launch.compare --study=churn       # N=64, dropout 0 / 0.1 / 0.2 / 0.5
+    python -m launch.compare --study=churn --option=dropouts=0,0.5 --option=algorithms=marfl
     python -m launch.reproduce --experiments=churn
 
+Settings (`--option=NAME=V1,V2`, `STUDY.options`): `dropouts` (default 0, 0.1, 0.2, 0.5; alias
+`--dropouts`), `algorithms` (marfl, fedavg, rdfl; `--algorithms`); N is `--churn_peers` (64).
 Writes `churn.csv` and `churn.png`.
 """
 
@@ -17,7 +20,7 @@ from marfl_jax import plotting
 from marfl_jax.config import Config
 from marfl_jax.report import describe, pct, set_of
 from marfl_jax.scales import mnist_config, moshpit_grid
-from marfl_jax.sweep import RESULT_COLUMNS, Study
+from marfl_jax.sweep import RESULT_COLUMNS, Option, Study
 
 
 def churn_configs(base: Config, dropouts: Iterable[float],
@@ -30,15 +33,23 @@ def churn_configs(base: Config, dropouts: Iterable[float],
         for name in algorithm_names for p in dropouts]
 
 
+OPTIONS = {
+    "dropouts": Option((0.0, 0.1, 0.2, 0.5), float, "dropout probabilities p"),
+    "algorithms": Option(("marfl", "fedavg", "rdfl"), str, "the algorithms"),
+}
+
+
 def configs(scale, workdir):
-    return churn_configs(mnist_config(scale, scale.study_peers, workdir), scale.dropouts,
-                         scale.churn_algorithms)
+    options = STUDY.options_of(scale)
+    return churn_configs(mnist_config(scale, scale.study_peers, workdir), options.dropouts,
+                         options.algorithms)
 
 
 def setting(scale, configs):
+    options = STUDY.options_of(scale)
     return (f"N = {scale.study_peers}; each aggregating peer drops out with probability "
-            f"p in {set_of(scale.dropouts)} for the whole "
-            f"aggregation; {', '.join(scale.churn_algorithms)}; {describe(configs[0])}.")
+            f"p in {set_of(options.dropouts)} for the whole "
+            f"aggregation; {', '.join(options.algorithms)}; {describe(configs[0])}.")
 
 
 def summarize(rows) -> str:
@@ -56,8 +67,8 @@ def summarize(rows) -> str:
 STUDY = Study(
     name="churn",
     configs=configs,
+    options=OPTIONS,
     draw=lambda rows, curves, configs, path: plotting.plot_churn(rows, path),
-    defaults=dict(dropouts=(0.0, 0.1, 0.2, 0.5)),
     section=2,
     title="Churn: peers dropping out of the aggregation",
     claim=("MAR-FL is robust to unreliable peers: with peers dropping out of the "

@@ -6,8 +6,10 @@ against cumulative bytes (section 7 of the reproduction; the lossy codecs are ou
     python -m launch.compare --study=codec --algorithms=marfl,fedavg,arfl,rdfl,gossip --model=mlp
     python -m launch.reproduce --experiments=codec
 
-Writes `codec.csv` and `codec.png` (accuracy against cumulative bytes for one algorithm; bytes
-to the target per algorithm for several).
+Settings (`--option=NAME=V1,V2`, `STUDY.options`): `codecs` (default float32, float16, bfloat16,
+int8, of `marfl_jax.codec.CODECS`; alias `--codecs`), `algorithms` (marfl; `--algorithms`); N is
+`--churn_peers` (64). Writes `codec.csv` and `codec.png` (accuracy against cumulative bytes for
+one algorithm; bytes to the target per algorithm for several).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from marfl_jax import plotting
 from marfl_jax.config import Config
 from marfl_jax.report import describe, pct
 from marfl_jax.scales import mnist_config
-from marfl_jax.sweep import Study, first_reaching
+from marfl_jax.sweep import Option, Study, first_reaching
 
 FIELDS = ("run", "algorithm", "codec", "share_momentum", "payloads_per_message",
           "bytes_per_iteration", "iterations", "iterations_to_target", "bytes_to_target",
@@ -42,9 +44,17 @@ def codec_configs(base: Config, codecs: Sequence[str], algorithm_names: Sequence
         for algorithm in algorithm_names for share in share_momentum for codec in codecs]
 
 
+OPTIONS = {
+    "codecs": Option(("float32", "float16", "bfloat16", "int8"), str,
+                     "the message codecs (marfl_jax.codec.CODECS)"),
+    "algorithms": Option(("marfl",), str, "the algorithms"),
+}
+
+
 def configs(scale, workdir):
-    return codec_configs(mnist_config(scale, scale.study_peers, workdir), scale.codecs,
-                         scale.codec_algorithms)
+    options = STUDY.options_of(scale)
+    return codec_configs(mnist_config(scale, scale.study_peers, workdir), options.codecs,
+                         options.algorithms)
 
 
 def codec_row(config: Config, result) -> dict:
@@ -76,7 +86,8 @@ def draw(rows, curves, configs, path):
 def setting(scale, configs):
     return (f"MAR-FL, N = {scale.study_peers}; messages with weights and momentum (the "
             "authors') and with weights only (`--share_momentum=false`, each peer keeps "
-            f"its own momentum), each through the codecs {', '.join(scale.codecs)} "
+            "its own momentum), each through the codecs "
+            f"{', '.join(STUDY.options_of(scale).codecs)} "
             "(`--codec`; int8 = blockwise absmax, one float32 scale per 4096 values); "
             f"{describe(configs[0])}. Each member averages its own exact copy with its mates' "
             "decoded ones; bytes are the encoded sizes.")
@@ -123,6 +134,7 @@ def summarize(rows, reference=REFERENCE) -> str:
 STUDY = Study(
     name="codec",
     configs=configs,
+    options=OPTIONS,
     make_row=codec_row,
     fields=FIELDS,
     draw=draw,

@@ -5,7 +5,10 @@ formula, accuracy over iterations (section 4 of the reproduction).
     python -m launch.compare --study=dp          # N=64 CNN, 40 iterations: no DP vs z 0.2 / 0.5 / 1
     python -m launch.reproduce --experiments=dp
 
-Writes `dp.csv` and `dp.png`.
+Settings (`--option=NAME=V1,V2`, `STUDY.options`): `noise_multipliers` (default 0.2, 0.5, 1;
+alias `--dp_noise_multipliers`), `iterations` and `target_accuracy` (default: the shared
+`--max_iterations`, 40 here, and `--target_accuracy`, 1.0 here: every run takes them all); N is
+`--churn_peers` (64). Writes `dp.csv` and `dp.png`.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from marfl_jax import plotting
 from marfl_jax.config import Config
 from marfl_jax.report import describe, num, pct, set_of
 from marfl_jax.scales import mnist_config
-from marfl_jax.sweep import Study
+from marfl_jax.sweep import Option, Study
 
 FIELDS = ("run", "dp", "noise_multiplier", "iterations", "final_accuracy", "best_accuracy",
           "dp_delta", "epsilon_rdp", "epsilon_pld", "epsilon_authors", "epsilon_authors_sweep",
@@ -34,11 +37,23 @@ def dp_configs(base: Config, noise_multipliers: Iterable[float]) -> list[Config]
     return [c.validate() for c in configs]
 
 
+OPTIONS = {
+    "noise_multipliers": Option((0.2, 0.5, 1.0), float, "the noise multipliers z"),
+    "iterations": Option(None, int, "each run's iterations (default: the shared setting's "
+                         "max_iterations)"),
+    "target_accuracy": Option(None, float, "the target accuracy (default: the shared "
+                              "setting's; 1.0: every run takes all its iterations)"),
+}
+
+
 def configs(scale, workdir):
-    base = dataclasses.replace(mnist_config(scale, scale.study_peers, workdir),
-                               target_accuracy=scale.dp_target_accuracy,
-                               max_iterations=scale.dp_iterations)
-    return dp_configs(base, scale.dp_noise_multipliers)
+    options = STUDY.options_of(scale)
+    base = mnist_config(scale, scale.study_peers, workdir)
+    base = dataclasses.replace(base, **{
+        field: value for field, value in (("max_iterations", options.iterations),
+                                          ("target_accuracy", options.target_accuracy))
+        if value is not None})
+    return dp_configs(base, options.noise_multipliers)
 
 
 def dp_row(config: Config, result) -> dict:
@@ -62,9 +77,9 @@ def dp_row(config: Config, result) -> dict:
 
 
 def setting(scale, configs):
-    return (f"MAR-FL, N = {scale.study_peers}, {scale.dp_iterations} iterations, full "
+    return (f"MAR-FL, N = {scale.study_peers}, {configs[0].max_iterations} iterations, full "
             "participation; without DP and with noise multiplier z in "
-            f"{set_of(scale.dp_noise_multipliers)} (initial clip "
+            f"{set_of(STUDY.options_of(scale).noise_multipliers)} (initial clip "
             "0.1, target quantile 0.5, server lr 0.1, server momentum 0.9, delta = "
             f"N^-1.1); {describe(configs[0])}. Epsilon from dp-accounting's RDP and PLD "
             "accountants, the authors' formula beside them.")
@@ -84,11 +99,12 @@ def summarize(rows) -> str:
 STUDY = Study(
     name="dp",
     configs=configs,
+    options=OPTIONS,
     make_row=dp_row,
     fields=FIELDS,
     draw=lambda rows, curves, configs, path: plotting.plot_accuracy_vs_iteration(curves, path),
     defaults=dict(mnist=dict(model="cnn", target_accuracy=1.0, local_batches=4, eval_every=2,
-                             max_iterations=40), dp_iterations=40),
+                             max_iterations=40)),
     section=4,
     title="Differential privacy with adaptive clipping",
     claim=("Decentralized DP-FedAvg with adaptive clipping trades accuracy for privacy: "

@@ -5,7 +5,10 @@ cumulative bytes (section 3 of the reproduction).
     python -m launch.compare --study=mkd         # N=64 CNN, b=4, B=16: no MKD vs rho 0.4 / 1.0
     python -m launch.reproduce --experiments=mkd
 
-Writes `mkd.csv` and `mkd.png`.
+Settings (`--option=NAME=V1,V2`, `STUDY.options`): `fractions` (the teacher fractions rho,
+default 0.4, 1; alias `--mkd_fractions`), `iterations` (K, default 8; `--mkd_iterations`),
+`eval_every` (default: the shared `--eval_every`, 1 here: bytes to 50 % need every evaluation);
+N is `--churn_peers` (64). Writes `mkd.csv` and `mkd.png`.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from marfl_jax import plotting
 from marfl_jax.config import Config
 from marfl_jax.report import describe, set_of
 from marfl_jax.scales import mnist_config
-from marfl_jax.sweep import Study, first_reaching
+from marfl_jax.sweep import Option, Study, first_reaching
 
 FIELDS = ("run", "mkd", "mkd_teacher_fraction", "mkd_iterations", "iterations",
           "iterations_to_50", "bytes_to_50", "iterations_to_target", "bytes_to_target",
@@ -38,10 +41,20 @@ def mkd_configs(base: Config, teacher_fractions: Iterable[float],
     return [c.validate() for c in configs]
 
 
+OPTIONS = {
+    "fractions": Option((0.4, 1.0), float, "the teacher fractions rho"),
+    "iterations": Option(8, int, "K, the iterations that distil"),
+    "eval_every": Option(None, int, "evaluate every k iterations (default: the shared "
+                         "setting's eval_every; bytes to 50 % need every evaluation)"),
+}
+
+
 def configs(scale, workdir):
-    base = dataclasses.replace(mnist_config(scale, scale.study_peers, workdir),
-                               eval_every=scale.mkd_eval_every)
-    return mkd_configs(base, scale.mkd_fractions, scale.mkd_iterations)
+    options = STUDY.options_of(scale)
+    base = mnist_config(scale, scale.study_peers, workdir)
+    if options.eval_every is not None:
+        base = dataclasses.replace(base, eval_every=options.eval_every)
+    return mkd_configs(base, options.fractions, options.iterations)
 
 
 def mkd_row(config: Config, result) -> dict:
@@ -66,11 +79,13 @@ def mkd_row(config: Config, result) -> dict:
 
 
 def setting(scale, configs):
+    options = STUDY.options_of(scale)
+    every = configs[0].eval_every
     return (f"MAR-FL, N = {scale.study_peers}; without MKD, and with MKD in the first "
-            f"K = {scale.mkd_iterations} iterations keeping the fraction rho in "
-            f"{set_of(scale.mkd_fractions)} of the mates as "
+            f"K = {options.iterations} iterations keeping the fraction rho in "
+            f"{set_of(options.fractions)} of the mates as "
             f"teachers (tau = 3, 8 distillation batches); {describe(configs[0])}, evaluated "
-            "every iteration.")
+            + ("every iteration." if every == 1 else f"every {every} iterations."))
 
 
 def summarize(rows) -> str:
@@ -93,6 +108,7 @@ def summarize(rows) -> str:
 STUDY = Study(
     name="mkd",
     configs=configs,
+    options=OPTIONS,
     make_row=mkd_row,
     fields=FIELDS,
     draw=lambda rows, curves, configs, path: plotting.plot_accuracy_vs_bytes(

@@ -6,7 +6,9 @@ reproduction; the paper reports bytes, not time: this study is ours).
     python -m launch.compare --study=network     # N in {16,64,125,1024}: marfl, fedavg, arfl, rdfl
     python -m launch.reproduce --experiments=network
 
-Writes `network.csv` and `time_to_target.png`.
+Settings (`--option=NAME=V1,V2`, `STUDY.options`): `profiles` (default uniform, lognormal,
+deadline, of NETWORK_PROFILES; alias `--profiles`); N and the algorithms are `--num_peers` and
+`--algorithms`. Writes `network.csv` and `time_to_target.png`.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from marfl_jax import plotting
 from marfl_jax.config import Config
 from marfl_jax.report import describe, set_of
 from marfl_jax.scales import mnist_config, peer_configs
-from marfl_jax.sweep import ROW_FIELDS, Study
+from marfl_jax.sweep import ROW_FIELDS, Option, Study
 
 REFERENCE = "marfl"  # The algorithm whose time the others' is divided by.
 # The peer profiles (`--network` and its flags; docs/running.md, "Simulated time"): everyone on
@@ -41,7 +43,7 @@ def network_configs(base: Config, peer_counts: Iterable[int], algorithm_names: S
     `{profile}/n{N}_{algorithm}`."""
     unknown = [p for p in profiles if p not in NETWORK_PROFILES]
     if unknown:
-        raise ValueError(f"--profiles: unknown {', '.join(unknown)}; allowed: "
+        raise ValueError(f"--option=profiles: unknown {', '.join(unknown)}; allowed: "
                          f"{', '.join(NETWORK_PROFILES)}")
     configs = []
     for profile in profiles:
@@ -51,10 +53,15 @@ def network_configs(base: Config, peer_counts: Iterable[int], algorithm_names: S
     return configs
 
 
+OPTIONS = {"profiles": Option(tuple(NETWORK_PROFILES), str,
+                              f"the peer profiles ({', '.join(NETWORK_PROFILES)})")}
+
+
 def configs(scale, workdir):
     base = dataclasses.replace(mnist_config(scale, scale.peer_counts[0], workdir),
                                workdir=workdir)
-    return network_configs(base, scale.peer_counts, scale.algorithms, scale.network_profiles)
+    return network_configs(base, scale.peer_counts, scale.algorithms,
+                           STUDY.options_of(scale).profiles)
 
 
 def network_row(config: Config, result) -> dict:
@@ -114,6 +121,7 @@ def summarize(rows, reference=REFERENCE) -> str:
 STUDY = Study(
     name="network",
     configs=configs,
+    options=OPTIONS,
     make_row=network_row,
     fields=FIELDS,
     draw=lambda rows, curves, configs, path: plotting.plot_time_to_target(rows, path),

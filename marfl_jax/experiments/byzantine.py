@@ -29,7 +29,7 @@ import math
 import os
 from collections.abc import Iterable, Sequence
 
-from marfl_jax import algorithms
+from marfl_jax import assemble
 from marfl_jax.config import Config
 from marfl_jax.report import describe, pct, set_of
 from marfl_jax.scales import mnist_config, moshpit_grid
@@ -69,7 +69,7 @@ def one_run(base: Config, algorithm: str, placement: str, fraction: float, attac
         byzantine_placement=placement if fraction else "random",
         attack=attack if fraction else "none", aggregator=rule,
         workdir=os.path.join(base.workdir, name), **(CLIP if rule == "centered_clip" else {}))
-    largest = algorithms.make_algorithm(config).max_group_size
+    largest = assemble.algorithm(config).max_group_size
     f = tolerated(fraction, largest) if largest > 2 else 0
     return dataclasses.replace(config, aggregator_f=f).validate()
 
@@ -86,7 +86,7 @@ def configs(scale, workdir):
     for fraction in options.fractions:
         for attack in options.attacks if fraction else ("none",):
             for algorithm in options.algorithms:
-                keyed = algorithms.make_algorithm(
+                keyed = assemble.algorithm(
                     dataclasses.replace(base, algorithm=algorithm)).group_keys
                 places = (options.placements if fraction and keyed
                           else ("random",))  # Colluders choose keys; others have none.
@@ -105,7 +105,7 @@ def make_row(config: Config, result) -> dict:
         "fraction": config.byzantine_fraction,
         "byzantine_peers": metrics[-1].get("byzantine_peers", 0) if metrics else 0,
         "attack": config.attack, "rule": config.aggregator, "aggregator_f": config.aggregator_f,
-        "group_size": algorithms.make_algorithm(config).max_group_size,
+        "group_size": assemble.algorithm(config).max_group_size,
         "iterations": summary["iterations"], "final_accuracy": summary["final_accuracy"],
         "accuracy_min": last.get("accuracy_min", ""), "accuracy_max": last.get("accuracy_max", ""),
         "consensus_after": metrics[-1]["consensus_after"] if metrics else "",
@@ -254,7 +254,7 @@ def setting(scale, configs):
     options = STUDY.options_of(scale)
     largest = {}
     for config in configs:
-        largest.setdefault(config.algorithm, algorithms.make_algorithm(config).max_group_size)
+        largest.setdefault(config.algorithm, assemble.algorithm(config).max_group_size)
     groups = ", ".join(f"{name} {m}" for name, m in largest.items())
     return (f"N = {scale.study_peers}, {', '.join(options.algorithms)} (largest group: "
             f"{groups}); attackers: the fractions {set_of(options.fractions)} of the peers, "

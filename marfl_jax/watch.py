@@ -106,9 +106,12 @@ def progress(t: int, max_iterations: int, rate: float, rows: Sequence[dict], tar
     time) at which the target is expected, e.g.
     'ETA 1h58m to --max_iterations=500; target 95 % expected near iteration 31 (~3m10s)',
     or '...; target 95 % not in sight on the trend of the last 5 evaluations', or
-    '...; target 95 % reached at iteration 30'."""
+    '...; target 95 % reached at iteration 30'. A target of 100 % (run every iteration) gives
+    only the ETA."""
     text = (f"ETA {format_duration((max_iterations - t) / rate)} to "
             f"--max_iterations={max_iterations}")
+    if target >= 1.0:  # A 100 % target runs every iteration (the studies' way): no estimate.
+        return text
     expected = expected_iteration(rows, target)
     if expected is None:
         return text

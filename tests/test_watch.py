@@ -152,9 +152,12 @@ def test_progress_line_says_which_estimate_is_which():
     assert watch.progress(50, 80, 1.0, rows, 0.95) == (
         "ETA 0m30s to --max_iterations=80; target 95 % expected near iteration 99 "
         "(after --max_iterations)")
-    assert watch.progress(50, 500, 1.0, rows, 1.0) == (
-        "ETA 7m30s to --max_iterations=500; target 100 % not in sight on the trend of the last "
+    falling = _evaluations(lambda t: 0.9 - t / 100, range(0, 50, 5))
+    assert watch.progress(50, 500, 1.0, falling, 0.95) == (
+        "ETA 7m30s to --max_iterations=500; target 95 % not in sight on the trend of the last "
         "5 evaluations")
+    # A 100 % target is the studies' way of running every iteration: no estimate.
+    assert watch.progress(50, 500, 1.0, rows, 1.0) == "ETA 7m30s to --max_iterations=500"
     assert watch.progress(50, 500, 1.0, rows, 0.8) == (
         "ETA 7m30s to --max_iterations=500; target 80 % reached at iteration 45")
     assert watch.progress(50, 500, 1.0, rows[:3], 0.95) == "ETA 7m30s to --max_iterations=500"

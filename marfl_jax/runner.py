@@ -16,7 +16,7 @@ import contextlib
 import dataclasses
 import os
 import time
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 from absl import logging
@@ -111,7 +111,8 @@ def resume(run: Run, previous) -> Progress:
     checkpoints = files.Checkpoints(os.path.join(workdir, "checkpoints"))
     ledger, accountant = run.ledger, run.accountant
     if previous is not None and checkpoints.latest() is not None:
-        leaves, host = checkpoints.restore(run.abstract_state, run.mesh)
+        leaves, host = checkpoints.restore(run.abstract_state, run.mesh,
+                                           older=state_before_stages(run.abstract_state))
         state, first_iteration, elapsed = FLState(*leaves), host["iteration"], host["elapsed"]
         ledger = ledger.restore(host["ledger"])
         if accountant is not None:
@@ -126,6 +127,26 @@ def resume(run: Run, previous) -> Progress:
     sharding.barrier("metrics read")
     return Progress(state, first_iteration, elapsed, ledger, accountant, metrics,
                     config.target_accuracy, checkpoints)
+
+
+class StateBeforeStages(NamedTuple):
+    """FLState as checkpoints before the stages kept their states (DP's state in `privacy`)."""
+
+    params: Any
+    opt_state: Any
+    available: Any
+    privacy: Any = None
+
+
+def state_before_stages(abstract: FLState) -> list:
+    """The older layout `Checkpoints.restore` also tries, with its conversion (none where the
+    run keeps a stage state that layout could not hold)."""
+    if not set(abstract.stages) <= {"privacy"}:
+        return []
+    older = StateBeforeStages(abstract.params, abstract.opt_state, abstract.available,
+                              abstract.stages.get("privacy"))
+    return [(older, lambda s: FLState(s.params, s.opt_state, s.available,
+                                      {} if s.privacy is None else {"privacy": s.privacy}))]
 
 
 def stage_metrics(info: dict) -> dict:

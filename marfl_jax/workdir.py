@@ -228,9 +228,11 @@ class Checkpoints:
             state=args.StandardSave(state), host=args.JsonSave(host)), force=True)
         self._manager.wait_until_finished()
 
-    def restore(self, abstract, mesh=None) -> tuple[tuple, dict]:
+    def restore(self, abstract, mesh=None, older=()) -> tuple[tuple, dict]:
         """The latest state that restores: its leaves (as the tuple `abstract` describes),
         placed as `sharding.shard_peers` would (one device without mesh), and the host JSON.
+        `older`: (abstract, convert) pairs, earlier layouts of the state; a checkpoint that
+        does not restore as `abstract` is tried as each, then converted to the current one.
 
         A checkpoint that fails to restore is reported in one line and the one before it is
         tried; the failed ones are then removed (the run saves those steps again as it
@@ -238,18 +240,29 @@ class Checkpoints:
         args = self._ocp.args
         placement = (sharding.by_peer(mesh) if mesh is not None
                      else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-        abstract = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=placement), abstract)
+
+        def placed(tree):
+            return jax.tree.map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=placement), tree)
+
+        layouts = [(placed(abstract), None)] + [(placed(a), convert) for a, convert in older]
         failed = []
         for step in sorted(self._manager.all_steps(), reverse=True):
-            try:
-                with draining_event_loops():
-                    restored = self._manager.restore(step, args=args.Composite(
-                        state=args.StandardRestore(abstract), host=args.JsonRestore()))
-            except Exception as error:  # noqa: BLE001 (any failure: try the one before).
+            errors = []
+            for layout, convert in layouts:
+                try:
+                    with draining_event_loops():
+                        restored = self._manager.restore(step, args=args.Composite(
+                            state=args.StandardRestore(layout), host=args.JsonRestore()))
+                except Exception as error:  # noqa: BLE001 (any failure: try the next).
+                    errors.append(error)
+                    continue
+                state = restored["state"] if convert is None else convert(restored["state"])
+                break
+            else:
                 logging.warning("checkpoint %s cannot be restored (%s); trying the one "
                                 "before it", os.path.join(self.directory, str(step)),
-                                restore_failure(error))
+                                restore_failure(errors[0]))
                 failed.append(step)
                 continue
             for bad in failed:
@@ -258,7 +271,7 @@ class Checkpoints:
                 logging.warning("restored checkpoint %s instead; removed the ones that "
                                 "failed (%s)", os.path.join(self.directory, str(step)),
                                 ", ".join(map(str, failed)))
-            return restored["state"], restored["host"]
+            return state, restored["host"]
         raise ConfigError(
             f"no checkpoint under {self.directory} can be restored (tried "
             f"{', '.join(map(str, failed))}); remove {self.directory} to start the run again "

@@ -255,3 +255,27 @@ def test_a_recovered_restore_prints_its_two_lines_and_nothing_else(tmp_path, cap
     assert not unraisable, [(u.object, u.exc_value) for u in unraisable]
     for noise in ("Exception ignored", "Traceback", "TensorStore", "Event loop is closed"):
         assert noise not in out + err, out + err
+
+
+def test_a_checkpoint_from_before_stage_states_restores_into_them(tmp_path):
+    """Checkpoints written while DP's state was FLState.privacy restore into FLState.stages."""
+    import chex
+    import jax
+    import jax.numpy as jnp
+
+    from marfl_jax import dp
+    from marfl_jax.core import FLState
+
+    params = {"w": jnp.arange(6.0).reshape(3, 2)}
+    privacy = dp.PrivacyState(params, {"w": jnp.ones((3, 2))}, jnp.full((3,), 0.5))
+    checkpoints = workdir.Checkpoints(str(tmp_path / "checkpoints"))
+    checkpoints.save(2, runner.StateBeforeStages(params, (), jnp.ones(3, bool), privacy),
+                     {"iteration": 2})
+    current = FLState(params, (), jnp.ones(3, bool), {"privacy": privacy})
+    abstract = jax.eval_shape(lambda: current)
+    state, host = checkpoints.restore(abstract, older=runner.state_before_stages(abstract))
+    assert host["iteration"] == 2 and isinstance(state, FLState)
+    chex.assert_trees_all_equal(state, current)
+    # Without the older layout the same checkpoint does not restore.
+    with pytest.raises(ConfigError, match="can be restored"):
+        workdir.Checkpoints(str(tmp_path / "checkpoints")).restore(abstract)

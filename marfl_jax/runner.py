@@ -61,16 +61,17 @@ def run(config: Config, workdir: str | None = None) -> RunResult:
     written. No checkpoint is written then: every checkpoint is saved only after the rows up to
     it were checked, so the latest one on disk (if any) is the last finite state saved. (The
     state before the diverging iteration is not kept: the iteration donates it.)"""
-    runtime.prepare_backend(config)  # XLA_FLAGS, before anything may start the backend.
+    numerics = config.settings(runtime.Settings)
+    runtime.prepare_backend(numerics)  # XLA_FLAGS, before anything may start the backend.
     config.validate()  # Starts no backend (tests/test_runtime.py).
     workdir = workdir or config.workdir
     config = dataclasses.replace(config, workdir=workdir)
-    with (runtime.matmul_precision(config),  # What this run traces; the caller's is kept.
+    with (runtime.matmul_precision(numerics),  # What this run traces; the caller's is kept.
           files.locked(workdir) if sharding.is_primary() else contextlib.nullcontext(),
           contextlib.ExitStack() as closing):  # The tracker, closed on an error too.
         start = time.time()
         previous = files.previous_config(config, workdir)
-        logging.info("numerics: %s", runtime.describe(config))
+        logging.info("numerics: %s", runtime.describe(numerics))
         assembled = assemble(config, workdir, previous)
         progress = resume(assembled, previous)
         start -= progress.elapsed_before

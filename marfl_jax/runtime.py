@@ -20,6 +20,7 @@ from __future__ import annotations
 import glob
 import importlib.util
 import os
+from typing import NamedTuple
 
 from absl import logging
 
@@ -89,9 +90,17 @@ def backends_started() -> bool:
     return bool(backends) if isinstance(backends, dict) else False
 
 
-def prepare_backend(config) -> None:
-    """Before the backend starts: the config's deterministic GPU ops in XLA_FLAGS. After: a
-    warning where a GPU backend started without them."""
+class Settings(NamedTuple):
+    """The flags of the process-wide numerics (`config.settings(runtime.Settings)`; a Config
+    has both fields, so one may be passed as it is)."""
+
+    matmul_precision: str = "highest"
+    deterministic: bool = True
+
+
+def prepare_backend(config: Settings) -> None:
+    """Before the backend starts: the deterministic GPU ops (`deterministic`) in XLA_FLAGS.
+    After: a warning where a GPU backend started without them."""
     if not backends_started():
         os.environ.update(deterministic_settings(os.environ, config.deterministic))
         return
@@ -105,23 +114,23 @@ def prepare_backend(config) -> None:
                         DETERMINISTIC_OPS)
 
 
-def matmul_precision(config):
-    """A context in which what is traced uses the config's matmul precision (runner.run)."""
+def matmul_precision(config: Settings):
+    """A context in which what is traced uses `config.matmul_precision` (runner.run)."""
     import jax
 
     return jax.default_matmul_precision(_PRECISION[config.matmul_precision])
 
 
-def configure(config) -> None:
-    """For the whole process (the launchers, right after parsing their flags): the config's
-    matmul precision and `prepare_backend`."""
+def configure(config: Settings) -> None:
+    """For the whole process (the launchers, right after parsing their flags): the matmul
+    precision and `prepare_backend`."""
     import jax
 
     jax.config.update("jax_default_matmul_precision", _PRECISION[config.matmul_precision])
     prepare_backend(config)
 
 
-def describe(config) -> str:
+def describe(config: Settings) -> str:
     """One line for the run's log (the backend has started)."""
     import jax
 

@@ -188,3 +188,10 @@ def test_run_traces_at_the_configs_precision_and_leaves_the_callers(monkeypatch,
             runner.run(Config(matmul_precision=flag, workdir=str(tmp_path)))
     assert seen == ["highest", None]
     assert jax.config.jax_default_matmul_precision == "bfloat16"
+
+
+def test_the_numerics_settings_are_the_configs_flags():
+    assert Config().settings(runtime.Settings) == runtime.Settings()
+    chosen = Config(matmul_precision="high", deterministic=False).settings(runtime.Settings)
+    assert chosen == runtime.Settings("high", False)
+    assert runtime.describe(chosen).startswith("matmul precision high;")

@@ -69,10 +69,10 @@ def test_dp_without_dp_accounting_stops_before_any_work(tmp_path):
     result = _python(
         "from absl import app\n"
         "import launch.train\n"
-        "from marfl_jax import Config, ConfigError, runner\n"
+        "from marfl_jax import Config, ConfigError, assemble, runner\n"
         "def no_work(*args, **kwargs):\n"
         "    raise AssertionError('data loaded')\n"
-        "runner.load_data = no_work\n"
+        "assemble.load_data = no_work\n"
         f"workdir = {str(tmp_path / 'run')!r}\n"
         "try:\n"
         "    runner.run(Config(dp=True, workdir=workdir))\n"

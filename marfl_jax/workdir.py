@@ -16,6 +16,7 @@ import math
 import os
 import shutil
 import warnings
+from typing import Any
 
 import jax
 from absl import logging
@@ -237,7 +238,6 @@ class Checkpoints:
         A checkpoint that fails to restore is reported in one line and the one before it is
         tried; the failed ones are then removed (the run saves those steps again as it
         redoes them). When none restores, raises ConfigError naming the files to remove."""
-        args = self._ocp.args
         placement = (sharding.by_peer(mesh) if mesh is not None
                      else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
 
@@ -248,21 +248,12 @@ class Checkpoints:
         layouts = [(placed(abstract), None)] + [(placed(a), convert) for a, convert in older]
         failed = []
         for step in sorted(self._manager.all_steps(), reverse=True):
-            errors = []
-            for layout, convert in layouts:
-                try:
-                    with draining_event_loops():
-                        restored = self._manager.restore(step, args=args.Composite(
-                            state=args.StandardRestore(layout), host=args.JsonRestore()))
-                except Exception as error:  # noqa: BLE001 (any failure: try the next).
-                    errors.append(error)
-                    continue
-                state = restored["state"] if convert is None else convert(restored["state"])
-                break
-            else:
+            try:
+                state, host = self._restore_step(step, layouts)
+            except Exception as error:  # noqa: BLE001 (any failure: try the one before).
                 logging.warning("checkpoint %s cannot be restored (%s); trying the one "
                                 "before it", os.path.join(self.directory, str(step)),
-                                restore_failure(errors[0]))
+                                restore_failure(error))
                 failed.append(step)
                 continue
             for bad in failed:
@@ -271,11 +262,30 @@ class Checkpoints:
                 logging.warning("restored checkpoint %s instead; removed the ones that "
                                 "failed (%s)", os.path.join(self.directory, str(step)),
                                 ", ".join(map(str, failed)))
-            return state, restored["host"]
+            return state, host
         raise ConfigError(
             f"no checkpoint under {self.directory} can be restored (tried "
             f"{', '.join(map(str, failed))}); remove {self.directory} to start the run again "
             "from iteration 0 (its rows are rewritten), or use another --workdir")
+
+    def _restore_step(self, step: int, layouts) -> tuple[Any, dict]:
+        """Checkpoint `step` as the first of `layouts` ((abstract, convert) pairs) whose tree
+        structure it has; the first error when none restores."""
+        args = self._ocp.args
+        first_error = None
+        for layout, convert in layouts:
+            try:
+                with draining_event_loops():
+                    restored = self._manager.restore(step, args=args.Composite(
+                        state=args.StandardRestore(layout), host=args.JsonRestore()))
+            except Exception as error:  # noqa: BLE001 (raised below if no layout restores).
+                first_error = first_error or error
+                if "tree structures do not match" in str(error):
+                    continue  # Another layout of the state: try the older ones.
+                break  # A damaged checkpoint: no other layout reads it.
+            state = restored["state"]
+            return (state if convert is None else convert(state)), restored["host"]
+        raise first_error
 
 
 def restore_failure(error: BaseException, limit: int = 400) -> str:

@@ -9,7 +9,8 @@ the peer axis first; the state too, for per-peer state) and the name its state i
 The run state holds every stage's state in that one dict, so it is checkpointed and restored
 with the peers' models (DP's clip thresholds, references and smoothed updates are the first).
 A stage reads and writes its state through the step (`Step.stage_state`, `Step.with_stage_state`);
-several stages may share one state (DP's), which exactly one of them initialises.
+several stages may share one state (DP's), which exactly one of them initialises. A plain
+function with the contract's signature is a stage without state.
 
 `Step` carries the peers' state through the iteration together with what earlier stages decided
 (who trains, who takes part in which round, the groups, DP's privatized update); a stage returns
@@ -144,7 +145,7 @@ def init_stages(stages: Sequence[Stage], peers: FLState) -> dict[str, Any]:
     ValueError when two stages initialise one name."""
     states = {}
     for stage in stages:
-        if stage.init is None:
+        if getattr(stage, "init", None) is None:  # A plain function is a stage without state.
             continue
         if stage.state is None:
             raise ValueError(f"a stage with an init names no state: {stage}")
@@ -158,6 +159,6 @@ def run_chain(stages: Sequence[Stage], step: Step, context: Context) -> tuple[St
     """Applies the stages in order; their infos are merged (a later key replaces an earlier)."""
     info: Info = {}
     for stage in stages:
-        step, stage_info = stage.update(step, context)
+        step, stage_info = stage(step, context)
         info.update(stage_info)
     return step, info

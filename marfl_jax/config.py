@@ -144,8 +144,11 @@ class Config:
     aggregator_f: int = _field(0, "Robust rules (trimmed_mean, krum): the Byzantine copies a "
                                "group tolerates, f (a group of n uses min(f, (n - 1) // 2)).",
                                check=_at_least(0))
-    clip_tau: float = _field(100.0, "--aggregator=centered_clip: the clipping radius tau (the "
-                             "norm of a whole copy's difference).", check=_POSITIVE)
+    clip_tau: float = _field(0.0, "The clipping radius tau of the clipping rules (centered_clip, "
+                             "centered_clip_previous, self_centered_clip), on the norm of a "
+                             "whole copy's difference; required by them (0 = unset: a radius "
+                             "above every difference would make them the mean).",
+                             check=((lambda v: v >= 0), "a number >= 0"))
     clip_iterations: int = _field(1, "--aggregator=centered_clip: the clipping iterations L.",
                                   check=_at_least(1))
     # Byzantine peers (marfl_jax/adversary.py) and what they send (marfl_jax/attacks.py).
@@ -343,6 +346,11 @@ class Config:
             raise ConfigError(f"--aggregator={self.aggregator} is not allowed with --dp: DP's "
                               "noise and accounting assume the group mean of the clipped "
                               "updates; use --aggregator=mean")
+        if rule.clips and self.clip_tau <= 0:
+            raise ConfigError(f"--aggregator={self.aggregator} needs --clip_tau > 0, its clipping "
+                              "radius on the norm of a copy's difference (ByzFL's default 100 is "
+                              "above any difference of these models' copies: the rule would be "
+                              "the mean); e.g. --clip_tau=1")
         largest = self._algorithm().max_group_size
         if rule.honest_majority and 2 * self.aggregator_f >= largest:
             raise ConfigError(

@@ -81,6 +81,8 @@ class Rule(NamedTuple):
       params: what `combine` gets as `params`.
       honest_majority: the rule tolerates `params.f` copies only in a group where 2 f < n
         (validation refuses an f that a full group cannot have).
+      clips: the rule clips differences to the radius `params.tau` (--clip_tau, which
+        validation then requires: a radius above every difference makes it the mean).
       per_member: `combine` returns (G, M, ...) leaves, one value per member (slot [g, r] is
         what member r of group g takes), instead of one value per group.
       init: for a rule that keeps per-peer state: (the message, leaves (N, ...)) -> the state,
@@ -95,6 +97,7 @@ class Rule(NamedTuple):
     description: str = ""
     params: Params = Params()
     honest_majority: bool = False
+    clips: bool = False
     per_member: bool = False
     init: Callable[[Any], Any] | None = None
 
@@ -306,16 +309,17 @@ RULES.register("trimmed_mean", Rule(trimmed_mean, description="the coordinate-wi
                                     "the f largest and f smallest copies (--aggregator_f)",
                                     honest_majority=True))
 RULES.register("centered_clip", Rule(centered_clip, description="centered clipping from the "
-                                     "median (--clip_tau, --clip_iterations)"))
+                                     "median (--clip_tau, --clip_iterations)", clips=True))
 RULES.register("krum", Rule(krum, description="the copy nearest its n - f - 1 nearest mates "
                             "(--aggregator_f)", honest_majority=True))
 RULES.register("centered_clip_previous", Rule(
-    centered_clip_previous, per_member=True, init=floating_leaves,
+    centered_clip_previous, per_member=True, init=floating_leaves, clips=True,
     description="centered clipping from each member's previous output, ByzFL's start "
     "(--clip_tau, --clip_iterations)"))
 RULES.register("self_centered_clip", Rule(
-    self_centered_clip, per_member=True, description="each member adds the mean of its mates' "
-    "differences clipped to --clip_tau around its own copy (ClippedGossip)"))
+    self_centered_clip, per_member=True, clips=True,
+    description="each member adds the mean of its mates' differences clipped to --clip_tau "
+    "around its own copy (ClippedGossip)"))
 
 
 def get(name: str, params: Params | None = None) -> Rule:

@@ -96,3 +96,14 @@ def test_the_aggregator_is_a_registered_rule():
     assert Config(codec="int8").validate().aggregator == "mean"
     with pytest.raises(ConfigError, match="--aggregator=median is not allowed with --dp"):
         Config(aggregator="median", dp=True).validate()
+
+
+@pytest.mark.parametrize("rule", ["centered_clip", "centered_clip_previous",
+                                  "self_centered_clip"])
+def test_a_clipping_rule_needs_its_radius(rule):
+    """No default radius: ByzFL's 100 is above every difference of these models' copies, so
+    the rule would silently be the mean."""
+    with pytest.raises(ConfigError, match=f"--aggregator={rule} needs --clip_tau > 0"):
+        Config(aggregator=rule).validate()
+    assert Config(aggregator=rule, clip_tau=1.0).validate().clip_tau == 1.0
+    assert Config(aggregator="median").validate().clip_tau == 0.0  # Not a clipping rule.

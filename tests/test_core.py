@@ -50,7 +50,8 @@ def test_stages_own_their_state_under_one_name():
     twice = [owners[0], owners[0]]
     with pytest.raises(ValueError, match="two stages initialise the state 'privacy'"):
         core.init_stages(twice, peers)
-    remembering, _ = _simulation(dataclasses.replace(TINY, aggregator="centered_clip_previous"))
+    remembering, _ = _simulation(dataclasses.replace(TINY, aggregator="centered_clip_previous",
+                                                     clip_tau=1.0))
     states = core.initial_stage_states(remembering, peers._replace(opt_state={"m": params["w"]}))
     assert set(states) == {"aggregator"}
     chex.assert_trees_all_equal(states["aggregator"], (params, {"m": params["w"]}))

@@ -30,6 +30,7 @@ import os
 from collections.abc import Iterable, Sequence
 
 from marfl_jax import assemble
+from marfl_jax import rules as rules_lib
 from marfl_jax.config import Config
 from marfl_jax.report import describe, pct, set_of
 from marfl_jax.scales import mnist_config, moshpit_grid
@@ -68,7 +69,8 @@ def one_run(base: Config, algorithm: str, placement: str, fraction: float, attac
         base, algorithm=algorithm, byzantine_fraction=fraction,
         byzantine_placement=placement if fraction else "random",
         attack=attack if fraction else "none", aggregator=rule,
-        workdir=os.path.join(base.workdir, name), **(CLIP if rule == "centered_clip" else {}))
+        workdir=os.path.join(base.workdir, name),
+        **(CLIP if rules_lib.RULES.get(rule).clips else {}))
     largest = assemble.algorithm(config).max_group_size
     f = tolerated(fraction, largest) if largest > 2 else 0
     return dataclasses.replace(config, aggregator_f=f).validate()

@@ -190,11 +190,21 @@ def _read_only_folder(tmp_path) -> str:
             os.remove(os.path.join(candidate, workdir.LOCK_FILE))
         except OSError:
             return candidate
-    pytest.skip("no folder here refuses this process's writes")
+    return None
 
 
-def test_a_workdir_that_cannot_be_written_is_one_line(tmp_path):
+def test_a_workdir_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
     folder = _read_only_folder(tmp_path)
+    if folder is None:  # Nothing here refuses this process: the OS's refusal is simulated.
+        folder, real_open = str(tmp_path / "refusing"), os.open
+        os.mkdir(folder)
+
+        def refusing_open(path, *args, **kwargs):
+            if os.path.dirname(os.path.abspath(path)) == folder:
+                raise PermissionError(13, "Permission denied", path)
+            return real_open(path, *args, **kwargs)
+
+        monkeypatch.setattr(workdir.os, "open", refusing_open)
     with pytest.raises(ConfigError, match=re.escape(
             f"--workdir={folder} is not writable: ") + r"\S.* \(" + re.escape(
             os.path.join(folder, workdir.LOCK_FILE) + ")")):

@@ -307,11 +307,12 @@ class Config:
             if check is not None:
                 _check(check[0](value), f.name, value, check[1])
         self._check_data()
-        self._check_aggregator()
-        self._check_wire()
+        algorithm = self._algorithm()  # Built once: three checks ask it.
+        self._check_aggregator(algorithm)
+        self._check_wire(algorithm)
         self._check_attack()
         self._check_participation()
-        self._check_distillation()
+        self._check_distillation(algorithm)
         self._check_privacy()
         self._check_network()
         self._check_tracking()
@@ -338,7 +339,7 @@ class Config:
 
         return algorithms.make_algorithm(self.settings(algorithms.Settings))
 
-    def _check_aggregator(self) -> None:
+    def _check_aggregator(self, algorithm) -> None:
         from marfl_jax import rules  # Deferred: it imports jax.
 
         rule = rules.RULES.get(self.aggregator)
@@ -351,20 +352,20 @@ class Config:
                               "radius on the norm of a copy's difference (ByzFL's default 100 is "
                               "above any difference of these models' copies: the rule would be "
                               "the mean); e.g. --clip_tau=1")
-        largest = self._algorithm().max_group_size
+        largest = algorithm.max_group_size
         if rule.honest_majority and 2 * self.aggregator_f >= largest:
             raise ConfigError(
                 f"--aggregator_f={self.aggregator_f} with --aggregator={self.aggregator}: a "
                 f"full group of {largest} has no honest majority for f; use --aggregator_f < "
                 f"{largest / 2:g}")
 
-    def _check_wire(self) -> None:
+    def _check_wire(self, algorithm) -> None:
         """What the algorithm's wire can do, asked once: slots (a rule other than the mean, or
         attackers) on a wire that slices the message, a lossy codec on a wire that cannot
         combine coded copies, the clock on a wire without timing."""
         from marfl_jax import codec, comm, rules  # Deferred: they import jax.
 
-        wire_name = self._algorithm().wire
+        wire_name = algorithm.wire
         wire, label = comm.get_wire(wire_name), comm.wire_label(wire_name)
         slots = not rules.RULES.get(self.aggregator).exact_mean or self.byzantine_fraction > 0
         if slots and wire.slices:
@@ -410,8 +411,8 @@ class Config:
                    f"--num_peers={self.num_peers}: floor({fraction:g} * {self.num_peers}) = "
                    f"{count} peers would take part")
 
-    def _check_distillation(self) -> None:
-        if self.mkd and not self._algorithm().group_keys:  # Only when --mkd.
+    def _check_distillation(self, algorithm) -> None:
+        if self.mkd and not algorithm.group_keys:
             raise ConfigError(f"--mkd is not allowed with --algorithm={self.algorithm}; "
                               "MKD distils within MAR-FL's groups: use --algorithm=marfl")
 

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import warnings
 from typing import Any
 
@@ -254,6 +255,7 @@ class Checkpoints:
                 logging.warning("checkpoint %s cannot be restored (%s); trying the one "
                                 "before it", os.path.join(self.directory, str(step)),
                                 restore_failure(error))
+                _quiet_closed_loop_callbacks()
                 failed.append(step)
                 continue
             for bad in failed:
@@ -286,6 +288,24 @@ class Checkpoints:
             state = restored["state"]
             return (state if convert is None else convert(state)), restored["host"]
         raise first_error
+
+
+def _quiet_closed_loop_callbacks() -> None:
+    """Drops the reports of one harmless exception from then on: after a failed restore,
+    tensorstore's reads still in flight complete on its threads and call back into the asyncio
+    loop orbax closed, each printing a traceback ('Event loop is closed') through
+    sys.unraisablehook. Every other unraisable exception is reported as before."""
+    previous = sys.unraisablehook
+    if getattr(previous, "quiets_closed_loops", False):
+        return
+
+    def hook(unraisable):
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.quiets_closed_loops = True
+    sys.unraisablehook = hook
 
 
 def restore_failure(error: BaseException, limit: int = 400) -> str:

@@ -28,6 +28,7 @@ from marfl_jax import (
     accounting,
     adversary,
     algorithms,
+    asynchronous,
     attacks,
     churn,
     clock,
@@ -221,7 +222,7 @@ class Run(NamedTuple):
     test_images: jax.Array  # (n_test, ...) float32.
     test_labels: jax.Array  # (n_test,) int32.
     abstract_state: FLState  # Shapes only.
-    steps: Steps
+    steps: Any  # `Steps`, or `asynchronous.WaveSteps` for --asynchronous.
     evaluate_peers: Any  # Jitted (params (K, ...), images, labels) -> (accuracy, loss) (K,).
 
 
@@ -249,7 +250,15 @@ def assemble(config: Config, workdir: str, previous) -> Run:
     sim = made.sim
     # State shapes and the compiled steps.
     abstract_state = jax.eval_shape(lambda: initial_state(config, model, sim, sample))
-    steps = Steps(sim, abstract_state, data, config.seed, mesh)
+    if config.asynchronous:
+        if mesh is not None:
+            raise ConfigError("--asynchronous runs on one device; this machine shards the peers "
+                              f"over {mesh.size} (set CUDA_VISIBLE_DEVICES or "
+                              "XLA_FLAGS to one device)")
+        steps = asynchronous.WaveSteps(sim, abstract_state, data, config.seed,
+                                       chosen.wave_layout)
+    else:
+        steps = Steps(sim, abstract_state, data, config.seed, mesh)
     run_algorithm = sim.algorithm
     logging.info("model %s: %d parameters, payload %d bytes; algorithm %s (%s): %d rounds%s%s",
                  config.model, models.count_params(made.one_peer), made.ledger.payload_bytes,
@@ -339,6 +348,9 @@ def execution_plan(config: Config, workdir: str, previous, num_classes: int, sam
     else:
         logging.info("plan: %s (%s)", chosen.describe(), "--plan=fixed" if config.plan ==
                      "fixed" else "sharded run")
+    if config.asynchronous and not chosen.wave_layout:
+        chosen = chosen._replace(wave_layout=plan_lib.wave_layout(config.wave_layout,
+                                                                  config.num_peers))
     return chosen
 
 

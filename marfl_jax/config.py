@@ -24,6 +24,7 @@ from marfl_jax.registry import ConfigError
 __all__ = ["Config", "ConfigError", "SECTIONS", "field_choices", "field_help", "peer_count"]
 
 PRECISIONS = ("highest", "high", "default")
+ASYNCHRONOUS_ALGORITHMS = ("marfl", "gossip")
 DP_ACCOUNTING = "dp-accounting==0.6.0"
 T = TypeVar("T")
 
@@ -251,6 +252,22 @@ class Config:
         0.0, "Round deadline, s (0 = none): a member whose transfers in a round would end "
         "later misses it and the rest of the iteration.",
         check=((lambda v: v >= 0), "a number >= 0 (0 = no deadline)"))
+    # Asynchronous Moshpit (marfl_jax/events.py, asynchronous.py).
+    asynchronous: bool = _field(
+        False, "No global barrier: a peer that finished its local phase looks for mates among "
+        "the ready peers with its key (MAR-FL; gossip: any ready peer, pairs) for "
+        "--matchmaking_window_s, averages, and trains on; rows every --row_every_s simulated "
+        "seconds. Needs --network.")
+    matchmaking_window_s: float = _field(
+        2.0, "--asynchronous: how long a group stays open for mates after its first member is "
+        "ready (it closes earlier when full); a peer alone at its end trains on.",
+        check=_POSITIVE)
+    row_every_s: float = _field(30.0, "--asynchronous: a metrics row every this many simulated "
+                                "seconds.", check=_POSITIVE)
+    wave_layout: str = _field(
+        "auto", "--asynchronous: how a wave's device step covers its peers: 'buckets' (gathered "
+        "into a power-of-two bucket), 'masks' (all N peers, the others masked) or 'auto' (the "
+        "plan's measured choice for N).", lambda: ("auto", "masks", "buckets"))
     # Scale.
     peer_chunk: int = _field(0, "Train the peers in sequential chunks of this many (0 = all at "
                              "once): bounds activation memory, keeps a chunk's parameters in "
@@ -315,6 +332,7 @@ class Config:
         self._check_distillation(algorithm)
         self._check_privacy()
         self._check_network()
+        self._check_asynchronous()
         self._check_tracking()
         return self
 
@@ -450,6 +468,30 @@ class Config:
             raise ConfigError("--round_timeout_s needs the clock: set --network to one of: "
                               "uniform, lognormal, trace")
 
+    def _check_asynchronous(self) -> None:
+        if not self.asynchronous:
+            return
+        refused = [
+            (self.network == "none", "needs the simulated clock: set --network to one of: "
+             "uniform, lognormal, trace"),
+            (self.algorithm not in ASYNCHRONOUS_ALGORITHMS, f"is not allowed with --algorithm="
+             f"{self.algorithm}; use one of: {', '.join(ASYNCHRONOUS_ALGORITHMS)}"),
+            (self.dp, "is not allowed with --dp: the accountant counts synchronous rounds of "
+             "every drawn peer; asynchronous groups would need per-peer accounting"),
+            (self.mkd, "is not allowed with --mkd: MKD distils within a synchronous round's "
+             "groups"),
+            (self.round_timeout_s > 0, "is not allowed with --round_timeout_s: the deadline cuts "
+             "a synchronous round; asynchronous groups wait --matchmaking_window_s instead"),
+            (self.availability != "always", "is not allowed with --availability=markov (its "
+             "chains step per iteration); use --update_fraction, --aggregate_fraction and "
+             "--dropout, drawn per local phase"),
+            (self.byzantine_placement != "random", "is not allowed with --byzantine_placement="
+             f"{self.byzantine_placement}: colluding keys are drawn per synchronous iteration"),
+        ]
+        for refused_, why in refused:
+            if refused_:
+                raise ConfigError(f"--asynchronous {why}")
+
     def _check_tracking(self) -> None:
         if self.wandb_project and not installed("wandb"):
             raise ConfigError(wandb_missing(self.wandb_project))
@@ -507,6 +549,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "network": ("network", "network_trace", "uplink_mbps", "downlink_mbps", "latency_ms",
                 "bandwidth_sigma", "examples_per_s", "compute_sigma", "server_mbps",
                 "round_timeout_s"),
+    "asynchrony": ("asynchronous", "matchmaking_window_s", "row_every_s", "wave_layout"),
     "scale": ("peer_chunk", "plan", "plan_budget_s", "memory_limit_gb", "deterministic"),
     "run": ("eval_every", "eval_peers", "target_accuracy", "max_iterations", "seed", "workdir",
             "checkpoint_every", "wandb_project"),

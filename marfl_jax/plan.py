@@ -87,10 +87,24 @@ def measured_peers(backend: str) -> int:
 class Plan(NamedTuple):
     peer_chunk: int  # 0 = all peers at once.
     conv_impl: str  # '' for models without convolutions.
+    wave_layout: str = ""  # Asynchronous runs: 'masks' or 'buckets' ('' synchronous).
 
     def describe(self) -> str:
         chunk = f"chunks of {self.peer_chunk}" if self.peer_chunk else "all peers at once"
-        return chunk + (f", conv {self.conv_impl}" if self.conv_impl else "")
+        return (chunk + (f", conv {self.conv_impl}" if self.conv_impl else "")
+                + (f", waves in {self.wave_layout}" if self.wave_layout else ""))
+
+
+# Asynchronous waves: from this many peers a wave's step gathers its peers into a bucket
+# (benchmarks/RESULTS.md, "Asynchronous waves"); below, it masks all of them.
+BUCKETS_FROM_PEERS = 256
+
+
+def wave_layout(flag: str, num_peers: int) -> str:
+    """--wave_layout, with 'auto' resolved by the measured rule (BUCKETS_FROM_PEERS)."""
+    if flag != "auto":
+        return flag
+    return "buckets" if num_peers >= BUCKETS_FROM_PEERS else "masks"
 
 
 def fixed(request) -> Plan:

@@ -23,6 +23,7 @@ from absl import logging
 
 from marfl_jax import (
     accounting,
+    asynchronous,
     comm,
     evaluation,
     runtime,
@@ -77,7 +78,7 @@ def run(config: Config, workdir: str | None = None) -> RunResult:
         start -= progress.elapsed_before
         recorder = Recorder(assembled.sim, progress, config.learning_rate, start,
                             *outputs(assembled, progress, closing))
-        train(assembled, progress, recorder)
+        (asynchronous.train if config.asynchronous else train)(assembled, progress, recorder)
         return summarize(assembled, progress, recorder)
 
 

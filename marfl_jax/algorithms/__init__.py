@@ -50,6 +50,8 @@ class Algorithm(NamedTuple):
         (MAR-FL: its group key in the DHT), counted apart as metadata.
       barriers_per_round: coordination barriers the clock charges per round.
       group_keys: groups come from Moshpit keys (--schedule, --group_size and --key_dim apply).
+      key_rule: the Moshpit key rule (`marfl.KeyRule`) an asynchronous run matches peers with;
+        None: any ready peers meet.
     """
 
     name: str
@@ -64,6 +66,7 @@ class Algorithm(NamedTuple):
     metadata_record_bytes: int = 0
     barriers_per_round: int = clock.BASELINE_BARRIERS_PER_ROUND
     group_keys: bool = False
+    key_rule: marfl.KeyRule | None = None
 
 
 ALGORITHMS: Registry[Callable[..., Algorithm]] = Registry("algorithm")
@@ -118,7 +121,7 @@ def moshpit(settings: Settings) -> Algorithm:
         exact=bool(rule.exact_rounds) and rounds >= rule.exact_rounds,
         description=description, max_group_size=min(n, rule.max_group_size or n),
         grid=mixing.grid_of(full, rule_radices), metadata_record_bytes=comm.DHT_RECORD_BYTES,
-        barriers_per_round=clock.MARFL_BARRIERS_PER_ROUND, group_keys=True)
+        barriers_per_round=clock.MARFL_BARRIERS_PER_ROUND, group_keys=True, key_rule=rule)
 
 
 @ALGORITHMS.register("fedavg")

@@ -93,25 +93,14 @@ def everyone_takes_part(churn_model: ChurnModel, sim_clock=None) -> bool:
 def build_chain(sim: Simulation, distilling: bool = False) -> list[Stage]:
     """The stages of one iteration; `distilling` = an MKD iteration (t < K)."""
     num_groups = sim.algorithm.num_groups
-    rule, attackers = sim.aggregator, sim.adversary
-    # What mates receive when it is not what members hold: forged by attackers, or encoded for
-    # a rule other than the mean (the mean's coded paths are the wire's `combine`).
-    transform = message_transform(
-        attackers, sim.roundtrip if (attackers is not None or not rule.exact_mean) else None)
+    attackers = sim.adversary
     # Full participation on a grid schedule with the mean: rounds are reshape-and-mean (no
     # scatter), where the step finds the round's groups to be the grid's (`mixing.on_grid`).
     grid = (getattr(sim.algorithm, "grid", None)
-            if rule.exact_mean and transform is None
+            if sim.aggregator.exact_mean and message_transform_of(sim) is None
             and everyone_takes_part(sim.churn_model, sim.clock) else None)
     mean = mixing.mixer(num_groups, max_group_size=sim.algorithm.max_group_size, grid=grid)
-    if transform is None and rule.exact_mean and sim.roundtrip is None:
-        mixer = mean
-    else:
-        coded = transform is None and sim.roundtrip is not None
-        mixer = mixing.mixer(
-            num_groups, rule, max_group_size=sim.algorithm.max_group_size,
-            roundtrip=sim.roundtrip if coded else None, transform=transform, unit=sim.slice_unit,
-            combine=comm.coded_combine(sim.algorithm.wire) if coded else None)
+    mixer = group_mixer(sim, num_groups) or mean
     honest = None if attackers is None else attackers.honest
     chain = [participation.participation(sim.churn_model, sim.algorithm)]
     if attackers is not None:
@@ -146,6 +135,37 @@ def build_chain(sim: Simulation, distilling: bool = False) -> list[Stage]:
               and {a for a, r in enumerate(grid.radices) if r > 1} <= set(grid.axes))
     chain.append(observe.observe(num_groups, grid if agreed else None, counted=honest))
     return chain
+
+
+def message_transform_of(sim: Simulation):
+    """What mates receive when it is not what members hold (`adversary.message_transform`):
+    forged by attackers, or encoded for a rule other than the mean (the mean's coded paths are
+    the wire's `combine`); None when they receive what members hold."""
+    return message_transform(sim.adversary, sim.roundtrip if (
+        sim.adversary is not None or not sim.aggregator.exact_mean) else None)
+
+
+def group_mixer(sim: Simulation, num_groups: int, peer_of_slot=None) -> mixing.Mixer | None:
+    """The round function of the run's rule, codec and attackers (`mixing.mixer`), or None
+    when a round is the plain group mean. `peer_of_slot`: (K,) int32, the peer each of the K
+    rows of the round's tree holds, for a round over some peers only (the attackers are known
+    by peer id); None: the rows are the peers."""
+    rule = sim.aggregator
+    transform = message_transform_of(sim)
+    if transform is None and rule.exact_mean and sim.roundtrip is None:
+        return None
+    if transform is not None and peer_of_slot is not None:
+        by_row = transform
+
+        def transform(slots, filled, slot_row, key):
+            peers = jnp.where(slot_row >= 0, peer_of_slot[jnp.maximum(slot_row, 0)], -1)
+            return by_row(slots, filled, peers, key)
+
+    coded = transform is None and sim.roundtrip is not None
+    return mixing.mixer(
+        num_groups, rule, max_group_size=sim.algorithm.max_group_size,
+        roundtrip=sim.roundtrip if coded else None, transform=transform, unit=sim.slice_unit,
+        combine=comm.coded_combine(sim.algorithm.wire) if coded else None)
 
 
 def initial_stage_states(sim: Simulation, peers: FLState) -> dict[str, Any]:

@@ -1,0 +1,117 @@
+"""Asynchronous Moshpit on the device: one wave's groups combine, its peers train.
+
+The host's timeline (`marfl_jax.events`) decides who meets whom and when; a wave is the set of
+operations whose peers are ready (`events.waves`). On the device a wave is two jitted steps over
+a *bucket*: the K peers the step touches, gathered from the peer axis (K a power of two, or all
+N peers in peer order: then nothing is gathered and the peers outside the wave are masked):
+
+* `train_wave(state, data, peers (K,), versions (K,), active (K,), slot (N,))`: local phase
+  `version` of each active peer, with the mini-batches and dropout keys of synchronous
+  iteration `version` (`stage.step_keys`), so a peer's phase v is the synchronous iteration v's
+  local update of that peer.
+* `mix_wave(state, peers (K,), group_ids (K,), slot (N,), key)`: one round of the run's group
+  rule (`marfl_jax.mixing.mixer`: rule, codec, attack) over the bucket's groups, ids in
+  [0, K // 2) (a group has two members or more), -1 for the rest.
+
+`slot` (N,) int32 is each peer's row in the bucket (-1: not in the wave); results are written
+back by a gather (`where(slot >= 0, bucket[slot], state)`), no float scatter.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from marfl_jax import data as data_lib
+from marfl_jax import local, mixing
+from marfl_jax.adversary import flip_labels
+from marfl_jax.core import aggregation
+from marfl_jax.core.iteration import Simulation, group_mixer
+from marfl_jax.core.stage import step_keys
+from marfl_jax.core.state import DeviceData, FLState
+
+
+def phase_keys(iteration_key, versions: jax.Array, peers: jax.Array, num_peers: int):
+    """Each (peer, version)'s mini-batch key and model-dropout key, as synchronous iteration
+    `version` gives them to that peer. iteration_key: the run's key of iteration 0's base
+    (`fold_in(key(seed), 1)`); versions, peers: (K,) int32 -> two (K,) key arrays."""
+
+    def one(version, peer):
+        keys = step_keys(jax.random.fold_in(iteration_key, version), num_peers)
+        return (jax.random.split(keys.sample, num_peers)[peer], keys.train_dropout[peer])
+
+    return jax.vmap(one)(versions, peers)
+
+
+def _take(tree, peers, everyone: bool):
+    return tree if everyone else jax.tree.map(lambda x: x[peers], tree)
+
+
+def _put_back(tree, bucket, slot, everyone: bool):
+    """The state with each bucket row written to its peer (rows of peers outside the wave are
+    already unchanged when the bucket is every peer)."""
+    if everyone:
+        return bucket
+
+    def leaf(x, b):
+        mask = (slot >= 0).reshape((-1,) + (1,) * (x.ndim - 1))
+        return jnp.where(mask, b[jnp.maximum(slot, 0)], x)
+
+    return jax.tree.map(leaf, tree, bucket)
+
+
+def train_wave(sim: Simulation, num_peers: int, seed: int):
+    """(state, data, peers, versions, active, slot) -> (state, summed loss of the active
+    peers); jit with the bucket's size static through the shapes."""
+    iteration_key = jax.random.fold_in(jax.random.key(seed), 1)
+    attackers = sim.adversary
+    flips = attackers is not None and attackers.attack.poisons_labels
+
+    def step(state: FLState, data: DeviceData, peers, versions, active, slot):
+        everyone = peers.shape[0] == num_peers
+        params, opt_state = _take((state.params, state.opt_state), peers, everyone)
+        sample_keys, dropout_keys = phase_keys(iteration_key, versions, peers, num_peers)
+        index = data_lib.sample_peer_batches(sample_keys, data.table[peers], data.counts[peers],
+                                             sim.local_batches, sim.batch_size)
+        labels = data.y_train[index]
+        if flips:
+            labels = flip_labels(labels, jnp.asarray(attackers.byzantine)[peers],
+                                 attackers.num_classes)
+        params, opt_state, losses = local.peers_local_sgd(
+            params, opt_state, data_lib.preprocess(data.x_train[index]), labels, active,
+            dropout_keys if sim.model_dropout else None, apply_fn=sim.apply_fn,
+            optimizer=sim.optimizer, peer_chunk=sim.peer_chunk)
+        new_params, new_opt = _put_back((state.params, state.opt_state), (params, opt_state),
+                                        slot, everyone)
+        return state._replace(params=new_params, opt_state=new_opt), losses.sum()
+
+    return step
+
+
+def mix_wave(sim: Simulation, num_peers: int):
+    """(state, peers, group_ids, slot, key) -> state: one round of the run's group rule over
+    the bucket's groups (weights and momentum, or weights only without --share_momentum; a
+    rule's per-peer state in `FLState.stages[aggregation.AGGREGATOR]`)."""
+    share_momentum = sim.share_momentum
+
+    def step(state: FLState, peers, group_ids, slot, key):
+        size = peers.shape[0]
+        everyone = size == num_peers
+        num_groups = max(size // 2, 1)
+        mixer = (group_mixer(sim, num_groups, None if everyone else peers)
+                 or mixing.mixer(num_groups, max_group_size=sim.algorithm.max_group_size))
+        shared = (state.params, state.opt_state) if share_momentum else (state.params,)
+        rule_state = (state.stages[aggregation.AGGREGATOR] if mixer.init is not None
+                      else None)
+        bucket, bucket_state = mixer.round(_take(shared, peers, everyone), group_ids, key,
+                                           _take(rule_state, peers, everyone))
+        shared = _put_back(shared, bucket, slot, everyone)
+        state = state._replace(params=shared[0],
+                               opt_state=shared[1] if share_momentum else state.opt_state)
+        if rule_state is not None:
+            state = state._replace(stages={
+                **state.stages,
+                aggregation.AGGREGATOR: _put_back(rule_state, bucket_state, slot, everyone)})
+        return state
+
+    return step

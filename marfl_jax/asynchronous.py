@@ -39,15 +39,16 @@ LAYOUTS = ("masks", "buckets")  # --wave_layout (the plan's choice with auto).
 _TIME_TOLERANCE = 1e-9
 
 
-def group_timer(sim_clock: clock.Clock) -> Callable[[tuple[int, ...]], float]:
-    """members (sorted peer ids) -> seconds of their exchange: the clock's own timing of a round
-    (`Wire.seconds`) for that one group, run on the CPU and kept per group."""
+def group_timer(sim_clock: clock.Clock, max_group_size: int
+                ) -> Callable[[tuple[int, ...]], float]:
+    """members (sorted peer ids, at most `max_group_size`) -> seconds of their exchange: the
+    clock's own timing of a round (`Wire.seconds`) for that one group, run on the CPU (padded
+    to `max_group_size` with absent rows: one compilation) and kept per group."""
     cpu = jax.devices("cpu")[0]
     links = clock.Links(*(np.asarray(x) for x in sim_clock.links))
 
     @jax.jit
-    def completion(sub: clock.Links):
-        ids = jnp.zeros(sub.uplink_bps.shape[0], jnp.int32)
+    def completion(ids, sub: clock.Links):
         return sim_clock.wire.seconds(ids, 1, sub, sim_clock.message_bytes,
                                       sim_clock.server_bps).completion
 
@@ -55,9 +56,11 @@ def group_timer(sim_clock: clock.Clock) -> Callable[[tuple[int, ...]], float]:
 
     def group_seconds(members: tuple[int, ...]) -> float:
         if members not in seconds:
-            index = np.asarray(members)
-            sub = jax.device_put(clock.Links(*(x[index] for x in links)), cpu)
-            seconds[members] = float(completion(sub))
+            index = np.zeros(max_group_size, np.int64)
+            index[:len(members)] = members
+            ids = np.where(np.arange(max_group_size) < len(members), 0, -1).astype(np.int32)
+            seconds[members] = float(completion(*jax.device_put(
+                (ids, clock.Links(*(x[index] for x in links))), cpu)))
         return seconds[members]
 
     return group_seconds
@@ -76,7 +79,8 @@ def make_timeline(sim: Simulation, *, window_s: float, group_size: int, has_data
     speed = np.asarray(sim.clock.links.examples_per_s)
     compute_s = (np.float32(sim.clock.examples) / speed).astype(np.float64)
     return events.Timeline(keys, algorithm.num_rounds, group_size, window_s, compute_s,
-                           group_timer(sim.clock), has_data=has_data, churn=churn, seed=seed)
+                           group_timer(sim.clock, group_size), has_data=has_data, churn=churn,
+                           seed=seed)
 
 
 def bucket_size(count: int, num_peers: int, layout: str) -> int:

@@ -1,0 +1,160 @@
+"""Asynchronous Moshpit: the host timeline against hand-computed events, the waves' order, the
+device steps against one operation at a time, and the whole run against the synchronous one."""
+
+import dataclasses
+import json
+import os
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from marfl_jax import asynchronous, clock, comm, events, runner
+from marfl_jax.algorithms import marfl
+from marfl_jax.config import Config, ConfigError
+from marfl_jax.events import Mix, Train
+
+# N = 4 peers, groups of M = 2, G = 2 rounds on the 2x2 key grid (keys [0, 0, 1, 1]); local
+# phases of 1, 2, 3 and 10 s, every exchange 0.5 s, windows of 3 s.
+COMPUTE_S = np.array([1.0, 2.0, 3.0, 10.0])
+
+
+def _timeline(compute_s=COMPUTE_S, window_s=3.0, churn=None):
+    rule = marfl.authors_key_rule(4, 2, 2)
+    keys = events.Keys(np.asarray(rule.initial_keys, np.int64), rule.group_of, rule.next_key)
+    return events.Timeline(keys, 2, 2, window_s, compute_s, lambda members: 0.5, churn=churn)
+
+
+def test_a_heterogeneous_timeline_meets_the_hand_computed_groups_at_their_seconds():
+    # By hand (peer 3's phase takes 10 s): peer 0 is ready at 1 s and opens (round 0, key 0);
+    # peer 1 joins at 2 s, the group is full (done 2.5 s; keys -> 0 and 1). Peer 2 opens
+    # (0, 1) at 3 s, alone until 6 s. At 2.5 s peers 0 and 1 open (1, 0) and (1, 1), alone
+    # until 5.5 s: both train on (done 6.5 and 7.5 s) and meet again in (0, 0) at 7.5 s.
+    timeline = _timeline()
+    ops = timeline.advance(11.0)
+    groups = [(m.peers, m.round, m.close, m.time, m.staleness) for m in ops
+              if isinstance(m, Mix) and len(m.peers) > 1]
+    assert groups == [
+        ((0, 1), 0, 2.0, 2.5, 0),
+        ((0, 1), 0, 7.5, 8.0, 0),
+        # Peer 3's first phase ends at 10 s: it joins the group peer 2 opened at 9 s (its
+        # second phase), one local phase behind.
+        ((2, 3), 0, 10.0, 10.5, 1),
+        # Round 1 (keys: peer 2 -> 0, peer 3 -> 1): each joins the group peer 0 or 1 opened at
+        # 8 s, within its window (until 11 s).
+        ((0, 2), 1, 10.5, 11.0, 0),
+        ((1, 3), 1, 10.5, 11.0, 1),
+    ]
+    alone = [(m.peers, m.round, m.close) for m in ops if isinstance(m, Mix) and len(m.peers) == 1]
+    assert alone == [((0,), 1, 5.5), ((1,), 1, 5.5), ((2,), 0, 6.0)]
+    trains = [(t.peer, t.version, t.time) for t in ops if isinstance(t, Train)]
+    assert trains == [(0, 0, 1.0), (1, 0, 2.0), (2, 0, 3.0), (0, 1, 6.5), (1, 1, 7.5),
+                      (2, 1, 9.0), (3, 0, 10.0)]
+    # Completion order, and nothing done after the horizon is returned yet.
+    assert [op.time for op in ops] == sorted(op.time for op in ops)
+    later = timeline.advance(12.0)
+    assert later and min(op.time for op in later) > 11.0
+
+
+def test_waves_keep_each_peers_order_and_combine_before_training():
+    ops = [op for op in _timeline().advance(11.0)
+           if not (isinstance(op, Mix) and len(op.peers) == 1)]
+    waves = events.waves(ops)
+    assert [sorted(m.peers for m in w.mixes) for w in waves] == [
+        [], [(0, 1)], [(0, 1), (2, 3)], [(0, 2), (1, 3)]]
+    assert [sorted((t.peer, t.version) for t in w.trains) for w in waves] == [
+        [(0, 0), (1, 0), (2, 0), (3, 0)], [(0, 1), (1, 1), (2, 1)], [], []]
+    assert [w.size for w in waves] == [4, 3, 4, 4]
+    # Each peer's operations in the waves, read in order, are its operations in time order.
+    for peer in range(4):
+        in_time = [op for op in ops if peer in getattr(op, "peers", (getattr(op, "peer", -1),))]
+        in_waves = [op for w in waves for op in (*w.mixes, *w.trains)
+                    if peer in getattr(op, "peers", (getattr(op, "peer", -1),))]
+        assert in_waves == in_time
+
+
+def test_timeline_is_a_function_of_its_settings():
+    churn = events.Churn(update_fraction=0.7, aggregate_fraction=0.8, dropout=0.2,
+                         dropout_timing="mid")
+    first = _timeline(churn=churn).advance(60.0)
+    replay = _timeline(churn=churn)
+    assert replay.advance(30.0) + replay.advance(60.0) == first
+    # Churn draws do change who trains.
+    assert first != _timeline().advance(60.0)
+
+
+def test_a_group_timer_gives_the_clocks_round_completion_of_that_group():
+    rng = np.random.default_rng(0)
+    n = 12
+    links = clock.Links(*(jnp.asarray(x, jnp.float32) for x in (
+        rng.uniform(1e5, 1e6, n), rng.uniform(1e5, 1e6, n), rng.uniform(0, 0.1, n),
+        rng.uniform(10, 100, n))))
+    ids = jnp.asarray([0, 0, 0, 1, 1, -1, 2, 2, 2, 2, 3, 3], jnp.int32)
+    for wire in ("allgather", "butterfly", "star", "relay"):
+        sim_clock = clock.Clock(links, comm.get_wire(wire), 1e6, 1e6, 1.25e8, 0.0, 64, 4)
+        timer = asynchronous.group_timer(sim_clock, 4)
+        # A member's time depends on its own group only: one round of all four groups gives
+        # each group's completion as its members' latest `done`.
+        done = np.asarray(jax.jit(sim_clock.round_times, static_argnums=1)(ids, 4).done)
+        for g in range(4):
+            members = tuple(int(p) for p in np.flatnonzero(np.asarray(ids) == g))
+            np.testing.assert_allclose(timer(members), done[list(members)].max(), rtol=1e-6)
+
+
+def test_asynchronous_flags_are_checked_before_any_run():
+    base = Config(asynchronous=True, network="uniform", model="mlp")
+    base.validate()
+    for change, words in [
+        (dict(network="none"), "needs the simulated clock"),
+        (dict(algorithm="fedavg"), "--algorithm=fedavg"),
+        (dict(mkd=True), "--mkd"),
+        (dict(round_timeout_s=5.0), "--round_timeout_s"),
+        (dict(availability="markov"), "--availability=markov"),
+        (dict(matchmaking_window_s=0.0), "--matchmaking_window_s"),
+        (dict(row_every_s=-1.0), "--row_every_s"),
+        (dict(wave_layout="rows"), "--wave_layout"),
+    ]:
+        with pytest.raises(ConfigError, match=words.replace("-", r"\-")):
+            dataclasses.replace(base, **change).validate()
+
+
+SYNC = Config(model="mlp", num_peers=16, group_size=4, key_dim=2, local_batches=2,
+              batch_size=8, network="uniform", eval_every=1, eval_peers="all",
+              max_iterations=3, target_accuracy=1.0, checkpoint_every=0, plan="fixed")
+
+
+def _rows(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.smoke
+def test_the_asynchronous_run_with_peers_in_step_is_the_synchronous_run(tmp_path):
+    """Every peer at one speed on uniform links and a window that always fills the groups: the
+    asynchronous rows, one per iteration's simulated seconds, are the synchronous rows."""
+    sync = runner.run(SYNC, str(tmp_path / "sync")).metrics
+    first = sync[0]
+    iteration_s = first["sim_compute_seconds"] + first["sim_comm_seconds"]
+    asynchronous_config = dataclasses.replace(
+        SYNC, asynchronous=True, matchmaking_window_s=1.0,
+        row_every_s=iteration_s * (1 + 1e-6))  # Above the float32 sums' rounding.
+    rows = runner.run(asynchronous_config, str(tmp_path / "async")).metrics
+    assert len(rows) == len(sync) == SYNC.max_iterations
+    compared = 0
+    for a, s in zip(rows, sync, strict=True):
+        assert a["waves"] == SYNC.key_dim + 1  # Local phases, then one wave per round.
+        assert a["staleness_max"] == 0 and a["alone"] == 0
+        assert a["local_phases"] == SYNC.num_peers
+        for field in sorted(set(a) & set(s) - {"seconds", "sim_seconds",
+                                              "cumulative_sim_seconds"}):
+            chex.assert_trees_all_close(a[field], s[field], rtol=2e-5, atol=1e-6,
+                                        custom_message=f"iteration {s['iteration']}: {field}")
+            compared += 1
+        # No barriers: the simulated time is the synchronous one without its coordination.
+        np.testing.assert_allclose(
+            a["cumulative_sim_seconds"],
+            s["cumulative_sim_seconds"] - (s["iteration"] + 1) * s["sim_coordination_seconds"],
+            rtol=1e-5)
+    assert compared >= 3 * 15  # Accuracy, bytes, losses, counts, consensus ... in each row.

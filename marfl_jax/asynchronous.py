@@ -105,16 +105,21 @@ class WaveSteps:
         self._train = jax.jit(waves_lib.train_wave(sim, self.num_peers, seed), donate_argnums=0)
         self._mix = jax.jit(waves_lib.mix_wave(sim, self.num_peers), donate_argnums=0)
         self._attack_key = jax.random.fold_in(jax.random.key(seed), 3)
+        self._train_all = None
         self.observe = jax.jit(lambda params, counted: (
             mixing.consensus_distance(params, counted), params_finite(params)))
 
     def compiled(self, distilling: bool = False):
-        """The largest train step, compiled (the memory estimate's)."""
+        """The train step over all N peers, compiled (the memory estimate's; the steps over all
+        peers then run it)."""
         del distilling
-        n = self.num_peers
-        ints = jax.ShapeDtypeStruct((n,), jnp.int32)
-        return self._train.lower(self._abstract_state, self._data, ints, ints,
-                                 jax.ShapeDtypeStruct((n,), bool), ints).compile()
+        if self._train_all is None:
+            n = self.num_peers
+            ints = jax.ShapeDtypeStruct((n,), jnp.int32)
+            self._train_all = self._train.lower(self._abstract_state, self._data, ints, ints,
+                                                jax.ShapeDtypeStruct((n,), bool),
+                                                ints).compile()
+        return self._train_all
 
     def _bucket(self, peers: list[int]):
         """(bucket peers (K,), slot (N,)) for a wave over `peers`."""
@@ -138,7 +143,8 @@ class WaveSteps:
         rows = slot[peers]
         versions[rows] = [op.version for op in trains]
         active[rows] = True
-        return self._train(state, self._data, bucket, versions, active, slot)
+        step = self.compiled() if bucket.size == self.num_peers else self._train
+        return step(state, self._data, bucket, versions, active, slot)
 
     def mix(self, state: FLState, mixes: tuple[events.Mix, ...], wave: int) -> FLState:
         """The wave's groups, one round of the rule each (attack key: the wave's number)."""

@@ -158,3 +158,91 @@ def test_the_asynchronous_run_with_peers_in_step_is_the_synchronous_run(tmp_path
             s["cumulative_sim_seconds"] - (s["iteration"] + 1) * s["sim_coordination_seconds"],
             rtol=1e-5)
     assert compared >= 3 * 15  # Accuracy, bytes, losses, counts, consensus ... in each row.
+
+
+def _wave_steps(config, layout):
+    from marfl_jax import assemble
+    from marfl_jax import data as data_lib
+    from marfl_jax import plan as plan_lib
+    from tests.simulate import NUM_CLASSES, synthetic_data
+
+    data = synthetic_data(config)
+    sample = data_lib.preprocess(data.x_train[:1])
+    model = assemble.build_model(config, NUM_CLASSES, plan_lib.fixed(config))
+    made = assemble.pieces(config, model, sample)
+    state = assemble.initial_state(config, model, made.sim, sample)
+    steps = asynchronous.WaveSteps(made.sim, jax.eval_shape(lambda: state), data, config.seed,
+                                   layout)
+    return made.sim, state, steps
+
+
+def _run_waves(steps, state, waves):
+    for w, wave in enumerate(waves):
+        if wave.mixes:
+            state = steps.mix(state, wave.mixes, w)
+        if wave.trains:
+            state, _ = steps.train(state, wave.trains)
+    return state
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rule", ["mean", "trimmed_mean", "centered_clip_previous"])
+def test_waves_in_buckets_and_in_masks_equal_one_operation_at_a_time(rule):
+    """A heterogeneous timeline's operations, run as dependency waves over buckets, one by one
+    and as waves over all peers with masks: the same models (and rule state)."""
+    extra = dict(aggregator_f=1) if rule == "trimmed_mean" else (
+        dict(clip_tau=1.0) if rule == "centered_clip_previous" else {})
+    n, m, d = (8, 2, 3) if rule == "mean" else (16, 4, 2)
+    config = Config(model="mlp", num_peers=n, group_size=m, key_dim=d, local_batches=1,
+                    batch_size=4, network="lognormal", compute_sigma=1.0, asynchronous=True,
+                    aggregator=rule, byzantine_fraction=0.2 if rule != "mean" else 0.0,
+                    attack="sign_flip" if rule != "mean" else "none", **extra)
+    sim, state, bucket_steps = _wave_steps(config, "buckets")
+    timeline = asynchronous.make_timeline(sim, window_s=1.0, group_size=m,
+                                          has_data=np.ones(n, bool), churn=None, seed=0)
+    ops = [op for op in timeline.advance(30.0) if not (isinstance(op, Mix) and len(op.peers) < 2)]
+    waves = events.waves(ops)
+    assert len(waves) < len(ops) and any(len(w.mixes) > 1 for w in waves)
+    assert any(m.staleness > 0 for m in ops if isinstance(m, Mix))
+    copy = lambda s: jax.tree.map(jnp.array, s)  # noqa: E731  The steps donate their input.
+    in_buckets = _run_waves(bucket_steps, copy(state), waves)
+    # One operation per wave (in a bucket of its own peers), numbered as in `waves` (the
+    # attack key is the wave's number).
+    number = {id(op): w for w, wave in enumerate(waves) for op in (*wave.mixes, *wave.trains)}
+    one_by_one = copy(state)
+    for op in ops:
+        if isinstance(op, Mix):
+            one_by_one = bucket_steps.mix(one_by_one, (op,), number[id(op)])
+        else:
+            one_by_one, _ = bucket_steps.train(one_by_one, (op,))
+    chex.assert_trees_all_close(in_buckets, one_by_one, rtol=1e-5, atol=1e-6)
+    _, _, mask_steps = _wave_steps(config, "masks")
+    chex.assert_trees_all_close(_run_waves(mask_steps, copy(state), waves), one_by_one,
+                                rtol=1e-5, atol=1e-6)
+
+
+def test_groups_combined_in_buckets_equal_one_group_at_a_time():
+    """The fast tier's share of the test above: a heterogeneous timeline's groups (training
+    left out; the peers start from different models) in dependency waves over buckets, and one
+    group at a time."""
+    config = Config(model="mlp", num_peers=8, group_size=2, key_dim=3, network="lognormal",
+                    compute_sigma=1.0, asynchronous=True)
+    sim, state, steps = _wave_steps(config, "buckets")
+    timeline = asynchronous.make_timeline(sim, window_s=1.0, group_size=2,
+                                          has_data=np.ones(8, bool), churn=None, seed=0)
+    mixes = [op for op in timeline.advance(30.0) if isinstance(op, Mix) and len(op.peers) > 1]
+    waves = events.waves(mixes)
+    assert len(waves) < len(mixes) and {len(w.mixes) for w in waves} >= {1, 2}
+    noise = jax.random.split(jax.random.key(1), 2)
+    state = state._replace(params=jax.tree.map(
+        lambda x: x + jax.random.normal(noise[0], x.shape), state.params),
+        opt_state=jax.tree.map(lambda x: x + jax.random.normal(noise[1], x.shape),
+                               state.opt_state))
+    copy = lambda s: jax.tree.map(jnp.array, s)  # noqa: E731  The steps donate their input.
+    in_waves = _run_waves(steps, copy(state), waves)
+    one_by_one = copy(state)
+    for op in mixes:
+        one_by_one = steps.mix(one_by_one, (op,), 0)
+    chex.assert_trees_all_close(in_waves, one_by_one, rtol=1e-5, atol=1e-6)
+    with pytest.raises(AssertionError):  # The groups did mix the models.
+        chex.assert_trees_all_close(in_waves.params, state.params, rtol=1e-3)

@@ -246,3 +246,49 @@ def test_groups_combined_in_buckets_equal_one_group_at_a_time():
     chex.assert_trees_all_close(in_waves, one_by_one, rtol=1e-5, atol=1e-6)
     with pytest.raises(AssertionError):  # The groups did mix the models.
         chex.assert_trees_all_close(in_waves.params, state.params, rtol=1e-3)
+
+
+
+
+RESUMED = Config(model="mlp", num_peers=16, group_size=4, key_dim=2, local_batches=2,
+                 batch_size=8, network="lognormal", compute_sigma=1.0, asynchronous=True,
+                 matchmaking_window_s=1.0, row_every_s=4.0, eval_every=3, eval_peers="3",
+                 max_iterations=8, target_accuracy=1.0, checkpoint_every=2, plan="fixed",
+                 update_fraction=0.8, dropout=0.2, dropout_timing="mid")
+
+
+@pytest.mark.slow
+def test_an_asynchronous_run_killed_and_resumed_writes_the_uninterrupted_rows(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    straight = runner.run(RESUMED, str(tmp_path / "straight")).metrics
+    assert len(straight) >= 8 and max(r["staleness_max"] for r in straight) > 0
+    workdir = tmp_path / "killed"
+    skip = {"workdir", "data_dir", "conv_impl"}
+    command = [sys.executable, "-m", "launch.train", f"--workdir={workdir}"] + [
+        f"--{f.name}={getattr(RESUMED, f.name)}" for f in dataclasses.fields(RESUMED)
+        if f.name not in skip]
+    process = subprocess.Popen(command, cwd=root, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 5:
+            process.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert len(_rows(workdir)) < len(straight)
+    resumed = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stderr
+
+    def without_seconds(rows):
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+    assert without_seconds(_rows(workdir)) == without_seconds(straight)

@@ -116,44 +116,41 @@ class WaveSteps:
         if self._train_all is None:
             n = self.num_peers
             ints = jax.ShapeDtypeStruct((n,), jnp.int32)
-            self._train_all = self._train.lower(self._abstract_state, self._data, ints, ints,
-                                                jax.ShapeDtypeStruct((n,), bool),
-                                                ints).compile()
+            self._train_all = self._train.lower(
+                self._abstract_state, self._data, ints, ints, jax.ShapeDtypeStruct((n,), bool),
+                jax.ShapeDtypeStruct((), jnp.int32)).compile()
         return self._train_all
 
     def _bucket(self, peers: list[int]):
-        """(bucket peers (K,), slot (N,)) for a wave over `peers`."""
+        """(bucket peers (K,), each listed peer's row) for a wave over `peers`: all N in peer
+        order, or the listed peers first, then peer 0 repeated (inactive rows)."""
         n = self.num_peers
         size = bucket_size(len(peers), n, self._layout)
-        slot = np.full(n, -1, np.int32)
-        if size == n:  # Peer p in row p.
-            slot[peers] = peers
-            return np.arange(n, dtype=np.int32), slot
+        if size == n:
+            return np.arange(n, dtype=np.int32), np.asarray(peers, np.int32)
         bucket = np.zeros(size, np.int32)
         bucket[:len(peers)] = peers
-        slot[peers] = np.arange(len(peers), dtype=np.int32)
-        return bucket, slot
+        return bucket, np.arange(len(peers), dtype=np.int32)
 
     def train(self, state: FLState, trains: tuple[events.Train, ...]):
         """The wave's local phases: (state, summed loss)."""
-        peers = [op.peer for op in trains]
-        bucket, slot = self._bucket(peers)
+        bucket, rows = self._bucket([op.peer for op in trains])
         versions = np.zeros(bucket.size, np.int32)
         active = np.zeros(bucket.size, bool)
-        rows = slot[peers]
         versions[rows] = [op.version for op in trains]
         active[rows] = True
         step = self.compiled() if bucket.size == self.num_peers else self._train
-        return step(state, self._data, bucket, versions, active, slot)
+        return step(state, self._data, bucket, versions, active, np.int32(len(trains)))
 
     def mix(self, state: FLState, mixes: tuple[events.Mix, ...], wave: int) -> FLState:
         """The wave's groups, one round of the rule each (attack key: the wave's number)."""
         peers = [p for m in mixes for p in m.peers]
-        bucket, slot = self._bucket(peers)
+        bucket, rows = self._bucket(peers)
         ids = np.full(bucket.size, -1, np.int32)
-        for g, group in enumerate(mixes):
-            ids[slot[list(group.peers)]] = g
-        return self._mix(state, bucket, ids, slot, jax.random.fold_in(self._attack_key, wave))
+        ids[rows] = np.repeat(np.arange(len(mixes), dtype=np.int32),
+                              [len(m.peers) for m in mixes])
+        return self._mix(state, bucket, ids, np.int32(len(peers)),
+                         jax.random.fold_in(self._attack_key, wave))
 
 
 def ledger_rounds(mixes: list[events.Mix], num_peers: int) -> np.ndarray:

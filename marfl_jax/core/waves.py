@@ -5,16 +5,17 @@ operations whose peers are ready (`events.waves`). On the device a wave is two j
 a *bucket*: the K peers the step touches, gathered from the peer axis (K a power of two, or all
 N peers in peer order: then nothing is gathered and the peers outside the wave are masked):
 
-* `train_wave(state, data, peers (K,), versions (K,), active (K,), slot (N,))`: local phase
+* `train_wave(state, data, peers (K,), versions (K,), active (K,), count)`: local phase
   `version` of each active peer, with the mini-batches and dropout keys of synchronous
   iteration `version` (`stage.step_keys`), so a peer's phase v is the synchronous iteration v's
   local update of that peer.
-* `mix_wave(state, peers (K,), group_ids (K,), slot (N,), key)`: one round of the run's group
+* `mix_wave(state, peers (K,), group_ids (K,), count, key)`: one round of the run's group
   rule (`marfl_jax.mixing.mixer`: rule, codec, attack) over the bucket's groups, ids in
   [0, K // 2) (a group has two members or more), -1 for the rest.
 
-`slot` (N,) int32 is each peer's row in the bucket (-1: not in the wave); results are written
-back by a gather (`where(slot >= 0, bucket[slot], state)`), no float scatter.
+The bucket's first `count` rows are the wave's peers (the rest repeat peer 0 and are inactive);
+results are written back row by row into the donated state (`_put_back`: O(count) rows, no
+float scatter).
 """
 
 from __future__ import annotations
@@ -47,27 +48,30 @@ def _take(tree, peers, everyone: bool):
     return tree if everyone else jax.tree.map(lambda x: x[peers], tree)
 
 
-def _put_back(tree, bucket, slot, everyone: bool):
-    """The state with each bucket row written to its peer (rows of peers outside the wave are
-    already unchanged when the bucket is every peer)."""
+def _put_back(tree, bucket, peers, count, everyone: bool):
+    """The state with bucket rows [0, count) written to their peers, one row at a time into
+    the (donated) state: O(count) rows moved, no float scatter. The bucket of every peer in
+    peer order is the new state itself."""
     if everyone:
         return bucket
 
     def leaf(x, b):
-        mask = (slot >= 0).reshape((-1,) + (1,) * (x.ndim - 1))
-        return jnp.where(mask, b[jnp.maximum(slot, 0)], x)
+        def write(i, x):
+            return jax.lax.dynamic_update_index_in_dim(x, b[i], peers[i], 0)
+
+        return jax.lax.fori_loop(0, count, write, x)
 
     return jax.tree.map(leaf, tree, bucket)
 
 
 def train_wave(sim: Simulation, num_peers: int, seed: int):
-    """(state, data, peers, versions, active, slot) -> (state, summed loss of the active
+    """(state, data, peers, versions, active, count) -> (state, summed loss of the active
     peers); jit with the bucket's size static through the shapes."""
     iteration_key = jax.random.fold_in(jax.random.key(seed), 1)
     attackers = sim.adversary
     flips = attackers is not None and attackers.attack.poisons_labels
 
-    def step(state: FLState, data: DeviceData, peers, versions, active, slot):
+    def step(state: FLState, data: DeviceData, peers, versions, active, count):
         everyone = peers.shape[0] == num_peers
         params, opt_state = _take((state.params, state.opt_state), peers, everyone)
         sample_keys, dropout_keys = phase_keys(iteration_key, versions, peers, num_peers)
@@ -82,19 +86,19 @@ def train_wave(sim: Simulation, num_peers: int, seed: int):
             dropout_keys if sim.model_dropout else None, apply_fn=sim.apply_fn,
             optimizer=sim.optimizer, peer_chunk=sim.peer_chunk)
         new_params, new_opt = _put_back((state.params, state.opt_state), (params, opt_state),
-                                        slot, everyone)
+                                        peers, count, everyone)
         return state._replace(params=new_params, opt_state=new_opt), losses.sum()
 
     return step
 
 
 def mix_wave(sim: Simulation, num_peers: int):
-    """(state, peers, group_ids, slot, key) -> state: one round of the run's group rule over
+    """(state, peers, group_ids, count, key) -> state: one round of the run's group rule over
     the bucket's groups (weights and momentum, or weights only without --share_momentum; a
     rule's per-peer state in `FLState.stages[aggregation.AGGREGATOR]`)."""
     share_momentum = sim.share_momentum
 
-    def step(state: FLState, peers, group_ids, slot, key):
+    def step(state: FLState, peers, group_ids, count, key):
         size = peers.shape[0]
         everyone = size == num_peers
         num_groups = max(size // 2, 1)
@@ -105,13 +109,14 @@ def mix_wave(sim: Simulation, num_peers: int):
                       else None)
         bucket, bucket_state = mixer.round(_take(shared, peers, everyone), group_ids, key,
                                            _take(rule_state, peers, everyone))
-        shared = _put_back(shared, bucket, slot, everyone)
+        shared = _put_back(shared, bucket, peers, count, everyone)
         state = state._replace(params=shared[0],
                                opt_state=shared[1] if share_momentum else state.opt_state)
         if rule_state is not None:
             state = state._replace(stages={
                 **state.stages,
-                aggregation.AGGREGATOR: _put_back(rule_state, bucket_state, slot, everyone)})
+                aggregation.AGGREGATOR: _put_back(rule_state, bucket_state, peers, count,
+                                                  everyone)})
         return state
 
     return step

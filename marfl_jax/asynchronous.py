@@ -30,7 +30,7 @@ from absl import logging
 
 from marfl_jax import clock, comm, events, mixing
 from marfl_jax.core import waves as waves_lib
-from marfl_jax.core.iteration import Simulation
+from marfl_jax.core.iteration import Simulation, group_mixer
 from marfl_jax.core.observe import params_finite
 from marfl_jax.core.state import DeviceData, FLState
 
@@ -104,6 +104,10 @@ class WaveSteps:
         self.num_peers = int(data.counts.shape[0])
         self._train = jax.jit(waves_lib.train_wave(sim, self.num_peers, seed), donate_argnums=0)
         self._mix = jax.jit(waves_lib.mix_wave(sim, self.num_peers), donate_argnums=0)
+        # The plain mean in buckets: groups in slots of M rows, one reshape-and-mean.
+        self._group_size = sim.algorithm.max_group_size
+        self._slots = (layout == "buckets" and group_mixer(sim, 1) is None)
+        self._mean = jax.jit(waves_lib.mean_wave(sim, self._group_size), donate_argnums=0)
         self._attack_key = jax.random.fold_in(jax.random.key(seed), 3)
         self._train_all = None
         self.observe = jax.jit(lambda params, counted: (
@@ -144,6 +148,19 @@ class WaveSteps:
 
     def mix(self, state: FLState, mixes: tuple[events.Mix, ...], wave: int) -> FLState:
         """The wave's groups, one round of the rule each (attack key: the wave's number)."""
+        if self._slots:
+            m = self._group_size
+            groups = 1 << max(0, (len(mixes) - 1).bit_length())
+            peers = np.zeros((groups, m), np.int32)
+            weights = np.zeros((groups, m), np.float32)
+            for g in range(groups):
+                members = mixes[g if g < len(mixes) else 0].peers
+                peers[g] = members[0]  # Empty slots name a member of their group.
+                peers[g, :len(members)] = members
+                weights[g, :len(members)] = 1.0 if g < len(mixes) else 0.0
+                if g >= len(mixes):  # A padding group: group 0 again, weights as its own.
+                    weights[g, :len(members)] = 1.0
+            return self._mean(state, peers.reshape(-1), weights.reshape(-1))
         peers = [p for m in mixes for p in m.peers]
         bucket, rows = self._bucket(peers)
         ids = np.full(bucket.size, -1, np.int32)

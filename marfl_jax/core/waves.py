@@ -12,6 +12,8 @@ N peers in peer order: then nothing is gathered and the peers outside the wave a
 * `mix_wave(state, peers (K,), group_ids (K,), count, key)`: one round of the run's group
   rule (`marfl_jax.mixing.mixer`: rule, codec, attack) over the bucket's groups, ids in
   [0, K // 2) (a group has two members or more), -1 for the rest.
+* `mean_wave(state, peers (K,), weights (K,))`: the plain mean of groups laid out in slots of
+  M rows each (the buckets' way when the round is the plain group mean).
 
 The bucket's first `count` rows are the wave's peers (the rest repeat peer 0 and are inactive);
 results are written back row by row into the donated state (`_put_back`: O(count) rows, no
@@ -88,6 +90,52 @@ def train_wave(sim: Simulation, num_peers: int, seed: int):
         new_params, new_opt = _put_back((state.params, state.opt_state), (params, opt_state),
                                         peers, count, everyone)
         return state._replace(params=new_params, opt_state=new_opt), losses.sum()
+
+    return step
+
+
+def mean_wave(sim: Simulation, group_size: int):
+    """(state, peers (K,), weights (K,) float32) -> state: the plain group mean over a bucket
+    laid out in slots, K = groups x `group_size` rows, group g in rows [g M, (g + 1) M). A
+    group's real members have weight 1; its other slots have weight 0 and name one of its
+    members, so writing the group's mean to every slot's peer is right in any order.
+
+    Both passes go row by row in place (a loop of dynamic slices): sum each group's rows into a
+    (groups, ...) buffer, then write its mean to its members; on a CPU this moves each row once
+    where a gathered bucket would be copied whole several times."""
+    share_momentum = sim.share_momentum
+
+    def step(state: FLState, peers, weights):
+        size = peers.shape[0]
+        num_groups = size // group_size
+        counts = jnp.maximum(weights.reshape(num_groups, group_size).sum(axis=1), 1.0)
+
+        def mean(x):
+            if not jnp.issubdtype(x.dtype, jnp.floating):  # Integer leaves are not averaged.
+                return x
+
+            def add(i, sums):
+                g = i // group_size
+                row = jax.lax.dynamic_index_in_dim(x, peers[i], 0, keepdims=False)
+                total = jax.lax.dynamic_index_in_dim(sums, g, 0, keepdims=False)
+                return jax.lax.dynamic_update_index_in_dim(
+                    sums, total + weights[i].astype(x.dtype) * row, g, 0)
+
+            sums = jax.lax.fori_loop(0, size, add, jnp.zeros((num_groups,) + x.shape[1:],
+                                                             x.dtype))
+            means = sums / counts.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype)
+
+            def write(i, x):
+                return jax.lax.dynamic_update_index_in_dim(
+                    x, jax.lax.dynamic_index_in_dim(means, i // group_size, 0, keepdims=False),
+                    peers[i], 0)
+
+            return jax.lax.fori_loop(0, size, write, x)
+
+        shared = (state.params, state.opt_state) if share_momentum else (state.params,)
+        shared = jax.tree.map(mean, shared)
+        return state._replace(params=shared[0],
+                              opt_state=shared[1] if share_momentum else state.opt_state)
 
     return step
 

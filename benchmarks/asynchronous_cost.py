@@ -1,9 +1,10 @@
 """What asynchrony costs in wall time: seconds per local phase, asynchronous (waves over
 buckets, waves over all peers with masks) vs synchronous, on the MLP with lognormal peers.
 
-For each N the runs train the same peers (`--max_iterations` local phases per peer on average)
-in one process, one after another; a run's warm wall time is from its first row's end to its
-last row's (compilation and the first row left out), divided by the local phases done in between.
+For each N the runs train the same peers (`--iterations` local phases per peer on average) in
+one process, one after another; a run's warm wall time is over its second half of rows (from
+the end of the middle row to the end of the last; the first half meets each bucket size and
+compiles it), divided by the local phases done in between.
 
     python -m benchmarks.asynchronous_cost                  # N = 64 and 1,024 (~15 minutes)
     python -m benchmarks.asynchronous_cost --num_peers=64   # ~2 minutes
@@ -27,7 +28,7 @@ from marfl_jax import runner
 from marfl_jax.config import Config
 
 flags.DEFINE_list("num_peers", ["64", "1024"], "Peer counts N (M = 4, d = log4 N).")
-flags.DEFINE_integer("iterations", 6, "Local phases per peer (the synchronous iterations).")
+flags.DEFINE_integer("iterations", 20, "Local phases per peer (the synchronous iterations).")
 flags.DEFINE_list("layouts", ["buckets", "masks"], "Wave layouts timed.")
 FLAGS = flags.FLAGS
 
@@ -54,12 +55,14 @@ def config_for(num_peers: int, iterations: int, **changes) -> Config:
 
 
 def seconds_per_phase(rows: list[dict]) -> tuple[float, int]:
-    """(warm wall seconds per local phase, phases timed) from a run's rows."""
-    first, last = rows[0], rows[-1]
+    """(warm wall seconds per local phase, phases timed) over a run's second half of rows
+    (the first half meets the new bucket sizes, each traced and compiled once)."""
+    half = len(rows) // 2
+    first, last = rows[half], rows[-1]
     if "cumulative_local_phases" in first:
         phases = last["cumulative_local_phases"] - first["cumulative_local_phases"]
     else:
-        phases = sum(r["updating_peers"] for r in rows[1:])
+        phases = sum(r["updating_peers"] for r in rows[half + 1:])
     return (last["seconds"] - first["seconds"]) / max(phases, 1), phases
 
 
@@ -77,8 +80,9 @@ def main(argv):
             for layout in FLAGS.layouts]
         for name, changes in runs:
             config = config_for(num_peers, FLAGS.iterations, **changes)
-            for _ in range(2 if config.asynchronous else 1):  # The second finds every
-                with tempfile.TemporaryDirectory() as workdir:   # bucket compiled (on disk).
+            # Buckets: the second run finds every bucket size compiled (on disk).
+            for _ in range(2 if config.asynchronous and config.wave_layout == "buckets" else 1):
+                with tempfile.TemporaryDirectory() as workdir:
                     rows = runner.run(config, workdir).metrics
             per_phase, phases = seconds_per_phase(rows)
             extra = ({} if not config.asynchronous else {

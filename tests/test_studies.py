@@ -174,3 +174,36 @@ def test_compare_codec_study_across_algorithms_writes_csv_and_plot(tmp_path):
         ("fedavg", "True"), ("fedavg", "False"), ("gossip", "True"), ("gossip", "False")]
     for momentum, weights in (rows[:2], rows[2:]):  # Weights only: half the encoded bytes.
         assert int(momentum["bytes_per_iteration"]) == 2 * int(weights["bytes_per_iteration"])
+
+
+def test_asynchrony_configs_pair_every_mode_with_every_profile():
+    from marfl_jax.experiments import asynchrony
+
+    scale = scales.with_options(scales.SCALES["small"], "asynchrony", {
+        "setups": ("mlp@64", "cnn@16"), "profiles": ("sigma1", "slow10")})
+    configs = asynchrony.configs(scale, "runs/async_test")
+    assert len(configs) == 2 * 2 * 4
+    names = [os.path.basename(c.workdir) for c in configs]
+    assert names[:4] == ["mlp_n64__sigma1__sync_marfl", "mlp_n64__sigma1__async_marfl",
+                         "mlp_n64__sigma1__sync_gossip", "mlp_n64__sigma1__async_gossip"]
+    assert [(c.model, c.num_peers, c.group_size, c.key_dim) for c in configs[::8]] == [
+        ("mlp", 64, 4, 3), ("cnn", 16, 4, 2)]
+    assert all(c.eval_every == 1 and c.matchmaking_window_s == 2.0 for c in configs)
+    assert [c.asynchronous for c in configs[:4]] == [False, True, False, True]
+    trace = configs[4].network_trace
+    with open(trace) as f:
+        speeds = [float(line.split(",")[3]) for line in list(f)[1:]]
+    assert sorted(set(speeds)) == [10.0, 100.0] and speeds.count(10.0) == 7  # ceil(10 % of 64)
+    with pytest.raises(ValueError, match="--option=modes: unknown sync"):
+        asynchrony.configs(scales.with_options(scale, "asynchrony", {"modes": ("sync",)}), "x")
+
+
+@pytest.mark.slow
+def test_compare_asynchrony_study_writes_csv_and_plot(tmp_path):
+    rows = _compare("asynchrony", tmp_path, "--option=setups=mlp@16",
+                    "--option=profiles=sigma1", "--option=row_every_s=5",
+                    "--max_iterations=3", "--target_accuracy=0.5")
+    assert [r["mode"] for r in rows] == ["sync_marfl", "async_marfl", "sync_gossip",
+                                         "async_gossip"]
+    assert rows[0]["staleness_mean"] == "" and rows[1]["staleness_mean"] != ""
+    assert all(float(r["final_accuracy"]) > 0.1 for r in rows)

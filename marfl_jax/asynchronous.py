@@ -41,26 +41,35 @@ _TIME_TOLERANCE = 1e-9
 
 def group_timer(sim_clock: clock.Clock, max_group_size: int
                 ) -> Callable[[tuple[int, ...]], float]:
-    """members (sorted peer ids, at most `max_group_size`) -> seconds of their exchange: the
-    clock's own timing of a round (`Wire.seconds`) for that one group, run on the CPU (padded
-    to `max_group_size` with absent rows: one compilation) and kept per group."""
-    cpu = jax.devices("cpu")[0]
+    """members (sorted peer ids, at most `max_group_size`) -> seconds of their exchange, kept
+    per member set: the wire's host formula for one group (`Wire.group_seconds`), or else its
+    device timing of a round (`Wire.seconds`) run on the CPU for that group (padded to
+    `max_group_size` with absent rows: one compilation)."""
     links = clock.Links(*(np.asarray(x) for x in sim_clock.links))
-
-    @jax.jit
-    def completion(ids, sub: clock.Links):
-        return sim_clock.wire.seconds(ids, 1, sub, sim_clock.message_bytes,
-                                      sim_clock.server_bps).completion
-
+    wire = sim_clock.wire
     seconds: dict[tuple[int, ...], float] = {}
+    if wire.group_seconds is not None:
+        def measure(index: np.ndarray) -> float:
+            return wire.group_seconds(clock.Links(*(x[index] for x in links)),
+                                      sim_clock.message_bytes, sim_clock.server_bps)
+    else:
+        cpu = jax.devices("cpu")[0]
+
+        @jax.jit
+        def completion(ids, sub: clock.Links):
+            return wire.seconds(ids, 1, sub, sim_clock.message_bytes,
+                                sim_clock.server_bps).completion
+
+        def measure(index: np.ndarray) -> float:
+            padded = np.zeros(max_group_size, np.int64)
+            padded[:index.size] = index
+            ids = np.where(np.arange(max_group_size) < index.size, 0, -1).astype(np.int32)
+            return float(completion(*jax.device_put(
+                (ids, clock.Links(*(x[padded] for x in links))), cpu)))
 
     def group_seconds(members: tuple[int, ...]) -> float:
         if members not in seconds:
-            index = np.zeros(max_group_size, np.int64)
-            index[:len(members)] = members
-            ids = np.where(np.arange(max_group_size) < len(members), 0, -1).astype(np.int32)
-            seconds[members] = float(completion(*jax.device_put(
-                (ids, clock.Links(*(x[index] for x in links))), cpu)))
+            seconds[members] = measure(np.asarray(members))
         return seconds[members]
 
     return group_seconds

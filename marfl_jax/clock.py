@@ -55,6 +55,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from marfl_jax import mixing
 
@@ -201,6 +202,64 @@ def relay(ids, num_groups: int, links: Links, message_bytes: float,
     slowest_hop = mixing.segment_max(hop, ids, num_groups)
     done = jnp.where(alone, 0.0, hops * slowest_hop)
     return RoundTimes(own, done, _completion(done, present))
+
+
+# -- One group on the host (the asynchronous timeline, `marfl_jax.events`): the same formulas
+# for a single group of n >= 2 members, in NumPy (float64), so the host never waits for the
+# device to time a group. `tests/test_asynchronous.py` checks each against its round above.
+# links: the members' Links as NumPy arrays (n,), in peer-id order; returns the group's
+# completion in seconds.
+
+def _exchange_group(links: Links, flow_bytes: float) -> np.ndarray:
+    """Each member's `done` of `_exchange` for one group (n,)."""
+    n = links.uplink_bps.shape[0]
+    cost = flow_bytes * (n - 1)
+    half = np.asarray(links.latency_s, np.float64) / 2
+    up = cost / np.asarray(links.uplink_bps, np.float64)
+    down = cost / np.asarray(links.downlink_bps, np.float64)
+
+    def others(values):  # For each member, the max over the other members.
+        order = np.argsort(values)
+        top, second = values[order[-1]], values[order[-2]]
+        return np.where(np.arange(n) == order[-1], second, top)
+
+    latest_mate = others(half)
+    received = half + np.maximum(others(half + up), down + latest_mate)
+    sent = half + np.maximum(up + latest_mate, others(half + down))
+    return np.maximum(received, sent)
+
+
+def allgather_group(links: Links, message_bytes: float, server_bps: float) -> float:
+    del server_bps
+    return float(_exchange_group(links, message_bytes).max())
+
+
+def butterfly_group(links: Links, message_bytes: float, server_bps: float) -> float:
+    del server_bps
+    n = links.uplink_bps.shape[0]
+    return float(2 * _exchange_group(links, message_bytes / n).max())
+
+
+def star_group(links: Links, message_bytes: float, server_bps: float) -> float:
+    n = links.uplink_bps.shape[0]
+    share = n / server_bps
+    latency = np.asarray(links.latency_s, np.float64)
+    up = latency + message_bytes * np.maximum(1.0 / np.asarray(links.uplink_bps, np.float64),
+                                              share)
+    down = latency + message_bytes * np.maximum(
+        1.0 / np.asarray(links.downlink_bps, np.float64), share)
+    return float(up.max() + down.max())
+
+
+def relay_group(links: Links, message_bytes: float, server_bps: float) -> float:
+    del server_bps
+    n = links.uplink_bps.shape[0]
+    successor = np.roll(np.arange(n), -1)
+    latency = np.asarray(links.latency_s, np.float64)
+    hop = (latency + latency[successor]) / 2 + message_bytes * np.maximum(
+        1.0 / np.asarray(links.uplink_bps, np.float64),
+        1.0 / np.asarray(links.downlink_bps, np.float64)[successor])
+    return float((n - 1) * hop.max())
 
 
 def compute_seconds(updating: jax.Array, examples: int, links: Links) -> jax.Array:

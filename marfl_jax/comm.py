@@ -137,24 +137,31 @@ class Wire(NamedTuple):
         None: a lossy --codec is refused on this wire (never another wire's rule instead).
       slices: each member reduces only its slice of the message (butterfly), so a group rule
         other than the mean, or an attack, would run per slice: refused at validation.
+      group_seconds: `seconds` for one group on the host, `(links of its n >= 2 members as
+        NumPy arrays, message_bytes, server_bps) -> its completion` (the asynchronous
+        timeline's); None: the timeline runs `seconds` on the CPU for each group.
     """
 
     cost: Cost
     seconds: Callable[..., clock.RoundTimes] | None = None
     combine: Callable[..., Any] | None = None
     slices: bool = False
+    group_seconds: Callable[..., float] | None = None
 
 
-ALLGATHER = Wire(allgather_cost, clock.allgather, mixing.coded_allgather)
+ALLGATHER = Wire(allgather_cost, clock.allgather, mixing.coded_allgather,
+                 group_seconds=clock.allgather_group)
 # RDFL's ring: every model is relayed around the arc, so each member receives the others'
 # payloads unchanged (allgather's bytes and combine), in n - 1 hops (the relay's seconds).
-RELAY = Wire(allgather_cost, clock.relay, mixing.coded_allgather)
+RELAY = Wire(allgather_cost, clock.relay, mixing.coded_allgather,
+             group_seconds=clock.relay_group)
 
 WIRE_MODELS: Registry[Wire] = Registry("wire")
 WIRE_MODELS.register("allgather", ALLGATHER)
 WIRE_MODELS.register("butterfly", Wire(butterfly_cost, clock.butterfly, mixing.coded_butterfly,
-                                       slices=True))
-WIRE_MODELS.register("star", Wire(star_cost, clock.star, mixing.coded_server))
+                                       slices=True, group_seconds=clock.butterfly_group))
+WIRE_MODELS.register("star", Wire(star_cost, clock.star, mixing.coded_server,
+                                  group_seconds=clock.star_group))
 WIRE_MODELS.register("relay", RELAY)
 
 

@@ -86,6 +86,7 @@ def test_timeline_is_a_function_of_its_settings():
 
 
 def test_a_group_timer_gives_the_clocks_round_completion_of_that_group():
+    """Each wire's host formula for one group, and its device round run for that group."""
     rng = np.random.default_rng(0)
     n = 12
     links = clock.Links(*(jnp.asarray(x, jnp.float32) for x in (
@@ -94,13 +95,16 @@ def test_a_group_timer_gives_the_clocks_round_completion_of_that_group():
     ids = jnp.asarray([0, 0, 0, 1, 1, -1, 2, 2, 2, 2, 3, 3], jnp.int32)
     for wire in ("allgather", "butterfly", "star", "relay"):
         sim_clock = clock.Clock(links, comm.get_wire(wire), 1e6, 1e6, 1.25e8, 0.0, 64, 4)
-        timer = asynchronous.group_timer(sim_clock, 4)
         # A member's time depends on its own group only: one round of all four groups gives
         # each group's completion as its members' latest `done`.
         done = np.asarray(jax.jit(sim_clock.round_times, static_argnums=1)(ids, 4).done)
-        for g in range(4):
-            members = tuple(int(p) for p in np.flatnonzero(np.asarray(ids) == g))
-            np.testing.assert_allclose(timer(members), done[list(members)].max(), rtol=1e-6)
+        on_device = sim_clock._replace(wire=sim_clock.wire._replace(group_seconds=None))
+        for timer in (asynchronous.group_timer(sim_clock, 4),  # The host's formula.
+                      asynchronous.group_timer(on_device, 4)):  # The round on the CPU.
+            for g in range(4):
+                members = tuple(int(p) for p in np.flatnonzero(np.asarray(ids) == g))
+                np.testing.assert_allclose(timer(members), done[list(members)].max(),
+                                           rtol=1e-5)
 
 
 def test_asynchronous_flags_are_checked_before_any_run():

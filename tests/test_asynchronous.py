@@ -223,6 +223,10 @@ def test_waves_in_buckets_and_in_masks_equal_one_operation_at_a_time(rule):
     _, _, mask_steps = _wave_steps(config, "masks")
     chex.assert_trees_all_close(_run_waves(mask_steps, copy(state), waves), one_by_one,
                                 rtol=1e-5, atol=1e-6)
+    # The plan's chunks of 3 peers inside each bucket, read and written back in place.
+    _, _, chunked = _wave_steps(dataclasses.replace(config, peer_chunk=3), "buckets")
+    chex.assert_trees_all_close(_run_waves(chunked, copy(state), waves), one_by_one,
+                                rtol=1e-5, atol=1e-6)
 
 
 def test_groups_combined_in_buckets_equal_one_group_at_a_time():

@@ -74,8 +74,8 @@ def train_wave(sim: Simulation, num_peers: int, seed: int):
     flips = attackers is not None and attackers.attack.poisons_labels
 
     def step(state: FLState, data: DeviceData, peers, versions, active, count):
-        everyone = peers.shape[0] == num_peers
-        params, opt_state = _take((state.params, state.opt_state), peers, everyone)
+        size = peers.shape[0]
+        everyone = size == num_peers
         sample_keys, dropout_keys = phase_keys(iteration_key, versions, peers, num_peers)
         index = data_lib.sample_peer_batches(sample_keys, data.table[peers], data.counts[peers],
                                              sim.local_batches, sim.batch_size)
@@ -83,13 +83,42 @@ def train_wave(sim: Simulation, num_peers: int, seed: int):
         if flips:
             labels = flip_labels(labels, jnp.asarray(attackers.byzantine)[peers],
                                  attackers.num_classes)
-        params, opt_state, losses = local.peers_local_sgd(
-            params, opt_state, data_lib.preprocess(data.x_train[index]), labels, active,
-            dropout_keys if sim.model_dropout else None, apply_fn=sim.apply_fn,
-            optimizer=sim.optimizer, peer_chunk=sim.peer_chunk)
-        new_params, new_opt = _put_back((state.params, state.opt_state), (params, opt_state),
-                                        peers, count, everyone)
-        return state._replace(params=new_params, opt_state=new_opt), losses.sum()
+
+        def train(params, opt_state, rows, rows_active, peer_chunk=0):
+            """Local phases of the bucket rows `rows` ((C,) or a slice) from their states."""
+            return local.peers_local_sgd(
+                params, opt_state, data_lib.preprocess(data.x_train[index[rows]]),
+                labels[rows], rows_active, dropout_keys[rows] if sim.model_dropout else None,
+                apply_fn=sim.apply_fn, optimizer=sim.optimizer, peer_chunk=peer_chunk)
+
+        chunk = sim.peer_chunk
+        if everyone or not chunk or chunk >= size:
+            # All N peers in order (the plan's chunks run in place), or the bucket at once.
+            params, opt_state = _take((state.params, state.opt_state), peers, everyone)
+            params, opt_state, losses = train(params, opt_state, slice(None), active,
+                                              sim.peer_chunk if everyone else 0)
+            new_params, new_opt = _put_back((state.params, state.opt_state),
+                                            (params, opt_state), peers, count, everyone)
+            return state._replace(params=new_params, opt_state=new_opt), losses.sum()
+
+        # The plan's chunks of C rows, each read from and written back to the state in place:
+        # each peer's rows cross memory once, as in the synchronous chunk loop. A last chunk
+        # past the bucket overlaps the one before; its rows trained already are inactive.
+        def train_chunk(i, carry):
+            tree, total = carry
+            start = jnp.minimum(i * chunk, size - chunk)
+            rows = start + jnp.arange(chunk)
+            fresh = rows >= i * chunk
+            mine = peers[rows]
+            params, opt_state, losses = train(*_take(tree, mine, False), rows,
+                                              active[rows] & fresh)
+            tree = _put_back(tree, (params, opt_state), mine, chunk, False)
+            return tree, total + losses.sum()
+
+        tree, total = jax.lax.fori_loop(
+            0, (count + chunk - 1) // chunk, train_chunk,
+            ((state.params, state.opt_state), jnp.float32(0.0)))
+        return state._replace(params=tree[0], opt_state=tree[1]), total
 
     return step
 
@@ -100,32 +129,34 @@ def mean_wave(sim: Simulation, group_size: int):
     group's real members have weight 1; its other slots have weight 0 and name one of its
     members, so writing the group's mean to every slot's peer is right in any order.
 
-    Both passes go row by row in place (a loop of dynamic slices): sum each group's rows into a
-    (groups, ...) buffer, then write its mean to its members; on a CPU this moves each row once
-    where a gathered bucket would be copied whole several times."""
+    Two loops of dynamic slices: each group's M rows read and averaged into a (groups, ...)
+    buffer, then each slot's peer written in place in the donated state; each row crosses
+    memory once each way, where a gathered bucket would be copied whole several times."""
     share_momentum = sim.share_momentum
 
     def step(state: FLState, peers, weights):
         size = peers.shape[0]
         num_groups = size // group_size
-        counts = jnp.maximum(weights.reshape(num_groups, group_size).sum(axis=1), 1.0)
+        slots = peers.reshape(num_groups, group_size)
+        slot_weights = weights.reshape(num_groups, group_size)
+        counts = jnp.maximum(slot_weights.sum(axis=1), 1.0)
 
         def mean(x):
             if not jnp.issubdtype(x.dtype, jnp.floating):  # Integer leaves are not averaged.
                 return x
+            w = slot_weights.astype(x.dtype).reshape((num_groups, group_size)
+                                                     + (1,) * (x.ndim - 1))
 
-            def add(i, sums):
-                g = i // group_size
-                row = jax.lax.dynamic_index_in_dim(x, peers[i], 0, keepdims=False)
-                total = jax.lax.dynamic_index_in_dim(sums, g, 0, keepdims=False)
+            def group_mean(g, means):  # Reads only: the state is not written in this loop.
+                value = sum(w[g, j] * jax.lax.dynamic_index_in_dim(x, slots[g, j], 0, False)
+                            for j in range(group_size))  # Row slices: no gather.
                 return jax.lax.dynamic_update_index_in_dim(
-                    sums, total + weights[i].astype(x.dtype) * row, g, 0)
+                    means, value / counts[g].astype(x.dtype), g, 0)
 
-            sums = jax.lax.fori_loop(0, size, add, jnp.zeros((num_groups,) + x.shape[1:],
-                                                             x.dtype))
-            means = sums / counts.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype)
+            means = jax.lax.fori_loop(0, num_groups, group_mean,
+                                      jnp.zeros((num_groups,) + x.shape[1:], x.dtype))
 
-            def write(i, x):
+            def write(i, x):  # Writes only, in place.
                 return jax.lax.dynamic_update_index_in_dim(
                     x, jax.lax.dynamic_index_in_dim(means, i // group_size, 0, keepdims=False),
                     peers[i], 0)

@@ -57,7 +57,8 @@ SCALES = {
                  "churn": {"dropouts": (0.0, 0.2, 0.5)},
                  "dp": {**_REPRODUCTION["dp"], "iterations": 40},
                  "byzantine": {"iterations": 30, "fractions": (0.0, 0.1, 0.2),
-                               "attacks": ("sign_flip",), "algorithms": ("marfl", "fedavg")}}),
+                               "attacks": ("sign_flip",), "algorithms": ("marfl", "fedavg")},
+                 "asynchrony": {"setups": ("mlp@64",)}}),
     "full": Scale(
         name="full",
         mnist=Config(model="cnn", dataset="mnist", target_accuracy=0.95, max_iterations=500,

@@ -29,7 +29,9 @@ TINY = scales.Scale(
                       "newsgroups_iterations": 1},
              "network": {"profiles": ("deadline",)}, "codec": {"codecs": ("int8",)},
              "byzantine": {"fractions": (0.25,), "attacks": ("sign_flip",),
-                           "rules": ("median",), "algorithms": ("marfl",)}})
+                           "rules": ("median",), "algorithms": ("marfl",)},
+             "asynchrony": {"setups": ("mlp@8",), "profiles": ("sigma1",),
+                            "modes": ("sync_marfl", "async_marfl")}})
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "launch/configs/*.cfg"))))
@@ -77,7 +79,8 @@ def test_tiny_reproduction_writes_the_report(tmp_path):
     text = open(path).read()
 
     by_name = {o.study.name: o for o in outcomes}
-    assert [len(by_name[n].rows) for n in experiments.paper_names()] == [2, 1, 2, 2, 1, 2, 2, 2]
+    assert [len(by_name[n].rows) for n in experiments.paper_names()] == [2, 1, 2, 2, 1, 2, 2, 2,
+                                                                          2]
     for outcome in outcomes:
         assert f"## {outcomes.index(outcome) + 1}. {outcome.study.title}" in text
         assert os.path.exists(outcome.figure)

@@ -168,6 +168,20 @@ def draw(rows, curves, configs, path) -> None:
     plt.close(fig)
 
 
+def setting(scale, configs) -> str:
+    first = configs[0]
+    setups = ", ".join(dict.fromkeys(f"{c.model} N = {c.num_peers}" for c in configs))
+    return (f"{setups}; b = {first.local_batches}, B = {first.batch_size}, target "
+            f"{first.target_accuracy:.0%}, at most {first.max_iterations} iterations (the "
+            "asynchronous runs: as many local phases), evaluated every iteration or row. Peers: "
+            "`sigma0` / `sigma0.5` / `sigma1` = `--network=lognormal` (links log-normal with "
+            "sigma 1 around 10 Mbit/s up, 50 down) with `--compute_sigma` 0 / 0.5 / 1 around 100 "
+            "examples/s; `slow10` = a trace where 10 % of the peers have a tenth of the links "
+            "and speed. Synchronous runs wait at the authors' barriers; asynchronous ones "
+            f"(`--asynchronous`) use a {first.matchmaking_window_s:g} s matchmaking window and "
+            f"rows every {first.row_every_s:g} simulated s; gossip pairs ready peers.")
+
+
 def summarize(rows) -> str:
     parts = []
     for setup, profile in dict.fromkeys((r["setup"], r["profile"]) for r in rows):
@@ -194,6 +208,8 @@ STUDY = Study(
     make_row=row,
     fields=FIELDS,
     draw=draw,
+    section=9,
+    setting=setting,
     title="Beyond the paper: asynchronous Moshpit, no global barrier",
     claim=("Not the paper's: MAR-FL as its authors run it waits at global barriers for every "
            "peer; Moshpit SGD is asynchronous. What does the barrier cost in simulated time "

@@ -241,7 +241,7 @@ def train(run, progress, recorder) -> None:
         rows.waves_before += len(row_waves)
         phases += sum(isinstance(op, events.Train) for op in ops)
     loop_start = time.time()
-    while progress.reached_at is None:
+    while progress.reached_at is None and phases < budget:  # A finished run writes no row.
         k = progress.t
         ops, row_waves = rows.ops(k)
         state, losses = progress.state, []

@@ -300,3 +300,7 @@ def test_an_asynchronous_run_killed_and_resumed_writes_the_uninterrupted_rows(tm
         return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
 
     assert without_seconds(_rows(workdir)) == without_seconds(straight)
+    # Run again once finished: nothing is added.
+    again = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=240)
+    assert again.returncode == 0, again.stderr
+    assert without_seconds(_rows(workdir)) == without_seconds(straight)

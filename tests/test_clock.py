@@ -104,7 +104,8 @@ def test_the_server_link_bounds_fedavg():
 def test_the_ring_relays_hops_add_up():
     algorithm, schedule = full_schedule(Config(num_peers=8, algorithm="rdfl"))
     assert comm.get_wire(algorithm.wire) == comm.Wire(comm.allgather_cost, clock.relay,
-                                                       mixing.coded_allgather)
+                                                       mixing.coded_allgather,
+                                                       group_seconds=clock.relay_group)
     links = uniform(8, latency_s=0.02)
     hop = 0.02 + 1e6 * 8 / 10e6
     times = clock.relay(schedule[0], algorithm.num_groups, links, 1e6, 0.0)

@@ -24,7 +24,7 @@ def test_every_module_of_the_package_is_a_study():
         study = importlib.import_module(f"marfl_jax.experiments.{name}").STUDY
         assert experiments.get(name) is study and study.name == name
     assert experiments.paper_names() == ("baselines", "churn", "mkd", "dp", "text", "network",
-                                         "codec", "byzantine")
+                                         "codec", "byzantine", "asynchrony")
     for study in experiments.studies().values():
         assert study.section is None or (study.title and study.claim and study.setting
                                          and study.summarize)

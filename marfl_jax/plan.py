@@ -89,6 +89,11 @@ class Plan(NamedTuple):
     conv_impl: str  # '' for models without convolutions.
     wave_layout: str = ""  # Asynchronous runs: 'masks' or 'buckets' ('' synchronous).
 
+    def fields(self) -> dict:
+        """The plan as a workdir's plan.json holds it (`wave_layout` only when set, so a
+        synchronous run's file and the flags it gives back are as before)."""
+        return {k: v for k, v in self._asdict().items() if k != "wave_layout" or v}
+
     def describe(self) -> str:
         chunk = f"chunks of {self.peer_chunk}" if self.peer_chunk else "all peers at once"
         return (chunk + (f", conv {self.conv_impl}" if self.conv_impl else "")

@@ -107,7 +107,7 @@ def resume(run: Run, previous) -> Progress:
     sharding.barrier("workdir checked")
     if sharding.is_primary():
         os.makedirs(workdir, exist_ok=True)
-        files.write_json(os.path.join(workdir, "plan.json"), run.plan._asdict())
+        files.write_json(os.path.join(workdir, "plan.json"), run.plan.fields())
         files.write_atomically(os.path.join(workdir, "config.json"), config.to_json())
     sharding.barrier("workdir written")
     checkpoints = files.Checkpoints(os.path.join(workdir, "checkpoints"))

@@ -18,12 +18,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import platform
 import tempfile
 
 import jax
 from absl import app, flags, logging
 
+from benchmarks.pfl_fedavg import cpu_name
 from marfl_jax import runner
 from marfl_jax.config import Config
 
@@ -31,17 +31,6 @@ flags.DEFINE_list("num_peers", ["64", "1024"], "Peer counts N (M = 4, d = log4 N
 flags.DEFINE_integer("iterations", 20, "Local phases per peer (the synchronous iterations).")
 flags.DEFINE_list("layouts", ["buckets", "masks"], "Wave layouts timed.")
 FLAGS = flags.FLAGS
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def config_for(num_peers: int, iterations: int, **changes) -> Config:

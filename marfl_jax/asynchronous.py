@@ -225,6 +225,8 @@ class Rows:
 
 def train(run, progress, recorder) -> None:
     """The asynchronous loop: row after row of simulated time (see the module docstring)."""
+    from marfl_jax import runner  # The runner's evaluation and checkpoints (it imports this).
+
     config, sim = run.config, run.sim
     n = config.num_peers
     steps: WaveSteps = run.steps
@@ -260,7 +262,7 @@ def train(run, progress, recorder) -> None:
                    timeline, rows.end(k))
         evaluating = k % config.eval_every == 0 or final
         if evaluating:
-            _evaluate(run, progress, row, k, timeline, honest)
+            runner.evaluate(run, progress, row, k)  # Over the online (honest) peers.
         recorder.finish(row)
         if progress.diverged:
             break
@@ -271,9 +273,7 @@ def train(run, progress, recorder) -> None:
                 progress.reached_at = k
         checkpointing = config.checkpoint_every and progress.t % config.checkpoint_every == 0
         if progress.reached_at is not None or final or checkpointing:
-            from marfl_jax.runner import save_checkpoint  # The runner imports this module.
-
-            save_checkpoint(progress, recorder)
+            runner.save_checkpoint(progress, recorder)
         if final:
             break
     recorder.close()
@@ -312,14 +312,6 @@ def _row(run, progress, recorder, k, ops, row_waves, losses, phases, honest, tim
     recorder.sim_elapsed = end
     row["present"] = online
     return row
-
-
-def _evaluate(run, progress, row, k, timeline, honest) -> None:
-    from marfl_jax import evaluation  # Beside the runner's `evaluate`, over the online peers.
-
-    row.update(evaluation.evaluate(run.config.settings(evaluation.Settings),
-                                   progress.state.params, row["present"] & honest, k,
-                                   run.evaluate_peers, run.test_images, run.test_labels))
 
 
 def _log(run, row, phases, budget, loop_start, rows_done) -> None:

@@ -55,6 +55,7 @@ from marfl_jax.core import (
     initial_stage_states,
     make_iteration,
 )
+from marfl_jax.core import replicas as replicas_lib
 
 # What every algorithm averages: weights and momentum (DP adds the smoothed update).
 STATE_PAYLOADS = 2
@@ -221,9 +222,10 @@ class Run(NamedTuple):
     data: DeviceData
     test_images: jax.Array  # (n_test, ...) float32.
     test_labels: jax.Array  # (n_test,) int32.
-    abstract_state: FLState  # Shapes only.
-    steps: Any  # `Steps`, or `asynchronous.WaveSteps` for --asynchronous.
+    abstract_state: FLState  # Shapes only (leaves (R, N, ...) with --replicas=R > 1).
+    steps: Any  # `Steps`, `ReplicaSteps` (--replicas > 1) or `asynchronous.WaveSteps`.
     evaluate_peers: Any  # Jitted (params (K, ...), images, labels) -> (accuracy, loss) (K,).
+    replica_inputs: replicas_lib.ReplicaInputs | None = None  # --replicas > 1: per replica.
 
 
 def assemble(config: Config, workdir: str, previous) -> Run:
@@ -250,7 +252,16 @@ def assemble(config: Config, workdir: str, previous) -> Run:
     sim = made.sim
     # State shapes and the compiled steps.
     abstract_state = jax.eval_shape(lambda: initial_state(config, model, sim, sample))
-    if config.asynchronous:
+    inputs = None
+    if config.replicas > 1:
+        if mesh is not None:
+            raise ConfigError(f"--replicas={config.replicas} runs on one device; this machine "
+                              f"shards the peers over {mesh.size} (set CUDA_VISIBLE_DEVICES or "
+                              "XLA_FLAGS to one device)")
+        data = replica_data(config, dataset.y_train, data)
+        inputs = replica_inputs(config, sim)
+        steps = ReplicaSteps(sim, abstract_state, data, inputs, replica_seeds(config))
+    elif config.asynchronous:
         if mesh is not None:
             raise ConfigError("--asynchronous runs on one device; this machine shards the peers "
                               f"over {mesh.size} (set CUDA_VISIBLE_DEVICES or "
@@ -275,7 +286,7 @@ def assemble(config: Config, workdir: str, previous) -> Run:
                       num_peers=config.num_peers, peer_chunk=sim.peer_chunk)
     return Run(config, workdir, chosen, mesh, model, sim, made.ledger, made.accountant, data,
                test_images, test_labels, abstract_state, steps,
-               jax.jit(functools.partial(local.evaluate_peers, apply_fn=sim.apply_fn)))
+               jax.jit(functools.partial(local.evaluate_peers, apply_fn=sim.apply_fn)), inputs)
 
 
 def load_data(config: Config):
@@ -288,11 +299,7 @@ def load_data(config: Config):
         config.dataset, config.data_dir or None, encoder=config.encoder,
         features=config.features, feature_dim=config.feature_dim,
         feature_cache=config.feature_cache or None)
-    try:
-        peer_index = data_lib.partition(dataset.y_train, config.num_peers, config.partition,
-                                        config.dirichlet_alpha, config.seed)
-    except ValueError as error:
-        raise ConfigError(str(error)) from error
+    peer_index = partition(config, dataset.y_train, config.seed)
     data = DeviceData(jnp.asarray(dataset.x_train), jnp.asarray(dataset.y_train, jnp.int32),
                       jnp.asarray(peer_index.table), jnp.asarray(peer_index.counts))
     logging.info("data: %s; %d train / %d test examples; %d peers hold %d-%d examples",
@@ -300,6 +307,47 @@ def load_data(config: Config):
                  peer_index.counts.min(), peer_index.counts.max())
     return (dataset, data, data_lib.preprocess(jnp.asarray(dataset.x_test)),
             jnp.asarray(dataset.y_test, jnp.int32))
+
+
+def partition(config: Config, labels: np.ndarray, seed: int) -> data_lib.PeerIndex:
+    """The peers' index tables of `--partition` drawn with `seed`."""
+    try:
+        return data_lib.partition(labels, config.num_peers, config.partition,
+                                  config.dirichlet_alpha, seed)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+
+
+def replica_seeds(config: Config) -> list[int]:
+    """--seed + r for each of the --replicas replicas."""
+    return [config.seed + r for r in range(config.replicas)]
+
+
+def replica_data(config: Config, labels: np.ndarray, data: DeviceData) -> DeviceData:
+    """`data` with each replica's partition: table (R, N, L) (padded with each row's first
+    entry to the widest replica's L; the batches drawn are the same, `data.sampling`'s draw
+    being a prefix of a longer one) and counts (R, N)."""
+    indexes = [partition(config, labels, seed) for seed in replica_seeds(config)]
+    width = max(index.table.shape[1] for index in indexes)
+    tables = [np.concatenate([index.table, np.repeat(index.table[:, :1],
+                                                     width - index.table.shape[1], axis=1)],
+                             axis=1) for index in indexes]
+    return data._replace(table=jnp.asarray(np.stack(tables)),
+                         counts=jnp.asarray(np.stack([index.counts for index in indexes])))
+
+
+def replica_inputs(config: Config, sim: Simulation) -> replicas_lib.ReplicaInputs:
+    """Each replica's attackers and drawn links (None where the seed draws none)."""
+    seeds = replica_seeds(config)
+    byzantine = links = None
+    if sim.adversary is not None:
+        byzantine = jnp.asarray(np.stack([adversary.pool(
+            config.num_peers, config.byzantine_fraction, seed) for seed in seeds]))
+    if sim.clock is not None and config.network == "lognormal":  # The others draw nothing.
+        drawn = [network.make_links(config.settings(network.Settings)._replace(seed=seed))
+                 for seed in seeds]
+        links = clock.Links(*(jnp.asarray(np.stack(leaf)) for leaf in zip(*drawn, strict=True)))
+    return replicas_lib.ReplicaInputs(byzantine, links)
 
 
 def build_model(config: Config, num_classes: int, chosen: plan_lib.Plan):
@@ -319,9 +367,11 @@ def execution_plan(config: Config, workdir: str, previous, num_classes: int, sam
         chosen = plan_lib.Plan(**stored)
         logging.info("plan: %s (kept from %s)", chosen.describe(), path)
         return chosen
-    request = config.settings(plan_lib.Request)
+    # Replicas are more peers on the vectorized axes: R x N.
+    request = config.settings(plan_lib.Request)._replace(
+        num_peers=config.num_peers * config.replicas)
     chosen = plan_lib.fixed(request)
-    peer_steps = config.num_peers * config.local_batches * config.max_iterations
+    peer_steps = request.num_peers * config.local_batches * config.max_iterations
     if previous is not None:  # A run from before plans existed ran the flags' plan.
         logging.info("plan: %s (the flags', as when this run started)", chosen.describe())
     elif config.plan == "auto" and mesh is None:
@@ -334,7 +384,7 @@ def execution_plan(config: Config, workdir: str, previous, num_classes: int, sam
             return models.make_apply_fn(model, config.compute_dtype), params
 
         one_peer = jax.eval_shape(lambda: build_apply_fn(chosen)[1])
-        state_bytes = config.num_peers * (memory.tree_nbytes(one_peer) + memory.tree_nbytes(
+        state_bytes = request.num_peers * (memory.tree_nbytes(one_peer) + memory.tree_nbytes(
             jax.eval_shape(optimizer.init, one_peer)))
         make_step = plan_lib.local_step_factory(request, build_apply_fn, sample_input, optimizer,
                                                 num_classes)
@@ -356,11 +406,16 @@ def execution_plan(config: Config, workdir: str, previous, num_classes: int, sam
 
 def initial_state(config: Config, model, sim: Simulation, sample_input: jax.Array,
                   mesh=None) -> FLState:
-    """Iteration 0's state, every peer from the seed (sharded over `mesh`, if any)."""
-    state = init_state(model, sim.optimizer, sample_input, config.num_peers,
-                       jax.random.fold_in(jax.random.key(config.seed), 0), sim.churn_model,
-                       functools.partial(initial_stage_states, sim))
-    return sharding.shard_peers(state, mesh)
+    """Iteration 0's state, every peer from the seed (sharded over `mesh`, if any); with
+    --replicas=R > 1, the R replicas' states stacked (leaves (R, N, ...)), replica r's from
+    seed + r."""
+    states = [init_state(model, sim.optimizer, sample_input, config.num_peers,
+                         jax.random.fold_in(jax.random.key(seed), 0), sim.churn_model,
+                         functools.partial(initial_stage_states, sim))
+              for seed in replica_seeds(config)]
+    if config.replicas > 1:
+        return jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+    return sharding.shard_peers(states[0], mesh)
 
 
 class Steps:
@@ -391,8 +446,46 @@ class Steps:
 
     def __call__(self, state: FLState, t: int) -> tuple[FLState, dict, bool]:
         """Runs iteration t: (the new state, its info, whether it distilled)."""
-        distillation_ = self._sim.distillation
-        distilling = distillation_ is not None and distillation_.active(t)
-        weight = (np.float32(distillation_.weight(t)),) if distilling else ()
+        distilling, weight = distillation_at(self._sim, t)
         state, info = self.compiled(distilling)(state, self.key_at(t), self._data, *weight)
+        return state, info, distilling
+
+
+def distillation_at(sim: Simulation, t: int) -> tuple[bool, tuple]:
+    """Whether iteration t distils, and the compiled step's extra argument (MKD's weight)."""
+    distillation_ = sim.distillation
+    distilling = distillation_ is not None and distillation_.active(t)
+    return distilling, (np.float32(distillation_.weight(t)),) if distilling else ()
+
+
+class ReplicaSteps:
+    """`Steps` for R replicas (`marfl_jax.core.replicas`): one compiled program over the
+    stacked states; info has a leading replica axis."""
+
+    def __init__(self, sim: Simulation, abstract_state, data: DeviceData,
+                 inputs: replicas_lib.ReplicaInputs, seeds: list[int]):
+        self._sim, self._abstract_state, self._data, self._inputs = (sim, abstract_state, data,
+                                                                     inputs)
+        self._keys = replicas_lib.replica_keys(seeds)
+        self._compiled = {}
+
+    def key_at(self, t: int):
+        """(R,) iteration t's keys."""
+        return replicas_lib.keys_at(self._keys, t)
+
+    def compiled(self, distilling: bool):
+        if distilling not in self._compiled:
+            step = jax.jit(replicas_lib.make_replica_iteration(self._sim, distilling),
+                           donate_argnums=0)
+            weight = (jax.ShapeDtypeStruct((), jnp.float32),) if distilling else ()
+            self._compiled[distilling] = step.lower(
+                self._abstract_state, self.key_at(0), self._data, self._inputs,
+                *weight).compile()
+        return self._compiled[distilling]
+
+    def __call__(self, state: FLState, t: int) -> tuple[FLState, dict, bool]:
+        """Runs iteration t of every replica: (the new states, their info, distilled)."""
+        distilling, weight = distillation_at(self._sim, t)
+        state, info = self.compiled(distilling)(state, self.key_at(t), self._data,
+                                                self._inputs, *weight)
         return state, info, distilling

@@ -303,6 +303,10 @@ class Config:
                                     check=_FRACTION)
     max_iterations: int = _field(500, "Stop after this many iterations.", check=_at_least(1))
     seed: int = _field(0, "Seed of every random draw of the run.")
+    replicas: int = _field(1, "Run R independent replicas of this run in one compiled program, "
+                           "replica r with --seed + r; rows give each metric's mean over the "
+                           "replicas and its _std, metrics_replicas.jsonl each replica's rows, "
+                           "the summary 95 percent intervals.", check=_at_least(1))
     workdir: str = _field("runs/default", "Where config.json, metrics.jsonl, summary.json and "
                           "checkpoints go; rerunning with the same workdir resumes.",
                           check=(bool, "a non-empty path"))
@@ -333,6 +337,7 @@ class Config:
         self._check_privacy()
         self._check_network()
         self._check_asynchronous()
+        self._check_replicas()
         self._check_tracking()
         return self
 
@@ -468,6 +473,12 @@ class Config:
             raise ConfigError("--round_timeout_s needs the clock: set --network to one of: "
                               "uniform, lognormal, trace")
 
+    def _check_replicas(self) -> None:
+        if self.replicas > 1 and self.asynchronous:
+            raise ConfigError(f"--replicas={self.replicas} is not allowed with --asynchronous: "
+                              "each replica's timeline schedules different device waves; run "
+                              "the seeds one by one (--seed) or use --replicas=1")
+
     def _check_asynchronous(self) -> None:
         if not self.asynchronous:
             return
@@ -551,8 +562,8 @@ SECTIONS: dict[str, tuple[str, ...]] = {
                 "round_timeout_s"),
     "asynchrony": ("asynchronous", "matchmaking_window_s", "row_every_s", "wave_layout"),
     "scale": ("peer_chunk", "plan", "plan_budget_s", "memory_limit_gb", "deterministic"),
-    "run": ("eval_every", "eval_peers", "target_accuracy", "max_iterations", "seed", "workdir",
-            "checkpoint_every", "wandb_project"),
+    "run": ("eval_every", "eval_peers", "target_accuracy", "max_iterations", "seed", "replicas",
+            "workdir", "checkpoint_every", "wandb_project"),
 }
 
 

@@ -74,6 +74,9 @@ def run(config: Config, workdir: str | None = None) -> RunResult:
         previous = files.previous_config(config, workdir)
         logging.info("numerics: %s", runtime.describe(numerics))
         assembled = assemble(config, workdir, previous)
+        if config.replicas > 1:
+            from marfl_jax import replicas  # It builds on this module.
+            return replicas.run(assembled, previous, start, closing)
         progress = resume(assembled, previous)
         start -= progress.elapsed_before
         recorder = Recorder(assembled.sim, progress, config.learning_rate, start,
@@ -104,13 +107,7 @@ def resume(run: Run, previous) -> Progress:
     rows before it, if any. (In a multi-process run the first process writes the files; the
     barriers keep the others from reading a file being rewritten.)"""
     config, workdir = run.config, run.workdir
-    sharding.barrier("workdir checked")
-    if sharding.is_primary():
-        os.makedirs(workdir, exist_ok=True)
-        files.write_json(os.path.join(workdir, "plan.json"), run.plan.fields())
-        files.write_atomically(os.path.join(workdir, "config.json"), config.to_json())
-    sharding.barrier("workdir written")
-    checkpoints = files.Checkpoints(os.path.join(workdir, "checkpoints"))
+    checkpoints = write_run_files(run)
     ledger, accountant = run.ledger, run.accountant
     if previous is not None and checkpoints.latest() is not None:
         leaves, host = checkpoints.restore(run.abstract_state, run.mesh,
@@ -129,6 +126,17 @@ def resume(run: Run, previous) -> Progress:
     sharding.barrier("metrics read")
     return Progress(state, first_iteration, elapsed, ledger, accountant, metrics,
                     config.target_accuracy, checkpoints)
+
+
+def write_run_files(run: Run) -> files.Checkpoints:
+    """Writes the workdir's plan.json and config.json; returns its checkpoints."""
+    sharding.barrier("workdir checked")
+    if sharding.is_primary():
+        os.makedirs(run.workdir, exist_ok=True)
+        files.write_json(os.path.join(run.workdir, "plan.json"), run.plan.fields())
+        files.write_atomically(os.path.join(run.workdir, "config.json"), run.config.to_json())
+    sharding.barrier("workdir written")
+    return files.Checkpoints(os.path.join(run.workdir, "checkpoints"))
 
 
 class StateBeforeStages(NamedTuple):
@@ -278,15 +286,20 @@ def train(run: Run, progress: Progress, recorder: Recorder) -> None:
     recorder.close()
 
 
-def evaluate(run: Run, progress: Progress, row: dict, t: int) -> None:
+def evaluate(run: Run, progress: Progress, row: dict, t: int, params=None,
+             honest: np.ndarray | None = None, seed: int | None = None) -> None:
     """Adds the evaluation's fields (and DP's budget so far) to iteration t's row: over the
-    peers that took part, honest ones only when there are attackers."""
+    peers that took part, honest ones only when there are attackers. params (leaves (N, ...)),
+    honest (N,) and seed (of the evaluated sample): a replica's, else the run's."""
     present = row["present"]
-    if run.sim.adversary is not None:
-        present = present & run.sim.adversary.honest
-    row.update(evaluation.evaluate(run.config.settings(evaluation.Settings),
-                                   progress.state.params, present, t,
-                                   run.evaluate_peers, run.test_images, run.test_labels))
+    if honest is None and run.sim.adversary is not None:
+        honest = run.sim.adversary.honest
+    if honest is not None:
+        present = present & honest
+    settings = run.config.settings(evaluation.Settings)
+    row.update(evaluation.evaluate(settings if seed is None else settings._replace(seed=seed),
+                                   progress.state.params if params is None else params, present,
+                                   t, run.evaluate_peers, run.test_images, run.test_labels))
     if progress.accountant is not None:
         row.update(progress.accountant.epsilons())
 
@@ -314,14 +327,37 @@ def save_checkpoint(progress: Progress, recorder: Recorder) -> None:
 
 def summarize(run: Run, progress: Progress, recorder: Recorder) -> RunResult:
     """Writes summary.json; raises `watch.DivergenceError` for a run that diverged."""
-    config, metrics, reached_at = run.config, progress.metrics, progress.reached_at
     diverged = progress.diverged
-    wall_seconds = round(time.time() - recorder.start, 3)
     summary_path = os.path.join(run.workdir, "summary.json")
-    finished_before = (files.read_json(summary_path)
-                       if progress.t == progress.first_iteration and not diverged else None)
-    if finished_before is not None:  # Its time is the one it took then, not this restore's.
+    summary = headline(run, progress, recorder)
+    summary["wall_seconds"] = wall_time(run, progress, recorder)
+    if diverged:
+        latest = progress.checkpoints.latest()
+        diverged += ("; no checkpoint was saved" if latest is None else
+                     f"; the latest checkpoint (after iteration {latest - 1}) holds a finite state")
+        summary["diverged"] = diverged
+    if sharding.is_primary():
+        files.write_json(summary_path, summary)
+    if diverged:
+        raise watch.DivergenceError(diverged)
+    logging.info("done: %s", summary)
+    return RunResult(summary, progress.metrics, progress.state)
+
+
+def wall_time(run: Run, progress, recorder: Recorder) -> float:
+    """The run's wall seconds: a finished run restored again keeps the time it took then."""
+    wall_seconds = round(time.time() - recorder.start, 3)
+    finished_before = (files.read_json(os.path.join(run.workdir, "summary.json"))
+                       if progress.t == progress.first_iteration and not progress.diverged
+                       else None)
+    if finished_before is not None:
         wall_seconds = finished_before.get("wall_seconds", wall_seconds)
+    return wall_seconds
+
+
+def headline(run: Run, progress: Progress, recorder: Recorder) -> dict:
+    """The summary's figures of one run (or one replica) from its rows and totals."""
+    config, metrics, reached_at = run.config, progress.metrics, progress.reached_at
     evaluated = [r for r in metrics if "accuracy" in r]
     summary = {
         "final_accuracy": evaluated[-1]["accuracy"] if evaluated else None,
@@ -333,7 +369,6 @@ def summarize(run: Run, progress: Progress, recorder: Recorder) -> RunResult:
         "iteration_reached_target": reached_at,
         "bytes_to_target": (metrics[reached_at]["cumulative_bytes"]
                             if reached_at is not None else None),
-        "wall_seconds": wall_seconds,
     }
     if run.sim.clock is not None:
         summary.update(cumulative_sim_seconds=recorder.sim_elapsed,
@@ -341,14 +376,4 @@ def summarize(run: Run, progress: Progress, recorder: Recorder) -> RunResult:
                                               if reached_at is not None else None))
     if progress.accountant is not None:
         summary.update(dp_delta=config.privacy_delta, **progress.accountant.epsilons())
-    if diverged:
-        latest = progress.checkpoints.latest()
-        diverged += ("; no checkpoint was saved" if latest is None else
-                     f"; the latest checkpoint (after iteration {latest - 1}) holds a finite state")
-        summary["diverged"] = diverged
-    if sharding.is_primary():
-        files.write_json(summary_path, summary)
-    if diverged:
-        raise watch.DivergenceError(diverged)
-    logging.info("done: %s", summary)
-    return RunResult(summary, metrics, progress.state)
+    return summary

@@ -66,6 +66,8 @@ flags.DEFINE_integer("local_batches", None, "Local mini-batches b per iteration.
 flags.DEFINE_integer("batch_size", None, "Mini-batch size B.")
 flags.DEFINE_integer("eval_every", None, "Evaluate every k iterations.")
 flags.DEFINE_integer("seed", None, "Seed.")
+flags.DEFINE_integer("replicas", None, "Replicas of every run (seeds seed .. seed + R - 1, one "
+                     "program each): rows and tables give means and standard deviations.")
 flags.DEFINE_string("workdir", None, "Output folder (default runs/<study>).")
 flags.DEFINE_multi_string("option", None, "A setting of the chosen study, NAME=V1,V2 "
                           "(repeatable; the study module's STUDY.options and docstring list "
@@ -81,7 +83,7 @@ OPTION_FLAGS = {"dropouts": ("churn", "dropouts"), "mkd_fractions": ("mkd", "fra
                 "dp_noise_multipliers": ("dp", "noise_multipliers")}
 # Flags of the shared setting (Config fields of `Scale.mnist`).
 CONFIG_FLAGS = ("model", "dataset", "data_dir", "target_accuracy", "max_iterations",
-                "local_batches", "batch_size", "eval_every", "seed")
+                "local_batches", "batch_size", "eval_every", "seed", "replicas")
 
 
 def _texts(value) -> tuple[str, ...]:

@@ -37,6 +37,8 @@ flags.DEFINE_string("data_dir", "", "MNIST for --scale=full: a folder with the f
 flags.DEFINE_string("text_data_dir", "", "20 Newsgroups: 20news-bydate.tar.gz or its folder "
                     "('' = scikit-learn's cache).")
 flags.DEFINE_string("workdir", None, "Where the runs go (default runs/reproduce/<scale>).")
+flags.DEFINE_integer("replicas", None, "Replicas of every run (default: the scale's): the "
+                     "tables give mean +- std over seeds seed .. seed + R - 1.")
 flags.DEFINE_string("report", None, "The report (default REPRODUCTION.md for small, "
                     "REPRODUCTION_full.md for full).")
 FLAGS = flags.FLAGS
@@ -61,6 +63,9 @@ def main(argv: list[str]) -> None:
     scale = scales.SCALES[FLAGS.scale]
     if FLAGS.text_data_dir:
         scale = scales.with_options(scale, "text", {"data_dir": FLAGS.text_data_dir})
+    if FLAGS.replicas is not None:
+        scale = dataclasses.replace(
+            scale, mnist=dataclasses.replace(scale.mnist, replicas=FLAGS.replicas))
     if FLAGS.data_dir:
         scale = dataclasses.replace(
             scale, mnist=dataclasses.replace(scale.mnist, data_dir=FLAGS.data_dir))

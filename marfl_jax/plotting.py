@@ -16,6 +16,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 
 
 def _save(fig, path: str, axes, which: str = "both") -> None:
@@ -27,6 +28,26 @@ def _save(fig, path: str, axes, which: str = "both") -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def accuracy_curve(ax, x: Sequence[float], rows: Sequence[dict], **style) -> None:
+    """One run's accuracy against x; with replicas (rows carry `accuracy_std`), a band of
+    +- one standard deviation over the replicas around the mean."""
+    line, = ax.plot(x, [r["accuracy"] for r in rows], **style)
+    if rows and all("accuracy_std" in r and "replicas" in r for r in rows):
+        mean = np.asarray([r["accuracy"] for r in rows])
+        spread = np.asarray([r["accuracy_std"] for r in rows])
+        ax.fill_between(x, mean - spread, mean + spread, color=line.get_color(), alpha=0.2,
+                        lw=0)
+
+
+def error_bars(ax, x: Sequence[float], rows: Sequence[dict], field: str) -> None:
+    """Bars of +- the replicas' standard deviation of `field` (`<field>_std`), where rows have
+    them."""
+    spread = [r.get(f"{field}_std", "") for r in rows]
+    if rows and all(s not in ("", None) for s in spread):
+        ax.errorbar(x, [r[field] for r in rows], yerr=spread, fmt="none", ecolor="k",
+                    elinewidth=0.8, capsize=2)
 
 
 def plot_bytes_per_iteration(rows: Sequence[dict], path: str) -> None:
@@ -62,6 +83,7 @@ def plot_churn(rows: Sequence[dict], path: str) -> None:
         mine = sorted((r for r in rows if r["algorithm"] == name), key=lambda r: r["dropout"])
         left.plot([r["dropout"] for r in mine], [r["final_accuracy"] for r in mine],
                   marker="o", label=name)
+        error_bars(left, [r["dropout"] for r in mine], mine, "final_accuracy")
         reached = [r for r in mine if r["bytes_to_target"] != ""]
         right.plot([r["dropout"] for r in reached], [r["bytes_to_target"] for r in reached],
                    marker="o", label=name)
@@ -84,8 +106,8 @@ def plot_accuracy_vs_bytes(curves: dict[str, Sequence[dict]], path: str,
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
     for label, rows in curves.items():
         evaluated = [r for r in rows if "accuracy" in r]
-        ax.plot([r["cumulative_bytes"] for r in evaluated], [r["accuracy"] for r in evaluated],
-                marker=".", label=label)
+        accuracy_curve(ax, [r["cumulative_bytes"] for r in evaluated], evaluated, marker=".",
+                       label=label)
     for level in thresholds:
         ax.axhline(level, color="k", lw=0.6, ls=":")
     ax.set(xscale="log", xlabel="cumulative bytes", ylabel="test accuracy",
@@ -100,8 +122,8 @@ def plot_accuracy_vs_sim_time(curves: dict[str, Sequence[dict]], path: str,
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
     for label, rows in curves.items():
         evaluated = [r for r in rows if "accuracy" in r and "cumulative_sim_seconds" in r]
-        ax.plot([r["cumulative_sim_seconds"] / 3600 for r in evaluated],
-                [r["accuracy"] for r in evaluated], marker=".", label=label)
+        accuracy_curve(ax, [r["cumulative_sim_seconds"] / 3600 for r in evaluated], evaluated,
+                       marker=".", label=label)
     for level in thresholds:
         ax.axhline(level, color="k", lw=0.6, ls=":")
     ax.set(xscale="log", xlabel="simulated time (hours)", ylabel="test accuracy",
@@ -168,8 +190,8 @@ def plot_accuracy_vs_iteration(curves: dict[str, Sequence[dict]], path: str) -> 
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
     for label, rows in curves.items():
         evaluated = [r for r in rows if "accuracy" in r]
-        ax.plot([r["iteration"] for r in evaluated], [r["accuracy"] for r in evaluated],
-                marker=".", label=label)
+        accuracy_curve(ax, [r["iteration"] for r in evaluated], evaluated, marker=".",
+                       label=label)
     ax.set(xlabel="iteration", ylabel="test accuracy", title="Accuracy over iterations")
     _save(fig, path, [ax], which="major")
 

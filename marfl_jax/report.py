@@ -59,9 +59,20 @@ def _cell(key: str, value) -> str:
 def markdown_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]]) -> str:
     lines = ["| " + " | ".join(heading for _, heading in columns) + " |",
              "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_cell(key, row.get(key, "")) for key, _ in columns) + " |"
-              for row in rows]
+    lines += ["| " + " | ".join(cell(row, key) for key, _ in columns) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def cell(row: dict, key: str) -> str:
+    """row[key] as the report shows it: `mean +- std` where the row has the replicas' spread
+    `key_std` (a run with --replicas > 1), else the value."""
+    shown = _cell(key, row.get(key, ""))
+    spread = row.get(f"{key}_std")
+    if spread in ("", None) or shown == "-":
+        return shown
+    if "accuracy" in key:  # Points, not a share of a share.
+        return f"{shown[:-2]} ± {100 * spread:.2f} %"
+    return f"{shown} ± {_cell(key, spread)}"
 
 
 def write_report(outcomes: Sequence, path: str, *, scale, command: str,
@@ -78,7 +89,7 @@ def write_report(outcomes: Sequence, path: str, *, scale, command: str,
         f"Written by `{command}` (scale `{scale.name}`) on {machine}, "
         f"{time.strftime('%Y-%m-%d')}; {_duration(wall_seconds)} of wall time for this "
         "invocation (runs finished earlier in the same workdir are reused and their own "
-        "times are listed per experiment). One seed per run. Every figure below was measured "
+        f"times are listed per experiment). {_seeds(scale)} Every figure below was measured "
         "by that command. The paper's claims are paraphrased from its abstract and its "
         "description of the algorithms; its own tables were not reachable from this offline "
         "machine, so no number of the paper's is copied here beside ours. Bytes are what "
@@ -118,6 +129,15 @@ def write_report(outcomes: Sequence, path: str, *, scale, command: str,
     lines.append("")
     with open(path, "w") as f:
         f.write("\n".join(lines))
+
+
+def _seeds(scale) -> str:
+    replicas = scale.mnist.replicas
+    if replicas <= 1:
+        return "One seed per run."
+    return (f"Every run is {replicas} replicas (seeds {scale.mnist.seed} .. "
+            f"{scale.mnist.seed + replicas - 1}, `--replicas={replicas}`): a figure x ± s is the "
+            "replicas' mean and sample standard deviation.")
 
 
 def _by_reason(not_run: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:

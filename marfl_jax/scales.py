@@ -122,7 +122,8 @@ def mnist_config(scale: Scale, num_peers: int, workdir: str) -> Config:
         return config_from_flagfile(
             os.path.join(CONFIG_DIR, f"mnist_n{num_peers}.cfg"), dataset=scale.mnist.dataset,
             data_dir=scale.mnist.data_dir, eval_peers=scale.mnist.eval_peers,
-            checkpoint_every=scale.mnist.checkpoint_every, workdir=workdir)
+            checkpoint_every=scale.mnist.checkpoint_every, replicas=scale.mnist.replicas,
+            workdir=workdir)
     m, d, schedule = moshpit_grid(num_peers)
     return dataclasses.replace(scale.mnist, num_peers=num_peers, group_size=m, key_dim=d,
                                schedule=schedule, workdir=workdir)

@@ -60,6 +60,28 @@ def result_row(config: Config, result) -> dict:
     }
 
 
+# Row fields that hold a summary's figure (by its summary name): a replicated run's row adds
+# each one's standard deviation over the replicas as `<field>_std`.
+SPREAD_FIELDS = {"final_accuracy": "final_accuracy", "best_accuracy": "best_accuracy",
+                 "iterations_to_target": "iteration_reached_target",
+                 "bytes_to_target": "bytes_to_target",
+                 "sim_seconds_to_target": "sim_seconds_to_target"}
+
+
+def with_spread(row: dict, config: Config, summary: dict) -> dict:
+    """`row` of a run with --replicas > 1 with `replicas`, `replicas_reached_target` and the
+    `_std` of each of its `SPREAD_FIELDS` ('' where undefined); other rows as they are."""
+    if config.replicas <= 1:
+        return row
+    row = {**row, "replicas": config.replicas,
+           "replicas_reached_target": summary.get("replicas_reached_target", "")}
+    for field, name in SPREAD_FIELDS.items():
+        if field in row and f"{name}_std" in summary:
+            spread = summary[f"{name}_std"]
+            row[f"{field}_std"] = "" if spread is None else spread
+    return row
+
+
 def first_reaching(metrics: Sequence[dict], accuracy: float) -> dict | None:
     """The first evaluated row with accuracy >= `accuracy`, or None."""
     return next((r for r in metrics if r.get("accuracy", -1.0) >= accuracy), None)
@@ -199,7 +221,7 @@ def run_configs(configs: Sequence[Config], on_row=None, make_row=result_row,
     rows = []
     for config in configs:
         result = _run_once(config)
-        rows.append(make_row(config, result))
+        rows.append(with_spread(make_row(config, result), config, result.summary))
         if on_result is not None:
             on_result(config, result)
         if on_row is not None:
@@ -284,6 +306,12 @@ def run(study: Study, configs: Sequence[Config], figure: str, on_row=None,
 
 
 def write_csv(rows: Sequence[dict], path: str, fields: Sequence[str] = ROW_FIELDS) -> None:
+    """The rows' `fields`, each followed by its `_std` where a row has one (replicas), then the
+    replica counts."""
+    present = {key for row in rows for key in row}
+    fields = [name for field in fields
+              for name in (field, f"{field}_std") if name == field or name in present]
+    fields += [name for name in ("replicas", "replicas_reached_target") if name in present]
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()

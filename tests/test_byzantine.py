@@ -20,12 +20,13 @@ def _scale(**options):
 
 def test_the_grid_and_each_runs_f():
     configs = byzantine.STUDY.configs(_scale(), "runs/b")
-    # Honest: 4 rules x 3 algorithms; attacked: 3 fractions x 5 attacks x 4 rules x
+    # Honest: 5 rules x 3 algorithms; attacked: 6 fractions x 5 attacks x 5 rules x
     # (MAR-FL random + collude, FedAvg, gossip).
-    assert len(configs) == 4 * 3 + 3 * 5 * 4 * 4
+    assert len(configs) == 5 * 3 + 6 * 5 * 5 * 4
     assert len({c.workdir for c in configs}) == len(configs)
     small = byzantine.STUDY.configs(_scale(algorithms=["marfl", "fedavg"], fractions=[0, 0.2],
-                                           attacks=["sign_flip"]), "runs/b")
+                                           attacks=["sign_flip"], rules=byzantine.RULES[:4]),
+                                    "runs/b")
     assert len(small) == 4 * 2 + 4 * 3
     f = {(c.algorithm, c.byzantine_fraction, c.aggregator): c.aggregator_f for c in small}
     assert f[("marfl", 0.2, "trimmed_mean")] == 1  # Groups of 4: at most (4 - 1) // 2.
@@ -39,6 +40,63 @@ def test_the_grid_and_each_runs_f():
     assert (cclip.clip_tau, cclip.clip_iterations) == (1.0, 3)
 
 
+def test_group_sizes_and_noniid_runs_without_attackers():
+    """MAR-FL at M = 4 and M = 8 (N = 64: 4x4x4 and 8x8), and every setup and rule without
+    attackers on Dirichlet data."""
+    configs = byzantine.STUDY.configs(_scale(
+        algorithms=["marfl", "gossip"], group_sizes=[0, 8], fractions=[0, 0.1],
+        attacks=["alie"], rules=["mean", "self_centered_clip"], noniid_alphas=[0.1, 0.5]),
+        "runs/b")
+    marfl = {(c.group_size, c.key_dim) for c in configs if c.algorithm == "marfl"}
+    assert marfl == {(4, 3), (8, 2)}
+    setups = {byzantine.setup_name(c) for c in configs}
+    assert setups == {"marfl", "marfl_m8", "gossip"}
+    noniid = [c for c in configs if c.partition == "dirichlet"]
+    assert len(noniid) == 2 * 3 * 2 and not any(c.byzantine_fraction for c in noniid)
+    assert {c.dirichlet_alpha for c in noniid} == {0.1, 0.5}
+    # Honest IID 3 x 2, attacked: 3 setups (+ M=4 and M=8 collude) x 2 rules, then non-IID.
+    assert len(configs) == 3 * 2 + 5 * 2 + 12
+    assert len({c.workdir for c in configs}) == len(configs)
+    scc = next(c for c in configs if c.aggregator == "self_centered_clip")
+    assert scc.clip_tau == 1.0
+    with pytest.raises(ValueError, match="group_sizes=5"):
+        byzantine.STUDY.configs(_scale(group_sizes=[5]), "runs/b")
+
+
+def _row(setup, fraction, rule, accuracy, attack="sign_flip", partition="iid"):
+    return {"setup": setup, "algorithm": setup.split("_")[0], "placement": "random",
+            "partition": partition, "fraction": fraction, "attack": attack if fraction else
+            "none", "rule": rule, "final_accuracy": accuracy, "accuracy_min": accuracy - 0.1,
+            "consensus_after": 0.01, "diverged": False}
+
+
+def test_breakdown_points_are_the_largest_fraction_within_five_points():
+    rows = [_row("marfl", 0.0, "mean", 0.90), _row("marfl", 0.0, "trimmed_mean", 0.88),
+            _row("marfl", 0.0, "trimmed_mean", 0.50, partition="dirichlet 0.1")]
+    # The mean breaks at 10 %; trimmed_mean holds to 20 % then breaks; within 5 points of its
+    # own 88 % (not the mean's 90 %); a later recovery does not count.
+    for fraction, mean, trimmed in ((0.1, 0.20, 0.86), (0.2, 0.89, 0.84), (0.3, 0.9, 0.70)):
+        rows += [_row("marfl", fraction, "mean", mean), _row("marfl", fraction, "trimmed_mean",
+                                                             trimmed)]
+    rows.append(_row("gossip", 0.0, "mean", 0.9))
+    rows += [_row("gossip", f, "mean", 0.88) for f in (0.1, 0.2)]
+    points = byzantine.breakdown_points(rows)
+    assert points[("marfl", "random", "sign_flip", "mean")] == (0.0, False)
+    assert points[("marfl", "random", "sign_flip", "trimmed_mean")] == (0.2, False)
+    assert points[("gossip", "random", "sign_flip", "mean")] == (0.2, True)
+    text = byzantine.tables(rows)
+    assert "| marfl, random | sign_flip | 0 % | 20 % |" in text
+    assert "| gossip, random | sign_flip | ≥ 20 % |  |" in text
+    assert "| marfl, dirichlet 0.1 |  | 50.0 % (worst 40.0 %) |" in text
+    assert "| marfl, dirichlet 0.1 |  | 0.01 |" in text  # The consensus table.
+
+
+def test_a_replicated_rows_cells_show_the_spread():
+    row = dict(_row("marfl", 0.1, "mean", 0.9), final_accuracy_std=0.012,
+               accuracy_min_std=0.03)
+    assert byzantine._accuracy(row, worst=True) == "90.0 ± 1.2 % (worst 80.0 ± 3.0 %)"
+
+
 def _result(accuracy, diverged=False):
     metrics = [{"iteration": 0, "byzantine_peers": 6, "consensus_after": 0.5,
                 "accuracy": accuracy, "accuracy_min": accuracy - 0.1,
@@ -50,10 +108,12 @@ def _result(accuracy, diverged=False):
 
 def test_rows_figure_and_table(tmp_path):
     configs = byzantine.STUDY.configs(_scale(algorithms=["marfl"], fractions=[0, 0.1],
-                                             attacks=["sign_flip"]), str(tmp_path))
+                                             attacks=["sign_flip"], rules=byzantine.RULES[:4]),
+                                      str(tmp_path))
     rows = [byzantine.make_row(c, _result(0.1 * i, diverged=i == 3))
             for i, c in enumerate(configs)]
     assert set(rows[0]) == set(byzantine.FIELDS)
+    assert rows[0]["setup"] == "marfl" and rows[0]["partition"] == "iid"
     assert rows[5]["byzantine_peers"] == 6 and rows[5]["placement"] in ("random", "collude")
     assert rows[3]["diverged"] and not rows[4]["diverged"]
     path = str(tmp_path / "b.png")
@@ -105,7 +165,8 @@ def test_what_ran_is_drawn_and_tabled_whatever_it_is(tmp_path, monkeypatch):
         ("sign_flip, 10 % attackers", ["mean", "krum"]),
         ("mimic, 30 % attackers", ["mean", "krum"])]
     text = byzantine.tables(more)
-    assert text.startswith("**No attackers.**\n\n| algorithm | krum |\n|---|---|\n| marfl | ")
+    assert text.startswith("**No attackers** (honest accuracy; the worst honest peer's in "
+                           "brackets).\n\n| algorithm | krum |\n|---|---|\n| marfl | ")
     assert "**30 % mimic.**\n\n| algorithm, placement | mean | krum |" in text
 
     # The report's section is the study's record: title, claim, setting, summary, tables.

@@ -101,6 +101,8 @@ def configs(scale, workdir) -> list[Config]:
                     row_every_s=options.row_every_s,
                     workdir=os.path.join(workdir, run_name(setup, profile, mode)),
                     **PROFILES[profile], **MODES[mode])
+                if config.asynchronous:  # One timeline per run: replicas are refused.
+                    config = dataclasses.replace(config, replicas=1)
                 if profile == "slow10":
                     config = dataclasses.replace(config, network_trace=slow_trace(
                         os.path.join(workdir, "traces", f"slow10_n{n}.csv"), n, config))
@@ -144,6 +146,8 @@ def draw(rows, curves, configs, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from marfl_jax import plotting
+
     panels = list(dict.fromkeys((r["setup"], r["profile"]) for r in rows))
     columns = min(4, len(panels))
     lines = math.ceil(len(panels) / columns)
@@ -155,8 +159,8 @@ def draw(rows, curves, configs, path) -> None:
                 continue
             metrics = curves.get(run_name(setup, profile, r["mode"]), [])
             evaluated = [m for m in metrics if "accuracy" in m]
-            ax.plot([m["cumulative_sim_seconds"] for m in evaluated],
-                    [m["accuracy"] for m in evaluated], label=r["mode"].replace("_", " "))
+            plotting.accuracy_curve(ax, [m["cumulative_sim_seconds"] for m in evaluated],
+                                    evaluated, label=r["mode"].replace("_", " "))
         ax.set(title=f"{setup}, {profile}", xlabel="simulated seconds", ylabel="test accuracy",
                xscale="log")
         ax.grid(True, alpha=0.3)

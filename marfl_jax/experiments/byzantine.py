@@ -36,14 +36,18 @@ from marfl_jax.report import describe, pct, set_of
 from marfl_jax.scales import mnist_config, moshpit_grid
 from marfl_jax.sweep import Option, Study
 
-FRACTIONS = (0.0, 0.05, 0.1, 0.2)
+FRACTIONS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3)
 ATTACKS = ("sign_flip", "gaussian", "alie", "ipm", "label_flip")
-RULES = ("mean", "median", "trimmed_mean", "centered_clip")
+RULES = ("mean", "median", "trimmed_mean", "centered_clip", "self_centered_clip")
 PLACEMENTS = ("random", "collude")
 CLIP = dict(clip_tau=1.0, clip_iterations=3)
-FIELDS = ("algorithm", "placement", "fraction", "byzantine_peers", "attack", "rule",
-          "aggregator_f", "group_size", "iterations", "final_accuracy", "accuracy_min",
-          "accuracy_max", "consensus_after", "diverged", "bytes", "wall_seconds")
+# A fraction is tolerated while the honest accuracy stays within this of the rule's own
+# accuracy without attackers (the breakdown table).
+BREAKDOWN_POINTS = 0.05
+FIELDS = ("setup", "algorithm", "placement", "partition", "fraction", "byzantine_peers",
+          "attack", "rule", "aggregator_f", "group_size", "iterations", "final_accuracy",
+          "accuracy_min", "accuracy_max", "consensus_after", "diverged", "bytes",
+          "wall_seconds")
 OPTIONS = {
     "fractions": Option(FRACTIONS, float, "fractions of the peers that attack (0: none)"),
     "attacks": Option(ATTACKS, str, "the attacks (marfl_jax.attacks.ATTACKS)"),
@@ -51,6 +55,10 @@ OPTIONS = {
     "placements": Option(PLACEMENTS, str, "where attackers sit, for algorithms with keys "
                          "(marfl_jax.adversary.PLACEMENTS)"),
     "algorithms": Option(("marfl", "fedavg", "gossip"), str, "the algorithms"),
+    "group_sizes": Option((0,), int, "MAR-FL's group sizes M (0: the grid of N's "
+                          "moshpit_grid; 8 at N = 64 is the 8x8 grid)"),
+    "noniid_alphas": Option((), float, "Dirichlet alphas of extra runs without attackers "
+                            "(--partition=dirichlet), every algorithm and rule"),
     "iterations": Option(None, int, "each run's iterations (default: the shared setting's "
                          "max_iterations)"),
 }
@@ -61,10 +69,21 @@ def tolerated(fraction: float, largest_group: int) -> int:
     return min(max(1, math.ceil(fraction * largest_group - 1e-9)), (largest_group - 1) // 2)
 
 
+def setup_name(config: Config) -> str:
+    """The algorithm, with MAR-FL's group size M where it is not N's `moshpit_grid`."""
+    if config.algorithm == "marfl" and config.group_size != moshpit_grid(config.num_peers)[0]:
+        return f"marfl_m{config.group_size}"
+    return config.algorithm
+
+
 def one_run(base: Config, algorithm: str, placement: str, fraction: float, attack: str,
-            rule: str) -> Config:
-    name = (f"{algorithm}_{placement}_f{fraction:g}_{attack}_{rule}" if fraction
-            else f"{algorithm}_honest_{rule}")
+            rule: str, alpha: float | None = None) -> Config:
+    setup = setup_name(dataclasses.replace(base, algorithm=algorithm))
+    name = (f"{setup}_{placement}_f{fraction:g}_{attack}_{rule}" if fraction
+            else f"{setup}_honest_{rule}" if alpha is None
+            else f"{setup}_dirichlet{alpha:g}_{rule}")
+    if alpha is not None:
+        base = dataclasses.replace(base, partition="dirichlet", dirichlet_alpha=alpha)
     config = dataclasses.replace(
         base, algorithm=algorithm, byzantine_fraction=fraction,
         byzantine_placement=placement if fraction else "random",
@@ -84,17 +103,35 @@ def configs(scale, workdir):
                                schedule=schedule, target_accuracy=1.0, eval_every=10)
     if options.iterations is not None:
         base = dataclasses.replace(base, max_iterations=options.iterations)
+    setups = []  # (base, algorithm): MAR-FL once per group size.
+    for algorithm in options.algorithms:
+        if algorithm != "marfl":
+            setups.append((base, algorithm))
+            continue
+        for size in options.group_sizes:
+            size = size or m
+            dims = round(math.log(n, size))
+            if size ** dims != n:
+                raise ValueError(f"--option=group_sizes={size}: N = {n} is not a power of it "
+                                 "(MAR-FL's groups form a grid of N)")
+            setups.append((dataclasses.replace(base, group_size=size, key_dim=dims,
+                                               schedule=schedule if size == m else "authors"),
+                           algorithm))
     runs = []
     for fraction in options.fractions:
         for attack in options.attacks if fraction else ("none",):
-            for algorithm in options.algorithms:
+            for setup, algorithm in setups:
                 keyed = assemble.algorithm(
-                    dataclasses.replace(base, algorithm=algorithm)).group_keys
+                    dataclasses.replace(setup, algorithm=algorithm)).group_keys
                 places = (options.placements if fraction and keyed
                           else ("random",))  # Colluders choose keys; others have none.
                 for placement in places:
-                    runs += [one_run(base, algorithm, placement, fraction, attack, rule)
+                    runs += [one_run(setup, algorithm, placement, fraction, attack, rule)
                              for rule in options.rules]
+    for alpha in options.noniid_alphas:
+        for setup, algorithm in setups:
+            runs += [one_run(setup, algorithm, "random", 0.0, "none", rule, alpha)
+                     for rule in options.rules]
     return runs
 
 
@@ -102,8 +139,15 @@ def make_row(config: Config, result) -> dict:
     summary, metrics = result.summary, result.metrics
     evaluated = [r for r in metrics if r.get("accuracy") is not None]
     last = evaluated[-1] if evaluated else {}
+    spread = {f"{name}_std": last[f"{name}_std"] for name in ("accuracy_min", "accuracy_max")
+              if f"{name}_std" in last}  # Replicas.
+    if metrics and "consensus_after_std" in metrics[-1]:
+        spread["consensus_after_std"] = metrics[-1]["consensus_after_std"]
     return {
-        "algorithm": config.algorithm, "placement": config.byzantine_placement,
+        "setup": setup_name(config), "algorithm": config.algorithm,
+        "placement": config.byzantine_placement,
+        "partition": ("iid" if config.partition != "dirichlet"
+                      else f"dirichlet {config.dirichlet_alpha:g}"),
         "fraction": config.byzantine_fraction,
         "byzantine_peers": metrics[-1].get("byzantine_peers", 0) if metrics else 0,
         "attack": config.attack, "rule": config.aggregator, "aggregator_f": config.aggregator_f,
@@ -112,7 +156,7 @@ def make_row(config: Config, result) -> dict:
         "accuracy_min": last.get("accuracy_min", ""), "accuracy_max": last.get("accuracy_max", ""),
         "consensus_after": metrics[-1]["consensus_after"] if metrics else "",
         "diverged": "diverged" in summary, "bytes": summary["cumulative_bytes"],
-        "wall_seconds": summary["wall_seconds"]}
+        "wall_seconds": summary["wall_seconds"], **spread}
 
 
 def ordered(values: Iterable, known: Sequence = ()) -> list:
@@ -126,23 +170,38 @@ def rules_of(rows) -> list[str]:
     return ordered((r["rule"] for r in rows), RULES)
 
 
+def setup_of(row) -> str:
+    """The row's setup (rows of before setups existed: the algorithm)."""
+    return row.get("setup") or row["algorithm"]
+
+
+def iid(row) -> bool:
+    return row.get("partition", "iid") == "iid"
+
+
 def lines_of(rows) -> list[tuple[str, str]]:
-    """The (algorithm, placement) pairs that ran."""
-    return sorted({(r["algorithm"], r["placement"]) for r in rows})
+    """The (setup, placement) pairs that ran."""
+    return sorted({(setup_of(r), r["placement"]) for r in rows})
 
 
 def panels_of(rows) -> list[tuple[str, float]]:
     """The (attack, fraction) pairs that ran with attackers: by attack (ATTACKS' first), then
     fraction."""
-    attacked = [r for r in rows if r["fraction"]]
+    attacked = [r for r in rows if r["fraction"] and iid(r)]
     return [(attack, fraction) for attack in ordered((r["attack"] for r in attacked), ATTACKS)
             for fraction in sorted({r["fraction"] for r in attacked if r["attack"] == attack})]
 
 
-def _cell(rows, fraction, attack, algorithm, placement, rule) -> dict | None:
-    return next((r for r in rows if (r["fraction"], r["attack"], r["algorithm"],
-                                     r["placement"], r["rule"])
-                 == (fraction, attack, algorithm, placement, rule)), None)
+def _cell(rows, fraction, attack, setup, placement, rule) -> dict | None:
+    return next((r for r in rows if iid(r) and (r["fraction"], r["attack"], setup_of(r),
+                                                r["placement"], r["rule"])
+                 == (fraction, attack, setup, placement, rule)), None)
+
+
+def _honest(rows, setup, rule, partition="iid") -> dict | None:
+    """The run of `setup` and `rule` without attackers on `partition`'s data."""
+    return next((r for r in rows if not r["fraction"] and setup_of(r) == setup
+                 and r["rule"] == rule and r.get("partition", "iid") == partition), None)
 
 
 def draw(rows, curves, configs, path):
@@ -153,8 +212,8 @@ def draw(rows, curves, configs, path):
     import matplotlib.pyplot as plt
 
     panels, lines, rules = panels_of(rows), lines_of(rows), rules_of(rows)
-    honest = {(r["algorithm"], r["rule"]): r["final_accuracy"] for r in rows
-              if not r["fraction"]}
+    honest = {(setup_of(r), r["rule"]): r["final_accuracy"] for r in rows
+              if not r["fraction"] and iid(r)}
     width = max(3.2, 0.8 * len(rules) + 1) * max(len(panels), 1)
     fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(max(width, 6.0), 3.4),
                              squeeze=False)
@@ -180,41 +239,135 @@ def draw(rows, curves, configs, path):
     plt.close(fig)
 
 
-def _accuracy(row) -> str:
+def _accuracy(row, worst: bool = False) -> str:
+    """The honest peers' final accuracy (`mean +- std` over replicas), with the worst honest
+    peer's in brackets when `worst`."""
     if row is None:
         return ""
-    return (f"{100 * float(row['final_accuracy']):.1f} %"
-            + (" (diverged)" if str(row["diverged"]) == "True" else ""))
+    text = _points(row, "final_accuracy")
+    if worst and row.get("accuracy_min") not in ("", None):
+        text += f" (worst {_points(row, 'accuracy_min')})"
+    return text + (" (diverged)" if str(row["diverged"]) == "True" else "")
+
+
+def _points(row, key) -> str:
+    value, spread = row[key], row.get(f"{key}_std")
+    text = f"{100 * float(value or 0.0):.1f}"
+    if spread not in ("", None):
+        text += f" ± {100 * float(spread):.1f}"
+    return text + " %"
 
 
 def table(rows, fraction: float, attack: str) -> str:
-    """A Markdown table of honest final accuracy: algorithm/placement x rule."""
+    """A Markdown table of honest final accuracy (the worst honest peer's in brackets):
+    setup/placement x rule."""
     rules = rules_of(rows)
     out = ["| algorithm, placement | " + " | ".join(rules) + " |",
            "|---|" + "---|" * len(rules)]
     for a, p in lines_of(rows):
-        cells = [_accuracy(_cell(rows, fraction, attack, a, p, rule)) for rule in rules]
+        cells = [_accuracy(_cell(rows, fraction, attack, a, p, rule), worst=True)
+                 for rule in rules]
         out.append(f"| {a}, {p} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 
 
 def honest_table(rows) -> str:
-    """A Markdown table of the runs without attackers' final accuracy: algorithm x rule."""
+    """A Markdown table of the runs without attackers' final accuracy, the worst honest peer's
+    in brackets: setup (and data, where some are not IID) x rule."""
     honest = [r for r in rows if not r["fraction"]]
     rules = rules_of(honest)
+    partitions = ordered((r.get("partition", "iid") for r in honest), ("iid",))
     out = ["| algorithm | " + " | ".join(rules) + " |", "|---|" + "---|" * len(rules)]
-    for a in ordered(r["algorithm"] for r in honest):
-        cells = [_accuracy(next((r for r in honest if (r["algorithm"], r["rule"]) == (a, rule)),
-                                None)) for rule in rules]
-        out.append(f"| {a} | " + " | ".join(cells) + " |")
+    for partition in partitions:
+        for setup in ordered(setup_of(r) for r in honest):
+            cells = [_accuracy(_honest(honest, setup, rule, partition), worst=True)
+                     for rule in rules]
+            if any(cells):
+                label = setup if partitions == ["iid"] else f"{setup}, {partition}"
+                out.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def consensus_table(rows) -> str:
+    """The consensus distance after the last iteration of the runs without attackers (mean
+    squared distance of the honest peers' models to their mean): setup, data x rule."""
+    honest = [r for r in rows if not r["fraction"]]
+    rules = rules_of(honest)
+    out = ["| algorithm, data | " + " | ".join(rules) + " |", "|---|" + "---|" * len(rules)]
+    for partition in ordered((r.get("partition", "iid") for r in honest), ("iid",)):
+        for setup in ordered(setup_of(r) for r in honest):
+            found = [_honest(honest, setup, rule, partition) for rule in rules]
+            if any(found):
+                out.append(f"| {setup}, {partition} | " + " | ".join(
+                    "" if r is None or r["consensus_after"] in ("", None)
+                    else f"{float(r['consensus_after']):.3g}" for r in found) + " |")
+    return "\n".join(out)
+
+
+def breakdown_points(rows, points: float = BREAKDOWN_POINTS) -> dict:
+    """(setup, placement, attack, rule) -> (the largest fraction f that ran such that at every
+    fraction up to f the honest accuracy stayed within `points` of the rule's accuracy without
+    attackers (0.0: not even the smallest), whether every fraction that ran stayed within);
+    only where the run without attackers is there."""
+    found = {}
+    for setup, placement in lines_of([r for r in rows if r["fraction"] and iid(r)]):
+        for attack in ordered((r["attack"] for r in rows if r["fraction"]), ATTACKS):
+            for rule in rules_of(rows):
+                honest = _honest(rows, setup, rule)
+                fractions = sorted({r["fraction"] for r in rows if r["fraction"] and iid(r)
+                                    and (r["attack"], setup_of(r), r["placement"], r["rule"])
+                                    == (attack, setup, placement, rule)})
+                if honest is None or not fractions:
+                    continue
+                tolerated = 0.0
+                for fraction in fractions:
+                    row = _cell(rows, fraction, attack, setup, placement, rule)
+                    if (str(row["diverged"]) == "True" or float(row["final_accuracy"] or 0.0)
+                            < float(honest["final_accuracy"]) - points):
+                        break
+                    tolerated = fraction
+                found[(setup, placement, attack, rule)] = (tolerated,
+                                                           tolerated == fractions[-1])
+    return found
+
+
+def breakdown_table(rows) -> str:
+    """The breakdown points (`breakdown_points`): setup, placement x attack, one column per
+    rule."""
+    points = breakdown_points(rows)
+    if not points:
+        return ""
+    rules = [rule for rule in rules_of(rows) if any(k[3] == rule for k in points)]
+    attacks = ordered((k[2] for k in points), ATTACKS)
+    out = ["| algorithm, placement | attack | " + " | ".join(rules) + " |",
+           "|---|---|" + "---|" * len(rules)]
+    for setup, placement in lines_of([r for r in rows if r["fraction"] and iid(r)]):
+        for attack in attacks:
+            cells = []
+            for rule in rules:
+                point = points.get((setup, placement, attack, rule))
+                cells.append("" if point is None else
+                             f"{'≥ ' if point[1] else ''}{100 * point[0]:g} %")
+            if any(cells):
+                out.append(f"| {setup}, {placement} | {attack} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 
 
 def tables(rows) -> str:
-    """The report's tables: without attackers, then one per attack and fraction."""
+    """The report's tables: without attackers (accuracy with the worst honest peer, then the
+    consensus distance), the breakdown points, then one per attack and fraction."""
     parts = []
     if any(not r["fraction"] for r in rows):
-        parts += ["**No attackers.**", honest_table(rows)]
+        parts += ["**No attackers** (honest accuracy; the worst honest peer's in brackets).",
+                  honest_table(rows)]
+        if any(r.get("consensus_after") not in ("", None) for r in rows if not r["fraction"]):
+            parts += ["**Consensus distance without attackers** (after the last iteration).",
+                      consensus_table(rows)]
+    breakdown = breakdown_table(rows)
+    if breakdown:
+        parts += [f"**Breakdown points**: the largest attacker fraction run up to which the "
+                  f"honest accuracy stays within {100 * BREAKDOWN_POINTS:g} points of the "
+                  "same rule's without attackers (≥: every fraction run).", breakdown]
     for attack, fraction in panels_of(rows):
         parts += [f"**{100 * fraction:g} % {attack}.**", table(rows, fraction, attack)]
     return "\n\n".join(parts)
@@ -229,14 +382,14 @@ def summarize(rows) -> str:
     """Per attack and fraction, each algorithm and placement's accuracy under the mean and
     under the other rules."""
     parts = []
-    honest = [r["final_accuracy"] for r in rows if not r["fraction"]]
+    honest = [r["final_accuracy"] for r in rows if not r["fraction"] and iid(r)]
     if honest:
         parts.append(f"Without attackers: {_span(honest)} under every rule.")
     for attack, fraction in panels_of(rows):
         said = []
         for a, p in lines_of(rows):
-            mine = [r for r in rows if (r["attack"], r["fraction"], r["algorithm"],
-                                        r["placement"]) == (attack, fraction, a, p)]
+            mine = [r for r in rows if iid(r) and (r["attack"], r["fraction"], setup_of(r),
+                                                   r["placement"]) == (attack, fraction, a, p)]
             mean = [r["final_accuracy"] for r in mine if r["rule"] == "mean"]
             others = [r for r in mine if r["rule"] != "mean"]
             named = (others[0]["rule"] if len({r["rule"] for r in others}) == 1 else

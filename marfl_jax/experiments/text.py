@@ -36,6 +36,7 @@ def configs(scale, workdir):
     features = os.path.join(workdir, "features")
     bbc = config_from_flagfile(os.path.join(CONFIG_DIR, "bbc_news.cfg"),
                                max_iterations=options.bbc_iterations, checkpoint_every=0,
+                               replicas=scale.mnist.replicas,
                                feature_dim=options.feature_dim, feature_cache=features,
                                workdir=os.path.join(workdir, "bbc_news_n16"))
     runs = [bbc.validate()]
@@ -43,6 +44,7 @@ def configs(scale, workdir):
         runs.append(config_from_flagfile(
             os.path.join(CONFIG_DIR, f"20ng_n{n}.cfg"), data_dir=options.data_dir,
             max_iterations=options.newsgroups_iterations, checkpoint_every=0,
+            replicas=scale.mnist.replicas,
             feature_dim=options.feature_dim, feature_cache=features,
             workdir=os.path.join(workdir, f"20newsgroups_n{n}")).validate())
     return runs

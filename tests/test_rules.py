@@ -243,3 +243,34 @@ def test_a_rule_with_state_runs_in_the_chain_and_keeps_it_in_the_run_state():
     chex.assert_trees_all_close(jax.tree.leaves(remembered[1]), [
         x for x in jax.tree.leaves(state.opt_state) if jnp.issubdtype(x.dtype, jnp.floating)])
     assert rows[-1]["consensus_after"] > 0  # Members end apart (per-member results).
+
+
+@pytest.mark.parametrize("fraction, group_size, f", [
+    (0.0, 4, 1), (0.0, 8, 1), (0.0, 2, 0), (0.0, 3, 1),  # No attackers: still 1 (M > 2).
+    (0.1, 4, 1), (0.3, 8, 3), (0.2, 4, 1), (0.49, 4, 1),  # Capped at (M - 1) // 2.
+    (0.1, 2, 0), (0.4, 2, 0), (0.3, 1, 0),  # Pairs (gossip) and one copy: no f.
+    (0.1, 64, 7), (0.2, 64, 13), (0.3, 10, 3),  # FedAvg's server over N = 64; 0.3 * 10 > 3.
+])
+def test_auto_f_is_the_attackers_a_full_group_holds(fraction, group_size, f):
+    assert rules.auto_f(fraction, group_size) == f
+
+
+@pytest.mark.parametrize("name", ["mean", "median", "trimmed_mean", "krum", "centered_clip"])
+def test_a_rule_is_the_mean_exactly_where_it_declares_it(name):
+    """Rule.equals_mean(params, M) against the rule itself: the mean in groups of every size up
+    to M where it says so, and not the mean of a full group of M where it does not."""
+    for size in (1, 2, 3, 4, 5):
+        for f in (0, 1, 2):
+            params = rules.Params(f=f, tau=0.3, iterations=2)
+            tree, present = _slots(6, size, seed=10 * size + f)
+            present[2:] = True  # Full groups beside the random ones (and nobody, one member).
+            got = rules.get(name).combine(tree, jnp.asarray(present), params)
+            mean = _reference("mean", tree, present, params)
+            same = [np.allclose(np.asarray(got[k]), mean[k], atol=1e-5) for k in tree]
+            if rules.get(name).equals_mean(params, size):
+                assert all(same), (name, size, f)
+            elif size > 1:
+                assert not all(same), (name, size, f)
+    assert rules.get("trimmed_mean").equals_mean(rules.Params(f=0), 4)
+    assert not rules.get("trimmed_mean").equals_mean(rules.Params(f=1), 4)
+    assert not rules.get("krum").equals_mean(rules.Params(f=0), 4)  # Picks a copy.

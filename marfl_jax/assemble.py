@@ -67,9 +67,12 @@ def algorithm(config: Config) -> algorithms.Algorithm:
     return algorithms.make_algorithm(config.settings(algorithms.Settings))
 
 
-def rule_params(config: Config) -> rules.Params:
-    """--aggregator_f, --clip_tau, --clip_iterations."""
-    return rules.Params(int(config.aggregator_f), float(config.clip_tau),
+def rule_params(config: Config, run_algorithm: algorithms.Algorithm | None = None
+                ) -> rules.Params:
+    """--aggregator_f (resolved for the algorithm's largest group: `Config.tolerated_f`),
+    --clip_tau, --clip_iterations. run_algorithm: the run's (default: made from the config)."""
+    largest = (run_algorithm or algorithm(config)).max_group_size
+    return rules.Params(config.tolerated_f(largest), float(config.clip_tau),
                         int(config.clip_iterations))
 
 
@@ -191,7 +194,7 @@ def pieces(config: Config, model, sample_input: jax.Array, mesh=None,
         roundtrip=(None if codec.lossless else
                    functools.partial(codec_lib.roundtrip_tree, codec, block=config.codec_block)),
         slice_unit=codec.unit(config.codec_block), share_momentum=config.share_momentum,
-        aggregator=rules.get(config.aggregator, rule_params(config)),
+        aggregator=rules.get(config.aggregator, rule_params(config, run_algorithm)),
         adversary=make_adversary(config, num_classes))
     accountant = None if not config.dp else accounting.PrivacyAccountant(
         config.num_peers, config.dp_noise_multiplier, config.privacy_delta)

@@ -76,6 +76,32 @@ def rule_params(config: Config, run_algorithm: algorithms.Algorithm | None = Non
                         int(config.clip_iterations))
 
 
+def report_rule(config: Config, run_algorithm: algorithms.Algorithm) -> None:
+    """Logs the f a rule that reads it gets (info) and, in one warning line naming the flag to
+    set, a rule whose params make it exactly the group mean (`rules.Rule.equals_mean`). Nothing
+    for --aggregator=mean."""
+    rule, params = rules.RULES.get(config.aggregator), rule_params(config, run_algorithm)
+    if rule.exact_mean:
+        return
+    largest = run_algorithm.max_group_size
+    if rule.honest_majority:
+        logging.info("--aggregator=%s tolerates f = %d Byzantine copies per group "
+                     "(--aggregator_f=%s, groups of at most %d)", config.aggregator, params.f,
+                     config.aggregator_f, largest)
+    if not rule.equals_mean(params, largest):
+        return
+    helps = [f for f in range(1, (largest - 1) // 2 + 1)
+             if not rule.equals_mean(params._replace(f=f), largest)]
+    fix = (f"set --aggregator_f to {helps[0]}" + (f"..{helps[-1]}" if len(helps) > 1 else "")
+           if helps else ("no --aggregator_f changes that; " if rule.honest_majority else "")
+           + "choose another --aggregator or larger groups")
+    why = (f"f = {params.f} from --aggregator_f={config.aggregator_f}, "
+           if rule.honest_majority else "")
+    logging.warning("--aggregator=%s is exactly the group mean here (%sgroups of at most %d "
+                    "with --algorithm=%s): %s", config.aggregator, why, largest,
+                    config.algorithm, fix)
+
+
 def attack_params(config: Config) -> attacks.Params:
     """--attack_sigma, --attack_tau."""
     return attacks.Params(float(config.attack_sigma), float(config.attack_tau))
@@ -233,6 +259,7 @@ def assemble(config: Config, workdir: str, previous) -> Run:
     """The data, the plan, the model and the simulation with its ledger and accountant; the
     iteration compiled for the state's shapes, refusing a run that would not fit. `previous`:
     the workdir's config of an earlier run (`workdir.previous_config`), or None."""
+    report_rule(config, algorithm(config))  # Before any heavy work.
     # Data.
     dataset, data, test_images, test_labels = load_data(config)
     mesh = sharding.peer_mesh(config.num_peers)  # None on one device.

@@ -274,3 +274,49 @@ def test_a_rule_is_the_mean_exactly_where_it_declares_it(name):
     assert rules.get("trimmed_mean").equals_mean(rules.Params(f=0), 4)
     assert not rules.get("trimmed_mean").equals_mean(rules.Params(f=1), 4)
     assert not rules.get("krum").equals_mean(rules.Params(f=0), 4)  # Picks a copy.
+
+
+def _warnings(config):
+    """The warnings the run of `config` would log about its rule."""
+    from unittest import mock
+
+    with mock.patch.object(assemble.logging, "warning") as warning:
+        assemble.report_rule(config, assemble.algorithm(config))
+    return [call.args[0] % call.args[1:] for call in warning.call_args_list]
+
+
+def test_a_rule_that_is_the_mean_says_so_in_one_warning_line():
+    from marfl_jax.config import Config
+
+    (line,) = _warnings(Config(aggregator="trimmed_mean", aggregator_f=0).validate())
+    assert line.startswith("--aggregator=trimmed_mean is exactly the group mean here (f = 0 "
+                           "from --aggregator_f=0, groups of at most 4")
+    assert line.endswith("set --aggregator_f to 1") and "\n" not in line
+    (pairs,) = _warnings(Config(aggregator="median", algorithm="gossip").validate())
+    assert pairs.endswith("(groups of at most 2 with --algorithm=gossip): choose another "
+                          "--aggregator or larger groups")
+    (auto,) = _warnings(Config(aggregator="trimmed_mean", algorithm="gossip").validate())
+    assert "no --aggregator_f changes that" in auto
+    attacked = dict(byzantine_fraction=0.1, attack="sign_flip")
+    for robust in (dict(aggregator="trimmed_mean", **attacked),  # auto: f = 1 in groups of 4.
+                   dict(aggregator="trimmed_mean"),  # No attackers: auto still gives 1.
+                   dict(aggregator="krum", aggregator_f=0),  # Picks a copy: not the mean.
+                   dict(aggregator="centered_clip", clip_tau=1.0),
+                   dict(aggregator="mean", aggregator_f=0), dict(aggregator="mean",
+                                                                algorithm="gossip")):
+        assert not _warnings(Config(**robust).validate()), robust
+
+
+def test_a_run_warns_before_it_loads_its_data(monkeypatch, caplog, tmp_path):
+    """Through absl's logging, once, before the heavy work (here: the data, which fails)."""
+    from marfl_jax.config import Config
+
+    def no_data(config):
+        raise RuntimeError("no data here")
+
+    monkeypatch.setattr(assemble, "load_data", no_data)
+    with pytest.raises(RuntimeError, match="no data here"):
+        assemble.assemble(Config(aggregator="trimmed_mean", aggregator_f="0"), str(tmp_path),
+                          None)
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "is exactly the group mean" in warned[0], warned

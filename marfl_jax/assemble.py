@@ -68,10 +68,39 @@ def algorithm(config: Config) -> algorithms.Algorithm:
     return algorithms.make_algorithm(config.settings(algorithms.Settings))
 
 
-def rule_params(config: Config) -> rules.Params:
-    """--aggregator_f, --clip_tau, --clip_iterations."""
-    return rules.Params(int(config.aggregator_f), float(config.clip_tau),
+def rule_params(config: Config, run_algorithm: algorithms.Algorithm | None = None
+                ) -> rules.Params:
+    """--aggregator_f (resolved for the algorithm's largest group: `Config.tolerated_f`),
+    --clip_tau, --clip_iterations. run_algorithm: the run's (default: made from the config)."""
+    largest = (run_algorithm or algorithm(config)).max_group_size
+    return rules.Params(config.tolerated_f(largest), float(config.clip_tau),
                         int(config.clip_iterations))
+
+
+def report_rule(config: Config, run_algorithm: algorithms.Algorithm) -> None:
+    """Logs the f a rule that reads it gets (info) and, in one warning line naming the flag to
+    set, a rule whose params make it exactly the group mean (`rules.Rule.equals_mean`). Nothing
+    for --aggregator=mean."""
+    rule, params = rules.RULES.get(config.aggregator), rule_params(config, run_algorithm)
+    if rule.exact_mean:
+        return
+    largest = run_algorithm.max_group_size
+    if rule.honest_majority:
+        logging.info("--aggregator=%s tolerates f = %d Byzantine copies per group "
+                     "(--aggregator_f=%s, groups of at most %d)", config.aggregator, params.f,
+                     config.aggregator_f, largest)
+    if not rule.equals_mean(params, largest):
+        return
+    helps = [f for f in range(1, (largest - 1) // 2 + 1)
+             if not rule.equals_mean(params._replace(f=f), largest)]
+    fix = (f"set --aggregator_f to {helps[0]}" + (f"..{helps[-1]}" if len(helps) > 1 else "")
+           if helps else ("no --aggregator_f changes that; " if rule.honest_majority else "")
+           + "choose another --aggregator or larger groups")
+    why = (f"f = {params.f} from --aggregator_f={config.aggregator_f}, "
+           if rule.honest_majority else "")
+    logging.warning("--aggregator=%s is exactly the group mean here (%sgroups of at most %d "
+                    "with --algorithm=%s): %s", config.aggregator, why, largest,
+                    config.algorithm, fix)
 
 
 def attack_params(config: Config) -> attacks.Params:
@@ -192,7 +221,7 @@ def pieces(config: Config, model, sample_input: jax.Array, mesh=None,
         roundtrip=(None if codec.lossless else
                    functools.partial(codec_lib.roundtrip_tree, codec, block=config.codec_block)),
         slice_unit=codec.unit(config.codec_block), share_momentum=config.share_momentum,
-        aggregator=rules.get(config.aggregator, rule_params(config)),
+        aggregator=rules.get(config.aggregator, rule_params(config, run_algorithm)),
         adversary=make_adversary(config, num_classes))
     accountant = None if not config.dp else accounting.PrivacyAccountant(
         config.num_peers, config.dp_noise_multiplier, config.privacy_delta)
@@ -232,6 +261,7 @@ def assemble(config: Config, workdir: str, previous) -> Run:
     """The data, the plan, the model and the simulation with its ledger and accountant; the
     iteration compiled for the state's shapes, refusing a run that would not fit. `previous`:
     the workdir's config of an earlier run (`workdir.previous_config`), or None."""
+    report_rule(config, algorithm(config))  # Before any heavy work.
     # Data.
     dataset, data, test_images, test_labels = load_data(config)
     mesh = sharding.peer_mesh(config.num_peers)  # None on one device.

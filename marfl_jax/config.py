@@ -16,6 +16,7 @@ import importlib
 import importlib.util
 import json
 import math
+import re
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -50,6 +51,22 @@ def _field(default: Any, help: str, choices: Callable[[], tuple[str, ...]] | Non
 
 def _at_least(bound, kind="an integer"):
     return (lambda v: v >= bound), f"{kind} >= {bound}"
+
+
+AUTO = "auto"  # --aggregator_f's default: resolved per run (`Config.tolerated_f`).
+
+
+def _is_count(value: Any) -> bool:
+    """An integer >= 0 (not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _integer_or_as_given(value: Any) -> Any:
+    """An integer given as a string (a flag, a flagfile: '2') as that integer, any other value
+    as given (validation refuses what is neither 'auto' nor an integer >= 0)."""
+    if isinstance(value, str) and re.fullmatch(r"\s*[0-9]+\s*", value):
+        return int(value)
+    return value
 
 
 _POSITIVE = ((lambda v: v > 0), "a number > 0")
@@ -142,9 +159,13 @@ class Config:
     aggregator: str = _field("mean", "The group rule: what each group's members take from the "
                              "copies they receive in a round ('mean' = the authors' average).",
                              _names("marfl_jax.rules", "RULES"))
-    aggregator_f: int = _field(0, "Robust rules (trimmed_mean, krum): the Byzantine copies a "
-                               "group tolerates, f (a group of n uses min(f, (n - 1) // 2)).",
-                               check=_at_least(0))
+    aggregator_f: int | str = _field(
+        AUTO, "Robust rules (trimmed_mean, krum): the Byzantine copies a group tolerates, f (a "
+        "group of n uses min(f, (n - 1) // 2)); 'auto' = the attackers a full group holds at "
+        "--byzantine_fraction p: max(1, ceil(p M)), at most (M - 1) // 2, M the algorithm's "
+        "largest group (FedAvg's server: N). A rule that is the group mean with the f it gets "
+        "(trimmed_mean with f = 0, the median of pairs) is reported in a warning.",
+        check=((lambda v: v == AUTO or _is_count(v)), "'auto' or an integer >= 0"))
     clip_tau: float = _field(0.0, "The clipping radius tau of the clipping rules (centered_clip, "
                              "centered_clip_previous, self_centered_clip), on the norm of a "
                              "whole copy's difference; required by them (0 = unset: a radius "
@@ -316,6 +337,11 @@ class Config:
                                 "off; needs pip install wandb). TensorBoard files are always "
                                 "written to WORKDIR/tb/.")
 
+    def __post_init__(self) -> None:
+        # --aggregator_f holds 'auto' or an int however it was given (flag, flagfile, the int of
+        # an older config.json), so that equal settings compare equal.
+        object.__setattr__(self, "aggregator_f", _integer_or_as_given(self.aggregator_f))
+
     def validate(self) -> Config:
         """Returns self, or raises ConfigError naming the first bad flag."""
         for f in dataclasses.fields(self):
@@ -376,11 +402,11 @@ class Config:
                               "above any difference of these models' copies: the rule would be "
                               "the mean); e.g. --clip_tau=1")
         largest = algorithm.max_group_size
-        if rule.honest_majority and 2 * self.aggregator_f >= largest:
+        if rule.honest_majority and 2 * self.tolerated_f(largest) >= largest:
             raise ConfigError(
                 f"--aggregator_f={self.aggregator_f} with --aggregator={self.aggregator}: a "
                 f"full group of {largest} has no honest majority for f; use --aggregator_f < "
-                f"{largest / 2:g}")
+                f"{largest / 2:g} or --aggregator_f=auto")
 
     def _check_wire(self, algorithm) -> None:
         """What the algorithm's wire can do, asked once: slots (a rule other than the mean, or
@@ -516,6 +542,18 @@ class Config:
         fields (`network.Settings`, `evaluation.Settings`, `plan.Request`, ...): pieces below
         the runner receive these, never the Config."""
         return kind(*(getattr(self, name) for name in kind._fields))
+
+    def tolerated_f(self, largest_group: int) -> int:
+        """The f the group rule gets (`rules.Params.f`): --aggregator_f, or for 'auto'
+        `rules.auto_f(--byzantine_fraction, largest_group)`, where largest_group is the
+        algorithm's `max_group_size`. A bad value raises ConfigError naming the flag."""
+        value = self.aggregator_f
+        if value == AUTO:
+            from marfl_jax import rules  # Deferred: it imports jax.
+
+            return rules.auto_f(self.byzantine_fraction, largest_group)
+        _check(_is_count(value), "aggregator_f", value, "'auto' or an integer >= 0")
+        return value
 
     @property
     def aggregating_peers(self) -> int:

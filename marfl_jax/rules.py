@@ -32,6 +32,9 @@ The robust rules follow ByzFL's definitions (LPD-EPFL/byzfl, byzfl/aggregators/a
 TrMean, Krum, CenteredClipping). A group's number of present copies n varies (churn, small
 groups), so each rule uses f_g = min(f, (n - 1) // 2) in a group of n: the largest f <= --f
 with 2 f_g < n, ByzFL's requirement (it raises for 2f >= n). With n <= 2 that is f_g = 0.
+The default --aggregator_f=auto is `auto_f(p, M)`: max(1, ceil(p M)) for the attacking fraction
+p and the algorithm's largest group M, at most (M - 1) // 2. A rule declares when its params make
+it the mean (`Rule.mean_if`, asked through `Rule.equals_mean`): a run says so in a warning.
 * `trimmed_mean`: per coordinate, drop the f_g largest and f_g smallest present copies and
   average the other n - 2 f_g.
 * `krum`: the present copy with the smallest sum of squared whole-copy distances (all leaves
@@ -52,6 +55,7 @@ with 2 f_g < n, ByzFL's requirement (it raises for 2f >= n). With n <= 2 that is
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -67,6 +71,15 @@ class Params(NamedTuple):
     f: int = 0  # --aggregator_f: the Byzantine copies a group should tolerate.
     tau: float = 100.0  # --clip_tau: centered clipping's radius.
     iterations: int = 1  # --clip_iterations: centered clipping's L.
+
+
+def auto_f(fraction: float, group_size: int) -> int:
+    """--aggregator_f=auto: the attackers a group of `group_size` (M, the algorithm's largest
+    group; a server's: N) holds at the attacking `fraction` p, max(1, ceil(p M)), at most
+    (M - 1) // 2 (the honest majority the rules need). 1 without attackers, so that a robust
+    rule is not the mean by default; 0 for M <= 2, where no f is allowed."""
+    expected = max(1, math.ceil(fraction * group_size - 1e-9))  # 0.3 * 10 is 3.0000000000000004.
+    return max(0, min(expected, (group_size - 1) // 2))
 
 
 class Rule(NamedTuple):
@@ -90,6 +103,10 @@ class Rule(NamedTuple):
         argument, each member's own in its slot (G, M, ...), and returns (values, new state
         slots); the aggregation stage keeps it in `FLState.stages["aggregator"]`, so it is
         checkpointed with the run.
+      mean_if: (params, M) -> whether `combine` with these params is the unweighted mean of
+        the present copies in every group of at most M present copies (trimmed_mean with
+        f_g = 0, the median of at most two copies, ...); None: no such case is declared.
+        Read through `equals_mean`; a run that it finds to be the mean says so in a warning.
     """
 
     combine: Callable[[Any, jax.Array, Params], Any]
@@ -100,9 +117,16 @@ class Rule(NamedTuple):
     clips: bool = False
     per_member: bool = False
     init: Callable[[Any], Any] | None = None
+    mean_if: Callable[[Params, int], bool] | None = None
 
     def with_params(self, params: Params) -> Rule:
         return self._replace(params=params)
+
+    def equals_mean(self, params: Params, group_size: int) -> bool:
+        """Whether the rule with `params` is exactly the group mean in every group of at most
+        `group_size` present copies (the mean itself: always)."""
+        return self.exact_mean or (self.mean_if is not None and bool(self.mean_if(params,
+                                                                                  group_size)))
 
 
 RULES: Registry[Rule] = Registry("aggregator")
@@ -302,14 +326,28 @@ def floating_leaves(message):
                         message)
 
 
+def _at_most_two(params: Params, group_size: int) -> bool:
+    """The median of one or two copies is their mean (and centered clipping from it stays
+    there: two differences of equal norm and opposite sign)."""
+    del params
+    return group_size <= 2
+
+
+def _trims_nothing(params: Params, group_size: int) -> bool:
+    """trimmed_mean drops f_g = min(f, (n - 1) // 2) <= min(f, (M - 1) // 2) copies per side."""
+    return min(params.f, (group_size - 1) // 2) <= 0
+
+
 RULES.register("mean", MEAN)
 RULES.register("median", Rule(coordinatewise(median),
-                              description="the coordinate-wise median of the group"))
+                              description="the coordinate-wise median of the group",
+                              mean_if=_at_most_two))
 RULES.register("trimmed_mean", Rule(trimmed_mean, description="the coordinate-wise mean without "
                                     "the f largest and f smallest copies (--aggregator_f)",
-                                    honest_majority=True))
+                                    honest_majority=True, mean_if=_trims_nothing))
 RULES.register("centered_clip", Rule(centered_clip, description="centered clipping from the "
-                                     "median (--clip_tau, --clip_iterations)", clips=True))
+                                     "median (--clip_tau, --clip_iterations)", clips=True,
+                                     mean_if=_at_most_two))
 RULES.register("krum", Rule(krum, description="the copy nearest its n - f - 1 nearest mates "
                             "(--aggregator_f)", honest_majority=True))
 RULES.register("centered_clip_previous", Rule(

@@ -22,7 +22,7 @@ from typing import Any
 import jax
 from absl import logging
 
-from marfl_jax import sharding
+from marfl_jax import algorithms, rules, sharding
 from marfl_jax.config import Config, ConfigError
 
 # Fields that may change between a run and its resumption (they do not change the trajectory).
@@ -144,14 +144,33 @@ def previous_config(config: Config, workdir: str) -> Config | None:
         return None
     with open(path) as f:
         previous = Config.from_dict(json.load(f))
-    differences = [f.name for f in dataclasses.fields(Config)
-                   if f.name not in RESUMABLE_CHANGES
-                   and getattr(previous, f.name) != getattr(config, f.name)]
+    differences = []
+    for name in (f.name for f in dataclasses.fields(Config)):
+        if name in RESUMABLE_CHANGES or (name == "aggregator_f"
+                                         and previous.aggregator != config.aggregator):
+            continue  # Another rule is reported as --aggregator.
+        there, here = _compared(previous, name), _compared(config, name)
+        if there != here:
+            differences.append(f"--{name}" if name != "aggregator_f" else
+                               f"--{name} (f = {there} there, {here} here)")
     if differences:
         raise ConfigError(
             f"--workdir={workdir} holds a run with a different config (differs in: "
-            f"{', '.join('--' + d for d in differences)}); use another --workdir or delete it")
+            f"{', '.join(differences)}); use another --workdir or delete it")
     return previous
+
+
+def _compared(config: Config, name: str):
+    """What a resumption compares of the field `name`: its value, but for --aggregator_f the f
+    the group rule gets (`Config.tolerated_f`; None under the mean, which reads no f): 'auto',
+    '1' and the 1 of an older config.json are one setting where they give the same f, and an
+    older run of the mean (its config.json holds the former default 0) resumes with 'auto'."""
+    if name != "aggregator_f":
+        return getattr(config, name)
+    if rules.RULES.get(config.aggregator).exact_mean:
+        return None
+    run_algorithm = algorithms.make_algorithm(config.settings(algorithms.Settings))
+    return config.tolerated_f(run_algorithm.max_group_size)
 
 
 def read_rows(path: str, before: int) -> list[dict]:

@@ -107,3 +107,78 @@ def test_a_clipping_rule_needs_its_radius(rule):
         Config(aggregator=rule).validate()
     assert Config(aggregator=rule, clip_tau=1.0).validate().clip_tau == 1.0
     assert Config(aggregator="median").validate().clip_tau == 0.0  # Not a clipping rule.
+
+
+@pytest.mark.parametrize("value", ["two", "-1", "1.5", "", -1, 1.5, True, None])
+def test_a_bad_aggregator_f_names_the_flag_and_its_values(value):
+    with pytest.raises(ConfigError, match=r"--aggregator_f=.* it must be 'auto' or an integer "
+                                          ">= 0"):
+        Config(aggregator="trimmed_mean", aggregator_f=value).validate()
+
+
+def test_aggregator_f_is_auto_or_an_integer_however_given():
+    assert Config().aggregator_f == "auto"
+    assert Config(aggregator_f="2") == Config(aggregator_f=2) == Config(aggregator_f=" 2 ")
+    assert Config(aggregator_f="2").aggregator_f == 2  # A flag's string, read as the int.
+    assert dataclasses.replace(Config(), aggregator_f="0").aggregator_f == 0
+
+
+def test_aggregator_f_from_a_flagfile_and_the_flags(tmp_path):
+    from absl import flags
+
+    import launch.train  # noqa: F401  (defines the flags)
+    from launch.flags import config_from_flags
+    from marfl_jax.scales import config_from_flagfile
+
+    path = tmp_path / "run.cfg"
+    path.write_text("--aggregator=trimmed_mean\n--aggregator_f=1\n")
+    assert config_from_flagfile(str(path)).aggregator_f == 1
+    assert flags.FLAGS["aggregator_f"].default == "auto"
+    try:
+        flags.FLAGS(["train", f"--flagfile={path}"])
+        assert config_from_flags().aggregator_f == 1
+        flags.FLAGS.unparse_flags()
+        flags.FLAGS(["train", "--aggregator_f=auto"])
+        assert config_from_flags() == Config()
+    finally:
+        flags.FLAGS.unparse_flags()
+
+
+def test_auto_f_is_resolved_for_the_algorithms_largest_group():
+    """The honest-majority check asks the f the rule gets: 'auto' is always allowed."""
+    attacked = dict(byzantine_fraction=0.1, attack="sign_flip")
+    config = Config(aggregator="trimmed_mean", **attacked).validate()  # M = 4.
+    assert config.tolerated_f(4) == 1 and Config(aggregator_f=2).tolerated_f(4) == 2
+    fedavg = Config(aggregator="krum", algorithm="fedavg", model="mlp", **attacked).validate()
+    assert fedavg.tolerated_f(fedavg.num_peers) == 7  # ceil(0.1 * 64), a server of N = 64.
+    Config(aggregator="trimmed_mean", algorithm="gossip").validate()  # Pairs: f = 0.
+    with pytest.raises(ConfigError, match="--aggregator_f=2 .* no honest majority .* "
+                                          "--aggregator_f=auto"):
+        Config(aggregator="trimmed_mean", aggregator_f="2").validate()
+
+
+def _older_run(tmp_path, **values):
+    """A workdir whose config.json an older run wrote (aggregator_f an int: the old default
+    was 0)."""
+    import json
+
+    recorded = json.loads(Config(workdir=str(tmp_path), **values).to_json())
+    (tmp_path / "config.json").write_text(json.dumps(recorded))
+    return recorded
+
+
+def test_an_older_run_with_an_integer_f_resumes(tmp_path):
+    from marfl_jax import workdir as files
+
+    robust = dict(aggregator="trimmed_mean", byzantine_fraction=0.1, attack="sign_flip")
+    assert _older_run(tmp_path, aggregator_f=1, **robust)["aggregator_f"] == 1
+    for given in (1, "1", "auto"):  # The flag as given now; auto: f = 1 in groups of 4.
+        previous = files.previous_config(Config(workdir=str(tmp_path), aggregator_f=given,
+                                                **robust), str(tmp_path))
+        assert previous.aggregator_f == 1
+    with pytest.raises(ConfigError, match=r"differs in: --aggregator_f \(f = 1 there, 0 here\)"):
+        files.previous_config(Config(workdir=str(tmp_path), aggregator_f=0, **robust),
+                              str(tmp_path))
+    # The mean reads no f: an older run of it (the former default 0) resumes with 'auto'.
+    _older_run(tmp_path, aggregator_f=0)
+    assert files.previous_config(Config(workdir=str(tmp_path)), str(tmp_path)).aggregator_f == 0

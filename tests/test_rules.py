@@ -243,3 +243,80 @@ def test_a_rule_with_state_runs_in_the_chain_and_keeps_it_in_the_run_state():
     chex.assert_trees_all_close(jax.tree.leaves(remembered[1]), [
         x for x in jax.tree.leaves(state.opt_state) if jnp.issubdtype(x.dtype, jnp.floating)])
     assert rows[-1]["consensus_after"] > 0  # Members end apart (per-member results).
+
+
+@pytest.mark.parametrize("fraction, group_size, f", [
+    (0.0, 4, 1), (0.0, 8, 1), (0.0, 2, 0), (0.0, 3, 1),  # No attackers: still 1 (M > 2).
+    (0.1, 4, 1), (0.3, 8, 3), (0.2, 4, 1), (0.49, 4, 1),  # Capped at (M - 1) // 2.
+    (0.1, 2, 0), (0.4, 2, 0), (0.3, 1, 0),  # Pairs (gossip) and one copy: no f.
+    (0.1, 64, 7), (0.2, 64, 13), (0.3, 10, 3),  # FedAvg's server over N = 64; 0.3 * 10 > 3.
+])
+def test_auto_f_is_the_attackers_a_full_group_holds(fraction, group_size, f):
+    assert rules.auto_f(fraction, group_size) == f
+
+
+@pytest.mark.parametrize("name", ["mean", "median", "trimmed_mean", "krum", "centered_clip"])
+def test_a_rule_is_the_mean_exactly_where_it_declares_it(name):
+    """Rule.equals_mean(params, M) against the rule itself: the mean in groups of every size up
+    to M where it says so, and not the mean of a full group of M where it does not."""
+    for size in (1, 2, 3, 4, 5):
+        for f in (0, 1, 2):
+            params = rules.Params(f=f, tau=0.3, iterations=2)
+            tree, present = _slots(6, size, seed=10 * size + f)
+            present[2:] = True  # Full groups beside the random ones (and nobody, one member).
+            got = rules.get(name).combine(tree, jnp.asarray(present), params)
+            mean = _reference("mean", tree, present, params)
+            same = [np.allclose(np.asarray(got[k]), mean[k], atol=1e-5) for k in tree]
+            if rules.get(name).equals_mean(params, size):
+                assert all(same), (name, size, f)
+            elif size > 1:
+                assert not all(same), (name, size, f)
+    assert rules.get("trimmed_mean").equals_mean(rules.Params(f=0), 4)
+    assert not rules.get("trimmed_mean").equals_mean(rules.Params(f=1), 4)
+    assert not rules.get("krum").equals_mean(rules.Params(f=0), 4)  # Picks a copy.
+
+
+def _warnings(config):
+    """The warnings the run of `config` would log about its rule."""
+    from unittest import mock
+
+    with mock.patch.object(assemble.logging, "warning") as warning:
+        assemble.report_rule(config, assemble.algorithm(config))
+    return [call.args[0] % call.args[1:] for call in warning.call_args_list]
+
+
+def test_a_rule_that_is_the_mean_says_so_in_one_warning_line():
+    from marfl_jax.config import Config
+
+    (line,) = _warnings(Config(aggregator="trimmed_mean", aggregator_f=0).validate())
+    assert line.startswith("--aggregator=trimmed_mean is exactly the group mean here (f = 0 "
+                           "from --aggregator_f=0, groups of at most 4")
+    assert line.endswith("set --aggregator_f to 1") and "\n" not in line
+    (pairs,) = _warnings(Config(aggregator="median", algorithm="gossip").validate())
+    assert pairs.endswith("(groups of at most 2 with --algorithm=gossip): choose another "
+                          "--aggregator or larger groups")
+    (auto,) = _warnings(Config(aggregator="trimmed_mean", algorithm="gossip").validate())
+    assert "no --aggregator_f changes that" in auto
+    attacked = dict(byzantine_fraction=0.1, attack="sign_flip")
+    for robust in (dict(aggregator="trimmed_mean", **attacked),  # auto: f = 1 in groups of 4.
+                   dict(aggregator="trimmed_mean"),  # No attackers: auto still gives 1.
+                   dict(aggregator="krum", aggregator_f=0),  # Picks a copy: not the mean.
+                   dict(aggregator="centered_clip", clip_tau=1.0),
+                   dict(aggregator="mean", aggregator_f=0), dict(aggregator="mean",
+                                                                algorithm="gossip")):
+        assert not _warnings(Config(**robust).validate()), robust
+
+
+def test_a_run_warns_before_it_loads_its_data(monkeypatch, caplog, tmp_path):
+    """Through absl's logging, once, before the heavy work (here: the data, which fails)."""
+    from marfl_jax.config import Config
+
+    def no_data(config):
+        raise RuntimeError("no data here")
+
+    monkeypatch.setattr(assemble, "load_data", no_data)
+    with pytest.raises(RuntimeError, match="no data here"):
+        assemble.assemble(Config(aggregator="trimmed_mean", aggregator_f="0"), str(tmp_path),
+                          None)
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "is exactly the group mean" in warned[0], warned

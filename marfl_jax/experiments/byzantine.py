@@ -14,9 +14,10 @@ Settings (`--option=NAME=V1,V2`, `STUDY.options`): `fractions` (default 0, 0.05,
 one group or random pairs leave colluders no key to choose), `algorithms` (marfl, fedavg,
 gossip) and `iterations` (default: the shared `--max_iterations`, 30 here: every run takes them
 all, no target); N is `--churn_peers` (64), the model `--model`. Each run's rule tolerates
-f = max(1, ceil(fraction * M)) copies (M its largest group, at most (M - 1) // 2): what a group
-of M holds at that fraction on average, as a defender sizing the rule would assume; centered
-clipping uses tau = 1 and 3 iterations. Accuracy is over the honest peers only. Writes
+f = max(1, ceil(fraction * M)) copies (M its largest group, at most (M - 1) // 2;
+`rules.auto_f`, what --aggregator_f=auto gives, set explicitly): what a group of M holds at that
+fraction on average, as a defender sizing the rule would assume; centered clipping uses tau = 1
+and 3 iterations. Accuracy is over the honest peers only. Writes
 `byzantine.csv` and `byzantine.png` (a heat map per attack and fraction: honest final accuracy
 for each algorithm and placement x rule); the table, the figure and the report's section show
 every rule, attack, fraction, algorithm and placement that ran.
@@ -64,11 +65,6 @@ OPTIONS = {
 }
 
 
-def tolerated(fraction: float, largest_group: int) -> int:
-    """f = max(1, ceil(fraction * M)), at most (M - 1) // 2."""
-    return min(max(1, math.ceil(fraction * largest_group - 1e-9)), (largest_group - 1) // 2)
-
-
 def setup_name(config: Config) -> str:
     """The algorithm, with MAR-FL's group size M where it is not N's `moshpit_grid`."""
     if config.algorithm == "marfl" and config.group_size != moshpit_grid(config.num_peers)[0]:
@@ -90,8 +86,8 @@ def one_run(base: Config, algorithm: str, placement: str, fraction: float, attac
         attack=attack if fraction else "none", aggregator=rule,
         workdir=os.path.join(base.workdir, name),
         **(CLIP if rules_lib.RULES.get(rule).clips else {}))
-    largest = assemble.algorithm(config).max_group_size
-    f = tolerated(fraction, largest) if largest > 2 else 0
+    # f as --aggregator_f=auto gives it, set explicitly: the rows and workdirs name a number.
+    f = rules_lib.auto_f(fraction, assemble.algorithm(config).max_group_size)
     return dataclasses.replace(config, aggregator_f=f).validate()
 
 
@@ -137,6 +133,7 @@ def configs(scale, workdir):
 
 def make_row(config: Config, result) -> dict:
     summary, metrics = result.summary, result.metrics
+    largest = assemble.algorithm(config).max_group_size
     evaluated = [r for r in metrics if r.get("accuracy") is not None]
     last = evaluated[-1] if evaluated else {}
     spread = {f"{name}_std": last[f"{name}_std"] for name in ("accuracy_min", "accuracy_max")
@@ -150,8 +147,8 @@ def make_row(config: Config, result) -> dict:
                       else f"dirichlet {config.dirichlet_alpha:g}"),
         "fraction": config.byzantine_fraction,
         "byzantine_peers": metrics[-1].get("byzantine_peers", 0) if metrics else 0,
-        "attack": config.attack, "rule": config.aggregator, "aggregator_f": config.aggregator_f,
-        "group_size": assemble.algorithm(config).max_group_size,
+        "attack": config.attack, "rule": config.aggregator,
+        "aggregator_f": config.tolerated_f(largest), "group_size": largest,
         "iterations": summary["iterations"], "final_accuracy": summary["final_accuracy"],
         "accuracy_min": last.get("accuracy_min", ""), "accuracy_max": last.get("accuracy_max", ""),
         "consensus_after": metrics[-1]["consensus_after"] if metrics else "",

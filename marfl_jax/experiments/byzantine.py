@@ -115,6 +115,9 @@ def configs(scale, workdir):
                            algorithm))
     runs = []
     for fraction in options.fractions:
+        if fraction and options.noniid_alphas and not any(
+                c.partition == "dirichlet" for c in runs):  # Without attackers first.
+            runs += noniid_runs(setups, options)
         for attack in options.attacks if fraction else ("none",):
             for setup, algorithm in setups:
                 keyed = assemble.algorithm(
@@ -124,11 +127,16 @@ def configs(scale, workdir):
                 for placement in places:
                     runs += [one_run(setup, algorithm, placement, fraction, attack, rule)
                              for rule in options.rules]
-    for alpha in options.noniid_alphas:
-        for setup, algorithm in setups:
-            runs += [one_run(setup, algorithm, "random", 0.0, "none", rule, alpha)
-                     for rule in options.rules]
+    if not any(c.partition == "dirichlet" for c in runs):
+        runs += noniid_runs(setups, options)
     return runs
+
+
+def noniid_runs(setups, options) -> list[Config]:
+    """Every setup and rule without attackers on Dirichlet data, per alpha."""
+    return [one_run(setup, algorithm, "random", 0.0, "none", rule, alpha)
+            for alpha in options.noniid_alphas for setup, algorithm in setups
+            for rule in options.rules]
 
 
 def make_row(config: Config, result) -> dict:

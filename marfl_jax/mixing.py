@@ -300,17 +300,31 @@ class Mixer(NamedTuple):
       grid: the schedule's grid at full participation, only for the exact mean (`mix` then runs
         the rounds as one grid mean where the step's schedule is that grid), else None.
       init: the rule's `init` (the message (N, ...) -> its per-peer state), or None.
+      axis_name: a named vmapped axis around the rounds (replicas) over which the grid check
+        is agreed (`grid_check`), or None.
     """
 
     round: Callable[[Any, jax.Array, jax.Array | None, Any], tuple[Any, Any]]
     num_groups: int
     grid: Grid | None = None
     init: Callable[[Any], Any] | None = None
+    axis_name: str | None = None
+
+
+def grid_check(schedule: jax.Array, grid: Grid, num_groups: int,
+               axis_name: str | None = None) -> jax.Array:
+    """() bool `on_grid`; with `axis_name` (a vmapped axis of replicas), whether every member of
+    that axis is on its grid: a predicate the same for all, so a `lax.cond` on it stays a cond
+    under vmap (a batched predicate would run both branches)."""
+    on = on_grid(schedule, grid, num_groups)
+    if axis_name is None:
+        return on
+    return jax.lax.psum(jnp.logical_not(on).astype(jnp.int32), axis_name) == 0
 
 
 def mixer(num_groups: int, rule: rules_lib.Rule = rules_lib.MEAN, *,
           max_group_size: int | None = None, grid: Grid | None = None, roundtrip=None,
-          combine=None, unit: int = 1, transform=None) -> Mixer:
+          combine=None, unit: int = 1, transform=None, axis_name: str | None = None) -> Mixer:
     """The round function of a rule, a codec, a wire and an attack, chosen once.
 
     * `transform` (`marfl_jax.adversary.message_transform`: what members receive from what
@@ -343,7 +357,7 @@ def mixer(num_groups: int, rule: rules_lib.Rule = rules_lib.MEAN, *,
             combine(tree, ids, num_groups, roundtrip, unit), state), num_groups)
     return Mixer(lambda tree, ids, key, state: (
         group_mean(tree, ids, num_groups, max_group_size=max_group_size), state),
-        num_groups, grid)
+        num_groups, grid, axis_name=axis_name)
 
 
 def mix(tree, schedule: jax.Array, mixer: Mixer, key: jax.Array | None = None):
@@ -361,7 +375,7 @@ def mix(tree, schedule: jax.Array, mixer: Mixer, key: jax.Array | None = None):
 
     grid = mixer.grid
     if grid is not None:
-        return jax.lax.cond(on_grid(schedule, grid, mixer.num_groups),
+        return jax.lax.cond(grid_check(schedule, grid, mixer.num_groups, mixer.axis_name),
                             lambda t: grid_mean(t, grid.radices, tuple(sorted(set(grid.axes)))),
                             rounds, tree)
     return rounds(tree)

@@ -61,6 +61,8 @@ class Simulation(NamedTuple):
       share_momentum: messages carry momentum beside the weights (False: weights only).
       aggregator: the group rule (`marfl_jax.rules.Rule`, bound to its parameters).
       adversary: the Byzantine peers (`marfl_jax.adversary.Adversary`), or None.
+      replica_axis: the name of a vmapped axis of replicas around the iteration
+        (`marfl_jax.core.replicas`), or None.
     """
 
     apply_fn: Any
@@ -80,6 +82,7 @@ class Simulation(NamedTuple):
     share_momentum: bool = True
     aggregator: rules.Rule = rules.MEAN
     adversary: Any = None
+    replica_axis: str | None = None
 
 
 def everyone_takes_part(churn_model: ChurnModel, sim_clock=None) -> bool:
@@ -99,7 +102,8 @@ def build_chain(sim: Simulation, distilling: bool = False) -> list[Stage]:
     grid = (getattr(sim.algorithm, "grid", None)
             if sim.aggregator.exact_mean and message_transform_of(sim) is None
             and everyone_takes_part(sim.churn_model, sim.clock) else None)
-    mean = mixing.mixer(num_groups, max_group_size=sim.algorithm.max_group_size, grid=grid)
+    mean = mixing.mixer(num_groups, max_group_size=sim.algorithm.max_group_size, grid=grid,
+                        axis_name=sim.replica_axis)
     mixer = group_mixer(sim, num_groups) or mean
     honest = None if attackers is None else attackers.honest
     chain = [participation.participation(sim.churn_model, sim.algorithm)]
@@ -133,7 +137,8 @@ def build_chain(sim: Simulation, distilling: bool = False) -> list[Stage]:
     # One exact mean over every grid axis leaves all peers bitwise equal.
     agreed = (grid is not None and not private and sim.roundtrip is None
               and {a for a, r in enumerate(grid.radices) if r > 1} <= set(grid.axes))
-    chain.append(observe.observe(num_groups, grid if agreed else None, counted=honest))
+    chain.append(observe.observe(num_groups, grid if agreed else None, counted=honest,
+                                 axis_name=sim.replica_axis))
     return chain
 
 

@@ -9,7 +9,8 @@ from marfl_jax import comm, mixing
 from marfl_jax.core.stage import Context, Stage, Step
 
 
-def observe(num_groups: int, agreed: mixing.Grid | None = None, counted=None) -> Stage:
+def observe(num_groups: int, agreed: mixing.Grid | None = None, counted=None,
+            axis_name: str | None = None) -> Stage:
     """Info: `member_sizes` (G, N) int32 (each peer's group size per round, 0 = absent; the
     ledger's input), `present` (N,) bool (took part in any round), `consensus_after` and
     `params_finite` () bool (every peer's every parameter is finite: the runner's divergence
@@ -20,7 +21,8 @@ def observe(num_groups: int, agreed: mixing.Grid | None = None, counted=None) ->
     all of them), so `consensus_after` is exactly 0, which `consensus_distance` would return
     after a pass over the whole state; where the schedule is not the grid, both are measured.
     counted: (N,) bool, the peers `consensus_after` is measured over (the honest ones; None:
-    all)."""
+    all). axis_name: a vmapped axis of replicas the grid check is agreed over
+    (`mixing.grid_check`)."""
 
     def measured(params, took_part):
         return mixing.consensus_distance(params, took_part), params_finite(params)
@@ -34,7 +36,8 @@ def observe(num_groups: int, agreed: mixing.Grid | None = None, counted=None) ->
         if agreed is None:
             consensus, finite = measured(*operands)
         else:
-            consensus, finite = jax.lax.cond(mixing.on_grid(step.schedule, agreed, num_groups),
+            consensus, finite = jax.lax.cond(mixing.grid_check(step.schedule, agreed, num_groups,
+                                                               axis_name),
                                              equal, measured, *operands)
         return step, {
             "member_sizes": comm.member_sizes(step.schedule, num_groups),

@@ -34,8 +34,13 @@ class ReplicaInputs(NamedTuple):
     links: Any = None
 
 
+AXIS = "replicas"  # The vmapped axis' name (collectives agree a cond's predicate over it).
+
+
 def for_replica(sim: Simulation, inputs: ReplicaInputs) -> Simulation:
-    """`sim` with one replica's attackers and links (arrays (N,), traced under vmap)."""
+    """`sim` with one replica's attackers and links (arrays (N,), traced under vmap), inside
+    the vmapped axis `AXIS`."""
+    sim = sim._replace(replica_axis=AXIS)
     if inputs.byzantine is not None:
         sim = sim._replace(adversary=sim.adversary._replace(byzantine=inputs.byzantine))
     if inputs.links is not None:
@@ -58,7 +63,7 @@ def make_replica_iteration(sim: Simulation, distilling: bool = False):
         return iteration(state, key, data, distill_weight)
 
     def iteration(states, keys, data: DeviceData, inputs: ReplicaInputs, distill_weight=None):
-        return jax.vmap(one_replica, in_axes=(0, 0, 0, 0, 0, None, None, None))(
+        return jax.vmap(one_replica, in_axes=(0, 0, 0, 0, 0, None, None, None), axis_name=AXIS)(
             states, keys, data.table, data.counts, inputs, data.x_train, data.y_train,
             distill_weight)
 

@@ -6,21 +6,33 @@ against the server's single robust aggregate; section 8 of the reproduction, bey
     python -m launch.compare --study=byzantine --option=algorithms=marfl,fedavg \\
         --option=fractions=0,0.1,0.2 --option=attacks=sign_flip,alie,label_flip   # results/
     python -m launch.reproduce --experiments=byzantine  # the scale's grid (small: sign_flip)
+    python -m launch.compare --study=byzantine --replicas=3 --option=group_sizes=0,8 \
+        --option=fractions=0,0.1,0.2,0.3 --option=attacks=sign_flip,alie \
+        --option=rules=mean,trimmed_mean,self_centered_clip --option=placements=random \
+        --option=noniid_alphas=0.1,0.5 --option=iterations=20   # results/byzantine_replicas
 
-Settings (`--option=NAME=V1,V2`, `STUDY.options`): `fractions` (default 0, 0.05, 0.1, 0.2),
+Settings (`--option=NAME=V1,V2`, `STUDY.options`): `fractions` (default 0, 5, ..., 30 %),
 `attacks` (sign_flip, gaussian, alie, ipm, label_flip; any of `marfl_jax.attacks.ATTACKS`),
-`rules` (mean, median, trimmed_mean, centered_clip; any of `marfl_jax.rules.RULES`, krum too),
-`placements` (random, collude; for algorithms whose groups come from keys, MAR-FL: a server's
-one group or random pairs leave colluders no key to choose), `algorithms` (marfl, fedavg,
-gossip) and `iterations` (default: the shared `--max_iterations`, 30 here: every run takes them
-all, no target); N is `--churn_peers` (64), the model `--model`. Each run's rule tolerates
+`rules` (mean, median, trimmed_mean, centered_clip, self_centered_clip; any of
+`marfl_jax.rules.RULES`, krum too), `placements` (random, collude; for algorithms whose groups
+come from keys, MAR-FL: a server's one group or random pairs leave colluders no key to
+choose), `algorithms` (marfl, fedavg, gossip), `group_sizes` (MAR-FL's M; 0 = N's grid, 4 at
+N = 64; 8 runs the 8x8 grid beside it), `noniid_alphas` (extra runs without attackers on
+Dirichlet(alpha) data, every setup and rule: what a robust rule costs honest peers whose data
+differ) and `iterations` (default: the shared `--max_iterations`, 30 here: every run takes them
+all, no target); N is `--churn_peers` (64), the model `--model`; `--replicas=R` gives every
+cell R seeds (mean ± std). Each run's rule tolerates
 f = max(1, ceil(fraction * M)) copies (M its largest group, at most (M - 1) // 2;
 `rules.auto_f`, what --aggregator_f=auto gives, set explicitly): what a group of M holds at that
 fraction on average, as a defender sizing the rule would assume; centered clipping uses tau = 1
 and 3 iterations. Accuracy is over the honest peers only. Writes
 `byzantine.csv` and `byzantine.png` (a heat map per attack and fraction: honest final accuracy
-for each algorithm and placement x rule); the table, the figure and the report's section show
-every rule, attack, fraction, algorithm and placement that ran.
+for each algorithm and placement x rule). The report's tables: without attackers, the honest
+accuracy with the worst honest peer's (`accuracy_min` over every honest peer) and the consensus
+distance, per data partition; the breakdown points (`breakdown_points`: the largest fraction
+that ran up to which the honest accuracy stays within 5 points of the same rule's without
+attackers); one table per attack and fraction. They show every rule, attack, fraction, setup
+and placement that ran.
 """
 
 from __future__ import annotations
@@ -414,11 +426,15 @@ def setting(scale, configs):
     options = STUDY.options_of(scale)
     largest = {}
     for config in configs:
-        largest.setdefault(config.algorithm, assemble.algorithm(config).max_group_size)
+        largest.setdefault(setup_name(config), assemble.algorithm(config).max_group_size)
     groups = ", ".join(f"{name} {m}" for name, m in largest.items())
+    partitions = ordered(f"Dirichlet alpha {c.dirichlet_alpha:g}" for c in configs
+                         if c.partition == "dirichlet")
+    noniid = (f"; without attackers also on non-IID data ({', '.join(partitions)} per class)"
+              if partitions else "")
     return (f"N = {scale.study_peers}, {', '.join(options.algorithms)} (largest group: "
-            f"{groups}); attackers: the fractions {set_of(options.fractions)} of the peers, "
-            "drawn once from the seed, full participation; attacks "
+            f"{groups}){noniid}; attackers: the fractions {set_of(options.fractions)} of the "
+            "peers, drawn once from the seed, full participation; attacks "
             f"{', '.join(options.attacks)}; group rules {', '.join(options.rules)}, each "
             "tolerating f = max(1, ceil(p M)) copies, at most (M - 1) // 2 (M the largest "
             "group; centered clipping tau 1, 3 iterations); placements "

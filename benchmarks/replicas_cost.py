@@ -4,6 +4,11 @@ same command (seeds seed .. seed + R - 1), each a whole `launch.train` process, 
 
     python -m benchmarks.replicas_cost                                  # MLP and CNN at N = 64
     python -m benchmarks.replicas_cost --setups=mlp --replicas=3 --iterations=30   # done-when
+    python -m benchmarks.replicas_cost --steps --setups=mlp --replicas=1,3 --chunks=1,4
+
+With --steps, only the compiled iteration is timed, in this process: milliseconds per
+iteration (and per replica) of R replicas at each --chunks (the plan's peer chunk), over 10
+warm iterations after the first.
 
 Each side starts from empty caches of its own (the launchers' persistent XLA compilation cache
 and the plan cache beside it, in a fresh folder per side and pair), as a user's first runs
@@ -27,7 +32,10 @@ from absl import app, flags
 from benchmarks.pfl_fedavg import cpu_name
 
 flags.DEFINE_list("setups", ["mlp", "cnn"], "Models at N = 64 (MAR-FL, 4x4x4 grid).")
-flags.DEFINE_integer("replicas", 4, "R: replicas in one run against R single runs.")
+flags.DEFINE_list("replicas", ["4"], "R: replicas in one run against R single runs (--steps: "
+                  "each R timed).")
+flags.DEFINE_bool("steps", False, "Time the compiled iteration only (module docstring).")
+flags.DEFINE_list("chunks", ["1", "4"], "--steps: the peer chunks timed.")
 flags.DEFINE_list("iterations", ["30", "5"], "Iterations per setup (one value: all).")
 flags.DEFINE_integer("repeats", 2, "Pairs (replicas, singles) timed per setup.")
 FLAGS = flags.FLAGS
@@ -51,10 +59,39 @@ def timed(commands: list[list[str]], env: dict) -> float:
     return time.perf_counter() - start
 
 
+def time_steps(model: str, replicas: int, chunk: int) -> tuple[float, str]:
+    """(warm seconds per iteration of `replicas` replicas, the plan) at peer chunk `chunk`."""
+    import jax
+
+    from marfl_jax import assemble
+    from marfl_jax.config import Config
+
+    config = Config(model=model, num_peers=64, group_size=4, key_dim=3, replicas=replicas,
+                    plan="fixed", peer_chunk=chunk, workdir=tempfile.mkdtemp()).validate()
+    run = assemble.assemble(config, config.workdir, None)
+    state = assemble.initial_state(config, run.model, run.sim, run.test_images[:1])
+    state, _, _ = run.steps(state, 0)
+    jax.block_until_ready(state)
+    start = time.perf_counter()
+    for t in range(1, 11):
+        state, _, _ = run.steps(state, t)
+    jax.block_until_ready(state)
+    return (time.perf_counter() - start) / 10, run.plan.describe()
+
+
 def main(argv):
     del argv
     iterations = [int(i) for i in FLAGS.iterations]
-    replicas = FLAGS.replicas
+    if FLAGS.steps:
+        print(f"CPU: {cpu_name()} ({os.cpu_count()} cores); N = 64, MAR-FL 4x4x4")
+        for model in FLAGS.setups:
+            for chunk in (int(c) for c in FLAGS.chunks):
+                for replicas in (int(r) for r in FLAGS.replicas):
+                    seconds, plan = time_steps(model, replicas, chunk)
+                    print(f"{model} R={replicas} {plan}: {1e3 * seconds:.0f} ms per iteration, "
+                          f"{1e3 * seconds / replicas:.0f} ms per replica", flush=True)
+        return
+    replicas = int(FLAGS.replicas[0])
     env = {name: value for name, value in os.environ.items()
            if name not in ("MARFL_PLAN_CACHE", "JAX_COMPILATION_CACHE_DIR")}
     env["JAX_PLATFORMS"] = "cpu"

@@ -84,6 +84,13 @@ def setup_name(config: Config) -> str:
     return config.algorithm
 
 
+def applies(rule: str, base: Config, algorithm: str) -> bool:
+    """Whether the study runs `rule` for `algorithm`: not a per-member rule (each member clips
+    its mates' copies around its own) at a server, which holds no copy of its own."""
+    server = assemble.algorithm(dataclasses.replace(base, algorithm=algorithm)).wire == "star"
+    return not (server and rules_lib.RULES.get(rule).per_member)
+
+
 def one_run(base: Config, algorithm: str, placement: str, fraction: float, attack: str,
             rule: str, alpha: float | None = None) -> Config:
     setup = setup_name(dataclasses.replace(base, algorithm=algorithm))
@@ -138,7 +145,7 @@ def configs(scale, workdir):
                           else ("random",))  # Colluders choose keys; others have none.
                 for placement in places:
                     runs += [one_run(setup, algorithm, placement, fraction, attack, rule)
-                             for rule in options.rules]
+                             for rule in options.rules if applies(rule, setup, algorithm)]
     if not any(c.partition == "dirichlet" for c in runs):
         runs += noniid_runs(setups, options)
     return runs
@@ -148,7 +155,7 @@ def noniid_runs(setups, options) -> list[Config]:
     """Every setup and rule without attackers on Dirichlet data, per alpha."""
     return [one_run(setup, algorithm, "random", 0.0, "none", rule, alpha)
             for alpha in options.noniid_alphas for setup, algorithm in setups
-            for rule in options.rules]
+            for rule in options.rules if applies(rule, setup, algorithm)]
 
 
 def make_row(config: Config, result) -> dict:
@@ -437,7 +444,8 @@ def setting(scale, configs):
             "peers, drawn once from the seed, full participation; attacks "
             f"{', '.join(options.attacks)}; group rules {', '.join(options.rules)}, each "
             "tolerating f = max(1, ceil(p M)) copies, at most (M - 1) // 2 (M the largest "
-            "group; centered clipping tau 1, 3 iterations); placements "
+            "group; the clipping rules tau 1, centered clipping 3 iterations; self-centred "
+            "clipping not at FedAvg's server, which holds no copy of its own); placements "
             f"{', '.join(options.placements)} where groups come from keys (colluders announce "
             f"the keys that pack them into the same groups); {describe(configs[0])}. Accuracy "
             "is the honest peers' test accuracy after the last iteration; no target, every "

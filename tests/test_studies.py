@@ -8,6 +8,7 @@ import pkgutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from marfl_jax import experiments, runner, scales, sweep
@@ -28,6 +29,44 @@ def test_every_module_of_the_package_is_a_study():
     for study in experiments.studies().values():
         assert study.section is None or (study.title and study.claim and study.setting
                                          and study.summarize)
+
+
+def test_every_study_runs_with_the_replicas_given():
+    """launch.compare / launch.reproduce --replicas=3: every run of every study has 3 replicas,
+    but asynchronous runs (one timeline each: refused), which keep 1."""
+    for name, study in experiments.studies().items():
+        scale = experiments.compare_scale(study, mnist={"replicas": 3})
+        configs = study.configs(scale, f"runs/{name}")
+        assert configs, name
+        for config in configs:
+            assert config.replicas == (1 if config.asynchronous else 3), (name, config.workdir)
+
+
+def test_a_replicated_runs_row_csv_and_table_cell_carry_the_spread(tmp_path):
+    from marfl_jax import report
+
+    config = Config(replicas=3)
+    summary = {"final_accuracy": 0.9, "final_accuracy_std": 0.01, "iteration_reached_target": 9,
+               "iteration_reached_target_std": 1.5, "bytes_to_target_std": None,
+               "replicas_reached_target": 2}
+    row = sweep.with_spread({"final_accuracy": 0.9, "iterations_to_target": 10,
+                             "bytes_to_target": 5e9}, config, summary)
+    assert row == {"final_accuracy": 0.9, "iterations_to_target": 10, "bytes_to_target": 5e9,
+                   "replicas": 3, "replicas_reached_target": 2, "final_accuracy_std": 0.01,
+                   "iterations_to_target_std": 1.5, "bytes_to_target_std": ""}
+    single = {"final_accuracy": 0.9}
+    assert sweep.with_spread(single, Config(), summary) is single
+    path = tmp_path / "rows.csv"
+    sweep.write_csv([row], str(path), ("final_accuracy", "iterations_to_target",
+                                       "bytes_to_target", "wall_seconds"))
+    with open(path) as f:
+        assert next(csv.reader(f)) == ["final_accuracy", "final_accuracy_std",
+                                       "iterations_to_target", "iterations_to_target_std",
+                                       "bytes_to_target", "bytes_to_target_std", "wall_seconds",
+                                       "replicas", "replicas_reached_target"]
+    assert report.cell(row, "final_accuracy") == "90.00 ± 1.00 %"
+    assert report.cell(row, "iterations_to_target") == "10 ± 1.5"
+    assert report.cell(row, "bytes_to_target") == "5.00 GB"  # No spread: the value.
 
 
 def test_compare_defaults_come_from_the_study():
@@ -207,3 +246,22 @@ def test_compare_asynchrony_study_writes_csv_and_plot(tmp_path):
                                          "async_gossip"]
     assert rows[0]["staleness_mean"] == "" and rows[1]["staleness_mean"] != ""
     assert all(float(r["final_accuracy"]) > 0.1 for r in rows)
+
+
+def test_accuracy_curves_of_replicated_runs_draw_a_band():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from marfl_jax import plotting
+
+    fig, ax = plt.subplots()
+    rows = [{"accuracy": 0.5, "accuracy_std": 0.1, "replicas": 3},
+            {"accuracy": 0.8, "accuracy_std": 0.05, "replicas": 3}]
+    plotting.accuracy_curve(ax, [0, 1], rows)
+    plotting.accuracy_curve(ax, [0, 1], [{"accuracy": 0.5, "accuracy_std": 0.1}] * 2)  # Peers'.
+    (band,) = ax.collections  # Only the replicated run's.
+    np.testing.assert_allclose(band.get_paths()[0].vertices[:, 1].min(), 0.4)
+    np.testing.assert_allclose(band.get_paths()[0].vertices[:, 1].max(), 0.85)
+    plt.close(fig)

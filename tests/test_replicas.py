@@ -233,3 +233,41 @@ def test_a_replicated_run_killed_and_resumed_writes_the_uninterrupted_rows(tmp_p
     for name in ("metrics.jsonl", replicas.ROWS_FILE):
         assert (_without_seconds(_rows(workdir / name))
                 == _without_seconds(_rows(os.path.join(straight, name)))), name
+
+
+@pytest.mark.slow
+def test_a_replica_that_diverges_stops_alone_and_is_reported(tmp_path, monkeypatch):
+    """Replica 1's parameters made NaN after iteration 1: its row of iteration 2 is its last,
+    the others run on, the means leave it out and the summary names it; every replica NaN: the
+    run stops with the divergence error."""
+    import jax.numpy as jnp
+
+    from marfl_jax import watch
+
+    config = dataclasses.replace(DRAWN, byzantine_fraction=0.0, attack="none",
+                                 aggregator="mean", network="none", replicas=3,
+                                 max_iterations=5, eval_every=2)
+    original = assemble.ReplicaSteps.__call__
+    poisoned = {1}
+
+    def poisoning(self, state, t):
+        if t == 2:
+            state = state._replace(params=jax.tree.map(
+                lambda x: x.at[jnp.asarray(sorted(poisoned))].set(jnp.nan), state.params))
+        return original(self, state, t)
+
+    monkeypatch.setattr(assemble.ReplicaSteps, "__call__", poisoning)
+    result = runner.run(config, str(tmp_path / "one"))
+    lines = _rows(tmp_path / "one" / replicas.ROWS_FILE)
+    assert [line["replicas"][1] is None for line in lines] == [False] * 3 + [True] * 2
+    assert [row["replicas"] for row in result.metrics] == [3, 3, 2, 2, 2]
+    assert result.metrics[2]["diverged_replicas"] == 1
+    np.testing.assert_allclose(result.metrics[4]["accuracy"], np.mean(
+        [lines[4]["replicas"][r]["accuracy"] for r in (0, 2)]))
+    (reported,) = result.summary["diverged_replicas"]
+    assert reported["replica"] == 1 and reported["seed"] == config.seed + 1
+    assert "not finite" in reported["diverged"] or "nan" in reported["diverged"]
+    assert result.summary["replica_summaries"][1]["iterations"] == 3
+    poisoned.update({0, 2})
+    with pytest.raises(watch.DivergenceError, match="every replica diverged"):
+        runner.run(config, str(tmp_path / "all"))

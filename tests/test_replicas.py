@@ -185,6 +185,7 @@ VARIANTS = {
     "robust_with_attackers": dict(byzantine_fraction=0.25, attack="alie",
                                   aggregator="centered_clip", clip_tau=1.0),
     "mkd": dict(mkd=True, mkd_iterations=2, mkd_batches=1),
+    "dp": dict(dp=True, dp_noise_multiplier=0.5, update_fraction=0.75, aggregate_fraction=0.75),
 }
 
 

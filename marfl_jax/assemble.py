@@ -55,7 +55,7 @@ from marfl_jax.core import (
     initial_stage_states,
     make_iteration,
 )
-from marfl_jax.core import replicas as replicas_lib
+from marfl_jax.core import replica_axis as replicas_lib
 
 # What every algorithm averages: weights and momentum (DP adds the smoothed update).
 STATE_PAYLOADS = 2

@@ -2,7 +2,7 @@
 
     run(assembled, previous, start, closing) -> RunResult
 
-The device runs the R replicas' iterations in one compiled step (`marfl_jax.core.replicas`:
+The device runs the R replicas' iterations in one compiled step (`marfl_jax.core.replica_axis`:
 replica r is the run of --seed + r). The host keeps, per replica, what a single run keeps: its
 ledger, privacy accountant, simulated seconds, rows, the iteration that reached the target and
 whether it diverged (a `runner.Progress` without a state, with its `runner.Recorder`). It writes

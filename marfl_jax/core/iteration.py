@@ -62,7 +62,7 @@ class Simulation(NamedTuple):
       aggregator: the group rule (`marfl_jax.rules.Rule`, bound to its parameters).
       adversary: the Byzantine peers (`marfl_jax.adversary.Adversary`), or None.
       replica_axis: the name of a vmapped axis of replicas around the iteration
-        (`marfl_jax.core.replicas`), or None.
+        (`marfl_jax.core.replica_axis`), or None.
     """
 
     apply_fn: Any

@@ -87,14 +87,14 @@ def test_breakdown_points_are_the_largest_fraction_within_five_points():
     text = byzantine.tables(rows)
     assert "| marfl, random | sign_flip | 0 % | 20 % |" in text
     assert "| gossip, random | sign_flip | ≥ 20 % |  |" in text
-    assert "| marfl, dirichlet 0.1 |  | 50.0 % (worst 40.0 %) |" in text
+    assert "| marfl, dirichlet 0.1 |  | 50.00 % (worst 40.00 %) |" in text
     assert "| marfl, dirichlet 0.1 |  | 0.01 |" in text  # The consensus table.
 
 
 def test_a_replicated_rows_cells_show_the_spread():
     row = dict(_row("marfl", 0.1, "mean", 0.9), final_accuracy_std=0.012,
                accuracy_min_std=0.03)
-    assert byzantine._accuracy(row, worst=True) == "90.0 ± 1.2 % (worst 80.0 ± 3.0 %)"
+    assert byzantine._accuracy(row, worst=True) == "90.00 ± 1.20 % (worst 80.00 ± 3.00 %)"
 
 
 def _result(accuracy, diverged=False):

@@ -46,6 +46,7 @@ def _single_steps(config, iterations):
     return state, infos
 
 
+@pytest.mark.slow  # Three compilations of the whole iteration: 27 s of the fast tier.
 def test_each_replica_of_one_program_is_the_run_of_its_seed():
     """The stacked step of R = 2 replicas against the step of seed + 1 (replica 1, whose every
     draw differs from the flags' seed; the slow tier's runs check every replica): the state

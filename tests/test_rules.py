@@ -255,6 +255,7 @@ def test_auto_f_is_the_attackers_a_full_group_holds(fraction, group_size, f):
     assert rules.auto_f(fraction, group_size) == f
 
 
+@pytest.mark.slow  # 15 group shapes per rule, each op compiled eagerly: 25 s of the fast tier.
 @pytest.mark.parametrize("name", ["mean", "median", "trimmed_mean", "krum", "centered_clip"])
 def test_a_rule_is_the_mean_exactly_where_it_declares_it(name):
     """Rule.equals_mean(params, M) against the rule itself: the mean in groups of every size up

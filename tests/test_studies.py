@@ -107,7 +107,7 @@ def test_an_unknown_setting_is_refused_naming_the_study_and_its_settings():
     byzantine = experiments.get("byzantine")
     with pytest.raises(ValueError, match=r"^--option: the study byzantine has no option "
                        r"rulez; its options: fractions, attacks, rules, placements, "
-                       r"algorithms, iterations$"):
+                       r"algorithms, group_sizes, noniid_alphas, iterations$"):
         experiments.compare_scale(byzantine, options=[("rulez", ("krum",))])
     with pytest.raises(ValueError, match="the study scaling has no option dropouts; its "
                        "options: none"):
@@ -131,7 +131,8 @@ def test_compare_refuses_an_unknown_setting_before_any_run(tmp_path):
         timeout=120)
     assert result.returncode == 2, result.stderr[-2000:]
     assert ("error: --option: the study byzantine has no option rulez; its options: "
-            "fractions, attacks, rules, placements, algorithms, iterations") in result.stderr
+            "fractions, attacks, rules, placements, algorithms, group_sizes, noniid_alphas, "
+            "iterations") in result.stderr
     assert not (tmp_path / "runs").exists()
 
 

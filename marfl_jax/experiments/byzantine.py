@@ -276,9 +276,9 @@ def _accuracy(row, worst: bool = False) -> str:
 
 def _points(row, key) -> str:
     value, spread = row[key], row.get(f"{key}_std")
-    text = f"{100 * float(value or 0.0):.1f}"
+    text = f"{100 * float(value or 0.0):.2f}"
     if spread not in ("", None):
-        text += f" ± {100 * float(spread):.1f}"
+        text += f" ± {100 * float(spread):.2f}"
     return text + " %"
 
 

@@ -201,8 +201,7 @@ def train(run: Run, progress: ReplicaProgress, recorders: list[runner_lib.Record
             pending = None
             if progress.diverged:
                 break
-        evaluating = t % config.eval_every == 0 or t == config.max_iterations - 1
-        checkpointing = config.checkpoint_every and (t + 1) % config.checkpoint_every == 0
+        evaluating, checkpointing = runner_lib.due(config, t)
         if not (evaluating or checkpointing):
             pending = (t, info, distilling)
             progress.t += 1

@@ -264,8 +264,7 @@ def train(run: Run, progress: Progress, recorder: Recorder) -> None:
             pending = None
             if progress.diverged:
                 break
-        evaluating = t % config.eval_every == 0 or t == config.max_iterations - 1
-        checkpointing = config.checkpoint_every and (t + 1) % config.checkpoint_every == 0
+        evaluating, checkpointing = due(config, t)
         if not (evaluating or checkpointing):
             pending = (t, info, distilling)
             progress.t += 1
@@ -284,6 +283,13 @@ def train(run: Run, progress: Progress, recorder: Recorder) -> None:
         if progress.reached_at is not None or progress.t == config.max_iterations or checkpointing:
             save_checkpoint(progress, recorder)
     recorder.close()
+
+
+def due(config: Config, t: int) -> tuple[bool, bool]:
+    """(iteration t is evaluated, a checkpoint follows it): the loops' one schedule."""
+    evaluating = t % config.eval_every == 0 or t == config.max_iterations - 1
+    checkpointing = bool(config.checkpoint_every) and (t + 1) % config.checkpoint_every == 0
+    return evaluating, checkpointing
 
 
 def evaluate(run: Run, progress: Progress, row: dict, t: int, params=None,
